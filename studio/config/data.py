@@ -1,0 +1,46 @@
+"""Which images to use: the dataset source a person picked in the Dataset tab.
+
+A ``DataConfig`` is a description, not the images: it is small, goes into every
+run's ``config.json``, and lets the CLI rebuild exactly the dataset the UI used.
+``studio.data`` turns it into images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from studio.config.base import ConfigBase, option, require, require_choice
+
+#: Dataset sources, in the order the Dataset tab offers them.
+DATA_SOURCES = ("emoji", "folder", "upload", "hub")
+
+
+@dataclass
+class DataConfig(ConfigBase):
+    """A dataset source and how to read it."""
+
+    source: str = option("emoji", "Where the images come from: emoji (bundled), folder, upload or hub.")
+    path: str = option("", "Folder of images (source 'folder'), or the folder/zip an upload was unpacked to.")
+    hub_id: str = option("", "Hugging Face dataset id, e.g. huggan/smithsonian_butterflies_subset (source 'hub').")
+    split: str = option("", "Dataset split; empty picks 'train' or the first split.")
+    image_column: str = option("", "Column holding the images; empty detects it.")
+    caption_column: str = option("", "Column holding captions; empty detects one (or none).")
+    max_rows: int = option(0, "Use at most this many images (0 = all).")
+    require_captions: bool = option(False, "Refuse the dataset when an image has no caption.")
+
+    def __post_init__(self) -> None:
+        require_choice(self.source, DATA_SOURCES, "Dataset source")
+        require(isinstance(self.max_rows, int) and self.max_rows >= 0, "Row limit must be 0 (all) or a positive number.")
+        if self.source in ("folder", "upload"):
+            require(bool(str(self.path).strip()), "Choose a folder (or upload files) first: the path is empty.")
+        if self.source == "hub":
+            require(bool(self.hub_id.strip()), "Enter a Hugging Face dataset id, e.g. huggan/smithsonian_butterflies_subset.")
+
+    @property
+    def label(self) -> str:
+        """Short human name: 'emoji (bundled)', 'folder /data/cats', 'hub user/set [train]'."""
+        if self.source == "emoji":
+            return "emoji (bundled)"
+        if self.source == "hub":
+            return f"hub {self.hub_id}" + (f" [{self.split}]" if self.split else "")
+        return f"{self.source} {self.path}"

@@ -1,0 +1,250 @@
+"""Background training jobs: one thread per job, one running job per device.
+
+``JobManager`` is the app-level owner of job threads (created once in
+``tabs.build_app`` and passed to the tabs, never a module global). A job wraps a
+trainer ``train(cfg, events, stop)``: it runs it in a thread, turns its events into
+a ``Snapshot`` under a lock, and keeps that snapshot after the thread ends, so a
+page reload re-attaches to the running (or last) job. The UI polls ``snapshot()``;
+a slow browser never slows training.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from studio.errors import JobError, describe_exception
+from studio.events import FINAL_KINDS, Event
+
+log = logging.getLogger(__name__)
+
+#: The target a job runs: ``target(events, stop)``; usually a trainer bound to its config.
+JobTarget = Callable[[Callable[[Event], None], threading.Event], object]
+
+#: Most loss points a snapshot keeps (older points are thinned 2:1 beyond this).
+MAX_LOSS_POINTS = 4000
+
+
+@dataclass
+class Snapshot:
+    """What the UI shows of a job at one moment (a copy; safe to read anywhere).
+
+    Attributes:
+        job_id: Unique id within this app process.
+        name: Run name (the run folder's name).
+        task: "train", "finetune", ...
+        run_dir: The run folder.
+        status: "running", "finished", "stopped" or "failed".
+        phase: Latest status text ("caching latents", "training", ...).
+        step / total: Progress in optimisation steps.
+        losses: (step, loss, smoothed_loss) points.
+        lr, images_per_s, eta_s: From the latest step event.
+        samples: (step, image path) for every sample grid so far, oldest first.
+        checkpoints: (step, checkpoint path), oldest first.
+        warnings: Warning texts, oldest first.
+        error: Why the job failed ("" otherwise).
+        result_path: Exported model (finished) or checkpoint to resume (stopped).
+        version: Increases with every event, so a poller can skip unchanged snapshots.
+    """
+
+    job_id: int
+    name: str
+    task: str
+    run_dir: str
+    status: str = "running"
+    phase: str = "starting"
+    step: int = 0
+    total: int = 0
+    losses: list[tuple[int, float, float]] = field(default_factory=list)
+    lr: float | None = None
+    images_per_s: float | None = None
+    eta_s: float | None = None
+    samples: list[tuple[int, str]] = field(default_factory=list)
+    checkpoints: list[tuple[int, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    error: str = ""
+    result_path: str = ""
+    started: float = field(default_factory=time.time)
+    updated: float = field(default_factory=time.time)
+    version: int = 0
+
+    @property
+    def running(self) -> bool:
+        return self.status == "running"
+
+    @property
+    def latest_sample(self) -> str | None:
+        return self.samples[-1][1] if self.samples else None
+
+
+class Job:
+    """One background run. Created by ``JobManager.start``; read through ``snapshot()``."""
+
+    def __init__(self, job_id: int, name: str, task: str, run_dir: str | Path, device: str,
+                 target: JobTarget, on_event: Callable[[Event], None] | None = None) -> None:
+        self.id = job_id
+        self.device = device
+        self.stop_event = threading.Event()
+        self._lock = threading.Lock()
+        self._snapshot = Snapshot(job_id=job_id, name=name, task=task, run_dir=str(run_dir))
+        self._target = target
+        self._on_event = on_event
+        self._done = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"job-{job_id}-{name}", daemon=True)
+
+    # -- reading -----------------------------------------------------------------
+    def snapshot(self) -> Snapshot:
+        """A deep copy of the current state."""
+        with self._lock:
+            return copy.deepcopy(self._snapshot)
+
+    @property
+    def running(self) -> bool:
+        return not self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the job ends; True if it did within ``timeout``."""
+        return self._done.wait(timeout)
+
+    # -- commands ----------------------------------------------------------------
+    def stop(self) -> None:
+        """Ask the trainer to stop after its current step (it saves a checkpoint)."""
+        self.stop_event.set()
+
+    # -- the thread --------------------------------------------------------------
+    def handle(self, event: Event) -> None:
+        """Fold one event into the snapshot (called from the trainer's thread)."""
+        with self._lock:
+            s = self._snapshot
+            s.version += 1
+            s.updated = event.time
+            if event.total:
+                s.total = event.total
+            if event.step:
+                s.step = max(s.step, event.step) if event.kind != "step" else event.step
+            if event.kind == "status":
+                s.phase = event.message
+            elif event.kind == "step":
+                s.phase = "training"
+                if event.loss is not None:
+                    smoothed = event.smoothed_loss if event.smoothed_loss is not None else event.loss
+                    s.losses.append((event.step, float(event.loss), float(smoothed)))
+                    if len(s.losses) > MAX_LOSS_POINTS:
+                        s.losses = s.losses[: -MAX_LOSS_POINTS // 2 : 2] + s.losses[-MAX_LOSS_POINTS // 2:]
+                s.lr, s.images_per_s, s.eta_s = event.lr, event.images_per_s, event.eta_s
+            elif event.kind == "samples" and event.path:
+                s.samples.append((event.step, event.path))
+            elif event.kind == "checkpoint" and event.path:
+                s.checkpoints.append((event.step, event.path))
+            elif event.kind == "warning":
+                s.warnings.append(event.message)
+            elif event.kind in FINAL_KINDS:
+                s.status = event.kind
+                s.phase = event.message or event.kind
+                s.eta_s = 0.0 if event.kind == "finished" else s.eta_s
+                if event.kind == "failed":
+                    s.error = event.message
+                if event.path:
+                    s.result_path = event.path
+        if self._on_event is not None:
+            try:
+                self._on_event(event)
+            except Exception:  # a broken observer must not kill training
+                log.exception("event observer failed")
+
+    def _run(self) -> None:
+        try:
+            self._target(self.handle, self.stop_event)
+            with self._lock:
+                ended = self._snapshot.status != "running"
+            if not ended:  # trainer returned without a final event
+                self.handle(Event("stopped" if self.stop_event.is_set() else "finished",
+                                  message="stopped" if self.stop_event.is_set() else "finished"))
+        except BaseException as exc:  # noqa: BLE001 - the job reports every failure
+            log.error("job %s failed:\n%s", self.id, traceback.format_exc())
+            self._write_error_log(exc)
+            self.handle(Event("failed", message=describe_exception(exc)))
+        finally:
+            self._done.set()
+
+    def _write_error_log(self, exc: BaseException) -> None:
+        try:
+            logs = Path(self._snapshot.run_dir) / "logs"
+            logs.mkdir(parents=True, exist_ok=True)
+            (logs / "error.txt").write_text("".join(traceback.format_exception(exc)), encoding="utf-8")
+        except OSError:
+            pass
+
+
+class JobManager:
+    """Starts jobs, refuses a second one on a busy device, and remembers the last one.
+
+    Thread-safe; one instance per app.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: dict[int, Job] = {}
+        self._ids = itertools.count(1)
+
+    def start(self, name: str, task: str, run_dir: str | Path, target: JobTarget,
+              device: str = "default", on_event: Callable[[Event], None] | None = None) -> Job:
+        """Start ``target`` in a new thread.
+
+        Args:
+            name: Run name shown to the person.
+            task: "train", "finetune", ...
+            run_dir: The run folder (for the snapshot and the error log).
+            target: ``target(events, stop)``.
+            device: Jobs on the same device exclude each other.
+            on_event: Extra observer called after each event is folded in.
+
+        Raises:
+            JobError: when a job is already running on ``device``, naming it.
+        """
+        with self._lock:
+            busy = self.running(device)
+            if busy is not None:
+                s = busy.snapshot()
+                progress = f"step {s.step}/{s.total}" if s.total else s.phase
+                raise JobError(
+                    f"A {s.task} job is already running on {device}: '{s.name}' ({progress}).",
+                    "Stop it first, or wait for it to finish.",
+                )
+            job = Job(next(self._ids), name, task, run_dir, device, target, on_event)
+            self._jobs[job.id] = job
+        job.thread.start()
+        return job
+
+    def running(self, device: str | None = None) -> Job | None:
+        """The running job on ``device`` (any device when None), or None."""
+        for job in reversed(list(self._jobs.values())):
+            if job.running and (device is None or job.device == device):
+                return job
+        return None
+
+    def get(self, job_id: int) -> Job | None:
+        """The job with this id, running or ended."""
+        return self._jobs.get(job_id)
+
+    def latest(self, task: str | None = None) -> Job | None:
+        """The most recent job (of ``task`` when given): what a reloaded page re-attaches to."""
+        for job in reversed(list(self._jobs.values())):
+            if task is None or job.snapshot().task == task:
+                return job
+        return None
+
+    def stop_all(self, timeout: float = 30.0) -> None:
+        """Ask every running job to stop and wait for them (app shutdown, tests)."""
+        jobs = [j for j in self._jobs.values() if j.running]
+        for job in jobs:
+            job.stop()
+        for job in jobs:
+            job.wait(timeout)

@@ -1,0 +1,177 @@
+"""The run folder: one folder per training run under the workspace.
+
+Layout (the same for the UI, the CLI and the tests)::
+
+    <workspace>/<run name>/
+        config.json     the task config the run was started with (+ "task")
+        events.jsonl    one JSON event per line (loss history, samples, checkpoints)
+        samples/        step-000000.png ... fixed-seed grids or validation images
+        checkpoints/    step-00000100/ ... resumable training state (see checkpoints.py)
+        model/          the exported diffusers pipeline (Train, full fine-tune)
+        lora/           LoRA weights, diffusers format + one kohya .safetensors
+        logs/           TensorBoard event files, error.txt
+
+The Generate tab lists every run with a ``model/`` or ``lora/`` as a model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from studio.errors import ConfigError
+from studio.events import Event
+
+_NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def check_run_name(name: str) -> str:
+    """Return ``name`` if it is a safe folder name, else raise ``ConfigError``."""
+    if not _NAME_OK.match(name) or ".." in name:
+        raise ConfigError(
+            f"Run name {name!r} is not allowed: use letters, digits, '.', '_' or '-' (at most 100), "
+            "starting with a letter or digit."
+        )
+    return name
+
+
+class RunDir:
+    """Paths and writers of one run folder.
+
+    Args:
+        root: The run folder (created by ``create``; may exist when resuming).
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def create(cls, workspace: str | Path, task: str, name: str = "") -> "RunDir":
+        """Make a new run folder ``<workspace>/<name>``; a default name is ``<task>-<time>``.
+
+        Raises:
+            ConfigError: if ``name`` is unsafe or a run with that name already exists.
+        """
+        workspace = Path(workspace)
+        workspace.mkdir(parents=True, exist_ok=True)
+        if name:
+            root = workspace / check_run_name(name)
+            if root.exists():
+                raise ConfigError(f"A run named {name!r} already exists in {workspace}. "
+                                  "Pick another name, or resume it instead.")
+        else:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            root, n = workspace / f"{task}-{stamp}", 1
+            while root.exists():
+                n += 1
+                root = workspace / f"{task}-{stamp}-{n}"
+        root.mkdir(parents=True)
+        run = cls(root)
+        for sub in (run.samples_dir, run.checkpoints_dir, run.logs_dir):
+            sub.mkdir(exist_ok=True)
+        return run
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def events_path(self) -> Path:
+        return self.root / "events.jsonl"
+
+    @property
+    def samples_dir(self) -> Path:
+        return self.root / "samples"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def lora_dir(self) -> Path:
+        return self.root / "lora"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+    def write_config(self, task: str, config: dict[str, Any]) -> None:
+        """Write ``config.json`` as ``{"task": task, **config}``."""
+        data = {"task": task, **config}
+        self.config_path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+    def read_config(self) -> dict[str, Any]:
+        """The dict written by ``write_config`` ({} when there is none)."""
+        if not self.config_path.is_file():
+            return {}
+        return json.loads(self.config_path.read_text(encoding="utf-8"))
+
+    def append_event(self, event: Event) -> None:
+        """Append one event to ``events.jsonl`` (thread-safe, flushed)."""
+        line = json.dumps(event.to_dict())
+        with self._lock, open(self.events_path, "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+
+    def read_events(self) -> list[Event]:
+        """All events recorded so far; a torn last line (crash mid-write) is skipped."""
+        if not self.events_path.is_file():
+            return []
+        events = []
+        for line in self.events_path.read_text(encoding="utf-8").splitlines():
+            try:
+                events.append(Event.from_dict(json.loads(line)))
+            except (json.JSONDecodeError, TypeError, ValueError):
+                continue
+        return events
+
+    def sample_path(self, step: int, suffix: str = "") -> Path:
+        """``samples/step-000123<suffix>.png``."""
+        return self.samples_dir / f"step-{step:06d}{suffix}.png"
+
+
+@dataclass
+class RunInfo:
+    """A run as the Generate tab and the Train tab list it."""
+
+    name: str
+    path: Path
+    task: str
+    has_model: bool
+    has_lora: bool
+    modified: float
+
+
+def list_runs(workspace: str | Path) -> list[RunInfo]:
+    """Every run folder under ``workspace``, newest first."""
+    workspace = Path(workspace)
+    if not workspace.is_dir():
+        return []
+    runs = []
+    for child in workspace.iterdir():
+        if not child.is_dir() or not (child / "config.json").is_file():
+            continue
+        try:
+            task = json.loads((child / "config.json").read_text(encoding="utf-8")).get("task", "")
+        except (json.JSONDecodeError, OSError):
+            task = ""
+        runs.append(RunInfo(
+            name=child.name, path=child, task=task,
+            has_model=(child / "model" / "model_index.json").is_file(),
+            has_lora=(child / "lora").is_dir() and any((child / "lora").glob("*.safetensors")),
+            modified=child.stat().st_mtime,
+        ))
+    return sorted(runs, key=lambda r: r.modified, reverse=True)
