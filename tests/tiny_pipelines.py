@@ -1,0 +1,199 @@
+"""Tiny diffusers pipelines for offline tests, built from configs in well under a second.
+
+Builders save a pipeline with ``save_pretrained`` (safetensors) into a folder and return
+the folder, so tests load it by path through the same code that handles Hub ids:
+
+    make_tiny_sd(path)      StableDiffusionPipeline: tiny UNet2DConditionModel, AutoencoderKL,
+                            CLIPTextModel and a CLIPTokenizer built from a small vocab written here
+    make_tiny_ddpm(path)    DDPMPipeline: tiny UNet2DModel + DDPMScheduler
+
+Session-scoped fixtures (``from tiny_pipelines import tiny_sd, tiny_ddpm``) build each once.
+
+transformers 5 saves only ``tokenizer.json``, and ``CLIPTokenizer.from_pretrained`` on an id
+that is not cached returns an empty two-token tokenizer instead of raising, so
+``TINY_VOCAB_SIZE`` is exported for tests (and studio.models) to check the loaded tokenizer.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import pytest
+
+#: Characters of the tiny byte-pair vocabulary (lower-case text prompts tokenize fully).
+_CHARS = list(string.ascii_lowercase + string.digits + ".,!?'-")
+_MERGES = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("i", "n"), ("o", "n</w>")]
+
+
+def _tiny_vocab() -> dict[str, int]:
+    """Special tokens, each character alone and word-final, and the merged pairs."""
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in _CHARS:
+        vocab[c] = len(vocab)
+    for c in _CHARS:
+        vocab[c + "</w>"] = len(vocab)
+    for a, b in _MERGES:
+        vocab[a + b] = len(vocab)
+    return vocab
+
+
+#: Number of tokens of the tiny tokenizer (what a correct load must report).
+TINY_VOCAB_SIZE = len(_tiny_vocab())
+
+
+def make_tiny_tokenizer():
+    """A CLIPTokenizer over the tiny vocabulary (max length 77 like real SD)."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer(vocab=_tiny_vocab(), merges=list(_MERGES), model_max_length=77)
+
+
+def make_tiny_sd_pipeline(prediction_type: str = "epsilon", seed: int = 0):
+    """Build (not save) a tiny StableDiffusionPipeline with random weights.
+
+    Args:
+        prediction_type: "epsilon" (default) or "v_prediction" for the scheduler config.
+        seed: torch seed for the random weights (same seed -> same weights).
+
+    Returns:
+        A StableDiffusionPipeline on CPU in float32; 8x8 latents, 16x16 images by default.
+    """
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=2,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        sample_size=16,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=32,
+    )
+    tokenizer = make_tiny_tokenizer()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=TINY_VOCAB_SIZE,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=32,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
+    scheduler = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
+
+
+def make_tiny_sd(path: str | Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
+    """Save a tiny StableDiffusionPipeline (safetensors) into ``path`` and return it.
+
+    Args:
+        path: Folder to create (parents too) and fill with the diffusers layout.
+        prediction_type: "epsilon" (default) or "v_prediction".
+        seed: Seed of the random weights.
+
+    Returns:
+        The folder, which holds model_index.json and one subfolder per component.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    make_tiny_sd_pipeline(prediction_type=prediction_type, seed=seed).save_pretrained(
+        path, safe_serialization=True
+    )
+    return path
+
+
+def make_tiny_ddpm_pipeline(seed: int = 0):
+    """Build (not save) a tiny DDPMPipeline: UNet2DModel (8, 16) channels, 8x8 RGB samples."""
+    import torch
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=8,
+    )
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    return DDPMPipeline(unet=unet, scheduler=scheduler)
+
+
+def make_tiny_ddpm(path: str | Path, seed: int = 0) -> Path:
+    """Save a tiny DDPMPipeline (safetensors) into ``path`` and return it.
+
+    Args:
+        path: Folder to create (parents too) and fill with the diffusers layout.
+        seed: Seed of the random weights.
+
+    Returns:
+        The folder, which holds model_index.json, unet/ and scheduler/.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    make_tiny_ddpm_pipeline(seed=seed).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> Path:
+    """A tiny StableDiffusionPipeline folder, built once per test session."""
+    return make_tiny_sd(tmp_path_factory.mktemp("tiny-sd") / "pipeline")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_v(tmp_path_factory) -> Path:
+    """A tiny v-prediction StableDiffusionPipeline folder, built once per test session."""
+    return make_tiny_sd(tmp_path_factory.mktemp("tiny-sd-v") / "pipeline", prediction_type="v_prediction")
+
+
+@pytest.fixture(scope="session")
+def tiny_ddpm(tmp_path_factory) -> Path:
+    """A tiny DDPMPipeline folder, built once per test session."""
+    return make_tiny_ddpm(tmp_path_factory.mktemp("tiny-ddpm") / "pipeline")
