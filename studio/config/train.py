@@ -1,0 +1,228 @@
+"""Settings of an unconditional DDPM training run (the Train tab, ``python -m studio train``).
+
+Field names are diffusers' (``train_batch_size``, ``lr_scheduler``, ``num_train_timesteps``,
+``beta_schedule``, ``prediction_type``, ``snr_gamma``...), so anyone who knows
+``train_unconditional.py`` recognises them. Every field carries a help text the UI
+shows. ``__post_init__`` checks everything that can be checked without torch; the
+trainer checks what needs the resolved device (fp16 on a CPU, for one).
+
+The architecture comes from ``studio.unet_presets``: when ``block_out_channels`` is
+empty the preset fills it in, so a saved ``config.json`` always holds the full
+architecture.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from studio.config.base import ConfigBase, option, require, require_choice
+from studio.config.data import DataConfig
+from studio.unet_presets import (CUSTOM, DEFAULT_PRESET, DOWN_BLOCK_TYPES, PRESETS, UP_BLOCK_TYPES,
+                                 preset_matching)
+
+#: Learning-rate schedules (diffusers.optimization.get_scheduler names), UI order.
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+#: Noise schedules of DDPMScheduler offered here.
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+#: What the UNet predicts.
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+#: accelerate's mixed-precision modes.
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+#: Devices a run may ask for.
+TRAIN_DEVICES = ("auto", "cpu", "cuda", "mps")
+
+BF16_CPU_WARNING = ("bf16 on a CPU without native bf16 support is about 10x slower than fp32 here; "
+                    "use mixed_precision 'no' on CPU.")
+
+
+@dataclass
+class TrainConfig(ConfigBase):
+    """Everything an unconditional DDPM run needs; JSON round trip via ``ConfigBase``."""
+
+    # -- data and run folder --------------------------------------------------
+    data: DataConfig = field(default_factory=DataConfig, metadata={
+        "help": "The dataset (set in the Dataset tab; the bundled emoji by default)."})
+    workspace: str = option("runs", "Folder holding every run folder.")
+    run_name: str = option("", "Name of the run folder; empty makes train-<date>-<time>.")
+    resume: str = option("", "Continue a run: empty = new run, 'latest' = newest intact checkpoint "
+                             "of the run named above (or the newest run), or a checkpoint folder.")
+    # -- images ------------------------------------------------------------------
+    resolution: int = option(32, "Training image size in pixels (images are resized once, then cached).")
+    center_crop: bool = option(True, "Crop to a centred square before resizing (else squash).")
+    random_flip: bool = option(True, "Flip images horizontally at random (on tensors, each step).")
+    # -- optimisation ------------------------------------------------------------
+    train_batch_size: int = option(16, "Images per step on each device.")
+    gradient_accumulation_steps: int = option(1, "Micro-batches added up before each optimizer step.")
+    learning_rate: float = option(1e-4, "Peak learning rate of AdamW.")
+    lr_scheduler: str = option("cosine", "Learning-rate schedule after the warm-up.")
+    lr_warmup_steps: int = option(100, "Optimizer steps of linear warm-up from 0 to the learning rate.")
+    adam_beta1: float = option(0.95, "AdamW beta1.")
+    adam_beta2: float = option(0.999, "AdamW beta2.")
+    adam_weight_decay: float = option(1e-6, "AdamW weight decay.")
+    adam_epsilon: float = option(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = option(1.0, "Clip the gradient norm to this value (0 = no clipping).")
+    max_train_steps: int = option(1000, "Optimizer steps to train; overrides num_epochs when > 0.")
+    num_epochs: int = option(0, "Passes over the dataset, used when max_train_steps is 0.")
+    mixed_precision: str = option("no", "no = fp32 (the only fast choice on CPU), fp16 or bf16 on a GPU.")
+    # -- EMA -------------------------------------------------------------------
+    use_ema: bool = option(True, "Keep an exponential moving average of the weights (exported and sampled).")
+    ema_max_decay: float = option(0.9999, "Largest EMA decay.")
+    ema_power: float = option(0.75, "EMA warm-up power: decay = 1 - (1 + step / inv_gamma) ** -power.")
+    ema_inv_gamma: float = option(1.0, "EMA warm-up inverse gamma.")
+    ema_update_after_step: int = option(0, "Steps before the EMA starts averaging (it copies until then).")
+    # -- diffusion ---------------------------------------------------------------
+    num_train_timesteps: int = option(1000, "Diffusion steps of the DDPM noise schedule.")
+    beta_schedule: str = option("linear", "How the noise level grows over the timesteps.")
+    prediction_type: str = option("epsilon", "What the UNet predicts: the noise, the velocity v, or the clean image.")
+    snr_gamma: float = option(0.0, "Min-SNR loss weighting gamma (5 is the paper's value); 0 = off.")
+    noise_offset: float = option(0.0, "Offset noise strength (helps very dark/bright images); 0 = off.")
+    # -- reproducibility and outputs --------------------------------------------
+    seed: int = option(0, "Seed of the weights, the data order, the noise and the sample grids.")
+    save_every: int = option(250, "Save a resumable checkpoint every N steps (0 = only at the end or stop).")
+    sample_every: int = option(100, "Draw the fixed-seed sample grid every N steps (0 = only at start and end).")
+    num_samples: int = option(16, "Images in each sample grid.")
+    sample_inference_steps: int = option(50, "Denoising steps (DDIM) for the sample grids.")
+    checkpoints_total_limit: int = option(2, "Checkpoints kept; older ones are deleted after a new one is complete.")
+    # -- architecture ------------------------------------------------------------
+    preset: str = option(DEFAULT_PRESET, "UNet preset; the architecture fields below override it.")
+    block_out_channels: tuple[int, ...] = option((), "Channels per resolution level (empty = from the preset).")
+    layers_per_block: int = option(0, "ResNet layers per level (0 = from the preset).")
+    down_block_types: tuple[str, ...] = option((), "Down blocks, one per level: DownBlock2D or AttnDownBlock2D.")
+    up_block_types: tuple[str, ...] = option((), "Up blocks, lowest resolution first: UpBlock2D or AttnUpBlock2D.")
+    device: str = option("auto", "auto, cpu, cuda or mps. Under torchrun/accelerate launch each process uses its own.")
+
+    def __post_init__(self) -> None:
+        if self.data is None:
+            self.data = DataConfig()
+        if isinstance(self.data, dict):
+            self.data = DataConfig.from_dict(self.data)
+        require(isinstance(self.data, DataConfig), "data must be a dataset description (DataConfig).")
+        require(bool(str(self.workspace).strip()), "Workspace folder is empty: give the folder that holds runs.")
+        self.workspace = str(self.workspace)
+        if self.run_name:
+            from studio.runs import check_run_name
+
+            check_run_name(self.run_name)
+        self.resume = (self.resume or "").strip()
+        _positive_int(self.resolution, "Resolution")
+        require(self.resolution >= 8, f"Resolution must be at least 8 pixels (got {self.resolution}).")
+        _positive_int(self.train_batch_size, "Batch size (train_batch_size)")
+        _positive_int(self.gradient_accumulation_steps, "Gradient accumulation steps")
+        _positive_number(self.learning_rate, "Learning rate")
+        require_choice(self.lr_scheduler, LR_SCHEDULERS, "LR schedule (lr_scheduler)")
+        _non_negative_int(self.lr_warmup_steps, "Warm-up steps (lr_warmup_steps)")
+        for name in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, name)
+            require(_is_number(value) and 0 <= value < 1, f"{name} must be in [0, 1) (got {value!r}).")
+        _non_negative_number(self.adam_weight_decay, "Weight decay (adam_weight_decay)")
+        _positive_number(self.adam_epsilon, "adam_epsilon")
+        _non_negative_number(self.max_grad_norm, "Gradient clipping (max_grad_norm)")
+        _non_negative_int(self.max_train_steps, "Training steps (max_train_steps)")
+        _non_negative_int(self.num_epochs, "Epochs (num_epochs)")
+        require(self.max_train_steps > 0 or self.num_epochs > 0,
+                "Set how long to train: max_train_steps or num_epochs must be more than 0.")
+        require_choice(self.mixed_precision, MIXED_PRECISIONS, "Mixed precision")
+        require_choice(self.device, TRAIN_DEVICES, "Device")
+        check_precision_for_device(self.mixed_precision, self.device)
+        require(_is_number(self.ema_max_decay) and 0 < self.ema_max_decay < 1,
+                f"EMA max decay must be between 0 and 1 (got {self.ema_max_decay!r}).")
+        _positive_number(self.ema_power, "EMA power")
+        _positive_number(self.ema_inv_gamma, "EMA inverse gamma")
+        _non_negative_int(self.ema_update_after_step, "EMA update-after step")
+        _positive_int(self.num_train_timesteps, "num_train_timesteps")
+        require(self.num_train_timesteps >= 2, "num_train_timesteps must be at least 2.")
+        require_choice(self.beta_schedule, BETA_SCHEDULES, "beta_schedule")
+        require_choice(self.prediction_type, PREDICTION_TYPES, "prediction_type")
+        _non_negative_number(self.snr_gamma, "Min-SNR gamma (snr_gamma)")
+        _non_negative_number(self.noise_offset, "Noise offset")
+        require(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
+                f"Seed must be a whole number >= 0 (got {self.seed!r}).")
+        _non_negative_int(self.save_every, "save_every")
+        _non_negative_int(self.sample_every, "sample_every")
+        _positive_int(self.num_samples, "Sample grid size (num_samples)")
+        require(self.num_samples <= 64, "At most 64 images per sample grid.")
+        _positive_int(self.sample_inference_steps, "Sample denoising steps")
+        require(self.sample_inference_steps <= self.num_train_timesteps,
+                "Sample denoising steps cannot exceed num_train_timesteps.")
+        _positive_int(self.checkpoints_total_limit, "Checkpoints kept (checkpoints_total_limit)")
+        self._check_architecture()
+
+    def _check_architecture(self) -> None:
+        require(self.preset == CUSTOM or self.preset in PRESETS,
+                f"Unknown preset {self.preset!r}: use one of {', '.join(PRESETS)} or '{CUSTOM}'.")
+        base = PRESETS.get(self.preset) or PRESETS[DEFAULT_PRESET]
+        if not self.block_out_channels:
+            require(self.preset != CUSTOM, "A custom architecture needs block_out_channels.")
+            self.block_out_channels = base.block_out_channels
+            self.down_block_types = self.down_block_types or base.down_block_types
+            self.up_block_types = self.up_block_types or base.up_block_types
+        if not self.layers_per_block:
+            self.layers_per_block = base.layers_per_block
+        self.block_out_channels = tuple(self.block_out_channels)
+        levels = len(self.block_out_channels)
+        require(levels >= 1, "block_out_channels needs at least one level.")
+        for c in self.block_out_channels:
+            require(isinstance(c, int) and not isinstance(c, bool) and c > 0,
+                    f"block_out_channels must be positive whole numbers (got {self.block_out_channels!r}).")
+        _positive_int(self.layers_per_block, "layers_per_block")
+        if not self.down_block_types:
+            self.down_block_types = (DOWN_BLOCK_TYPES[0],) * levels
+        if not self.up_block_types:
+            self.up_block_types = (UP_BLOCK_TYPES[0],) * levels
+        self.down_block_types = tuple(self.down_block_types)
+        self.up_block_types = tuple(self.up_block_types)
+        require(len(self.down_block_types) == levels and len(self.up_block_types) == levels,
+                f"Give one down and one up block type per level: {levels} levels, "
+                f"{len(self.down_block_types)} down and {len(self.up_block_types)} up types.")
+        for name in self.down_block_types:
+            require_choice(name, DOWN_BLOCK_TYPES, "Down block type")
+        for name in self.up_block_types:
+            require_choice(name, UP_BLOCK_TYPES, "Up block type")
+        require(self.resolution % (2 ** (levels - 1)) == 0,
+                f"Resolution {self.resolution} must be divisible by {2 ** (levels - 1)} "
+                f"(the UNet halves it {levels - 1} times).")
+        self.preset = preset_matching(self.block_out_channels, self.layers_per_block,
+                                      self.down_block_types, self.up_block_types)
+
+    @property
+    def run_root(self) -> Path:
+        """``<workspace>/<run_name>`` (meaningful when ``run_name`` is set)."""
+        return Path(self.workspace).expanduser() / self.run_name
+
+
+def check_precision_for_device(mixed_precision: str, device: str) -> None:
+    """Refuse fp16 on a CPU; warn (Python warning) for bf16 on a CPU.
+
+    Raises:
+        ConfigError: fp16 with device 'cpu'.
+    """
+    if device != "cpu":
+        return
+    require(mixed_precision != "fp16",
+            "fp16 mixed precision needs a GPU; on CPU use mixed_precision 'no' (fp32).")
+    if mixed_precision == "bf16":
+        warnings.warn(BF16_CPU_WARNING, stacklevel=3)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _positive_int(value: object, label: str) -> None:
+    require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+            f"{label} must be a whole number above 0 (got {value!r}).")
+
+
+def _non_negative_int(value: object, label: str) -> None:
+    require(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+            f"{label} must be a whole number >= 0 (got {value!r}).")
+
+
+def _positive_number(value: object, label: str) -> None:
+    require(_is_number(value) and value > 0, f"{label} must be a number above 0 (got {value!r}).")
+
+
+def _non_negative_number(value: object, label: str) -> None:
+    require(_is_number(value) and value >= 0, f"{label} must be a number >= 0 (got {value!r}).")
