@@ -1,0 +1,902 @@
+"""Dataset sources, image checks, captions and the decode-once tensor cache.
+
+Every source a person can pick in the Dataset tab — the bundled emoji set, a local
+folder, an upload (files or a .zip, unpacked to a folder), a Hugging Face dataset —
+becomes the same ``ImageDataset``: names, optional captions, the files that were
+skipped and why, and a fingerprint that identifies the content. Images are decoded
+on demand (``ds.image(i)``), never held all at once.
+
+Each image is checked once when the dataset is loaded: empty, truncated or corrupt
+files, non-images, formats outside the allow-list and decompression bombs are
+skipped with a reason; every other mode (CMYK, palette with transparency, 16-bit,
+grayscale, RGBA, animated GIF, EXIF-rotated) is turned into plain RGB on white.
+
+Trainers do not read PIL files every step: ``load_tensor_cache`` decodes the set
+once at a resolution into a uint8 tensor ``[N, 3, R, R]`` stored as safetensors
+under ``<cache_root>/datasets/<key>``; the key comes from (fingerprint, resolution,
+crop), so a second call loads the tensor without decoding any image.
+
+torch and datasets are imported inside the functions that need them, so importing
+this module stays light.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import stat
+import warnings
+import zipfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from studio.config.data import DataConfig
+from studio.errors import DataError
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import torch
+
+#: The bundled emoji set (1,911 Twemoji, 64x64, captioned); see assets/emoji/README.md.
+EMOJI_PARQUET: Path = Path(__file__).resolve().parent.parent / "assets" / "emoji" / "emoji.parquet"
+
+#: File extensions read as images (lower case). Anything else in a folder is skipped with a reason.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+#: PIL format names accepted (the real format, whatever the extension says). MPO is a multi-frame JPEG.
+IMAGE_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "BMP", "GIF", "TIFF")
+#: Largest image accepted, in pixels (width x height). Anything bigger is treated as a
+#: decompression bomb and skipped: a few hundred bytes of PNG can expand to gigabytes.
+MAX_IMAGE_PIXELS = 64_000_000
+#: Files next to images that hold captions or metadata (never reported as skipped).
+SIDECAR_EXTENSIONS = (".txt", ".caption", ".jsonl", ".json", ".csv", ".md", ".yaml", ".yml")
+#: Names that are never dataset content (macOS / Windows / editor junk).
+JUNK_NAMES = ("__MACOSX", ".DS_Store", "Thumbs.db", "desktop.ini")
+#: Column names that hold captions, most likely first (Hub datasets and metadata files).
+CAPTION_COLUMNS = ("text", "caption", "captions", "prompt", "description", "sentence", "title", "label_text")
+#: Column names that hold images when no column has the datasets Image feature.
+IMAGE_COLUMN_NAMES = ("image", "img", "images", "picture", "photo", "pixel_values")
+#: Most uncompressed bytes an uploaded .zip may expand to.
+MAX_UPLOAD_BYTES = 4 * 1024**3
+#: Most files an uploaded .zip may hold.
+MAX_UPLOAD_FILES = 200_000
+#: Bump when the cached tensor layout or the resize changes, so old caches are not reused.
+CACHE_VERSION = 1
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass
+class SkippedFile:
+    """A file (or row) left out of the dataset, and why, in words for the person."""
+
+    name: str
+    reason: str
+
+
+@dataclass
+class SourceInfo:
+    """What a source offered and what was picked (fills the tab's dropdowns).
+
+    Attributes:
+        splits: Splits of a Hub dataset (["train"] for other sources).
+        split: The split used.
+        columns: Column names of a Hub dataset or of the metadata file.
+        image_columns: Columns that hold images.
+        caption_columns: Columns that could hold captions.
+        image_column: The image column used ("" for folders).
+        caption_column: The caption column used ("" when none).
+        caption_source: Where captions came from: "column", "metadata.jsonl", ".txt files", "" (none).
+    """
+
+    splits: list[str] = field(default_factory=lambda: ["train"])
+    split: str = "train"
+    columns: list[str] = field(default_factory=list)
+    image_columns: list[str] = field(default_factory=list)
+    caption_columns: list[str] = field(default_factory=list)
+    image_column: str = ""
+    caption_column: str = ""
+    caption_source: str = ""
+
+
+class _Skip(Exception):
+    """Internal: this image cannot be used; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# --------------------------------------------------------------------------- images
+
+
+def _format_pixels(n: int) -> str:
+    return f"{n / 1e6:.0f} megapixels" if n >= 1e6 else f"{n} pixels"
+
+
+def open_image(data: bytes | Path, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode one image and turn it into RGB: EXIF rotation applied, alpha composited on white.
+
+    Args:
+        data: The encoded file (bytes) or a path to it.
+        max_pixels: Refuse images larger than this (decompression bombs).
+
+    Returns:
+        A loaded RGB image (the first frame of an animation).
+
+    Raises:
+        DataError: when the file is empty, not an image, in a format outside the
+            allow-list, too large, or truncated/corrupt.
+    """
+    try:
+        return _decode(data, max_pixels=max_pixels)
+    except _Skip as skip:
+        name = data.name if isinstance(data, Path) else "image"
+        raise DataError(f"Cannot use {name}: {skip.reason}.") from None
+
+
+def _decode(data: bytes | Path, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """``open_image`` raising ``_Skip`` (the loader turns those into skipped files)."""
+    if isinstance(data, Path):
+        try:
+            data = data.read_bytes()
+        except OSError as exc:
+            raise _Skip(f"cannot be read ({exc.strerror or exc})") from None
+    if not data:
+        raise _Skip("empty file (0 bytes)")
+    with warnings.catch_warnings():
+        # Our own pixel limit below is the check; PIL's warning must never reach the person.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise _Skip("not an image (the content is not a known image format)") from None
+        except Image.DecompressionBombError:
+            raise _Skip(f"too large: over {_format_pixels(max_pixels)} (possible decompression bomb)") from None
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise _Skip(f"corrupt image header ({exc})") from None
+        fmt = im.format or "unknown"
+        if fmt not in IMAGE_FORMATS:
+            raise _Skip(f"format {fmt} is not supported (use PNG, JPEG, WebP, BMP, GIF or TIFF)")
+        width, height = im.size
+        if width * height > max_pixels:
+            raise _Skip(f"too large: {width}x{height} is over the limit of {_format_pixels(max_pixels)} "
+                        "(possible decompression bomb)")
+        if width < 1 or height < 1:
+            raise _Skip("image has no pixels")
+        try:
+            im.seek(0)  # first frame of an animated GIF/WebP/TIFF
+            im.load()
+            return to_rgb(im)
+        except Image.DecompressionBombError:
+            raise _Skip(f"too large: over {_format_pixels(max_pixels)} (possible decompression bomb)") from None
+        except (OSError, ValueError, SyntaxError, EOFError) as exc:
+            raise _Skip(f"truncated or corrupt image data ({exc})") from None
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL image as RGB: EXIF orientation applied, 16-bit scaled to 8-bit, alpha on white.
+
+    Args:
+        im: A loaded image in any mode (CMYK, P, PA, LA, I;16, I, F, 1, L, RGBA...).
+    """
+    try:
+        im = ImageOps.exif_transpose(im)
+    except (OSError, ValueError, KeyError, TypeError, SyntaxError):
+        pass  # a damaged EXIF block: keep the pixels as stored
+    mode = im.mode
+    if mode.startswith("I") or mode == "F":
+        im = _high_depth_to_l(im)
+        mode = "L"
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
+    if has_alpha:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if mode == "RGB":
+        return im.copy() if im.readonly else im
+    return im.convert("RGB")
+
+
+def _high_depth_to_l(im: Image.Image) -> Image.Image:
+    """16/32-bit integer or float grayscale to 8-bit L, scaling the range rather than clipping."""
+    arr = np.asarray(im, dtype=np.float64)
+    if im.mode == "F":
+        top = 1.0 if arr.size and float(np.nanmax(arr)) <= 1.0 else 255.0
+    else:
+        top = 65535.0 if arr.size and float(arr.max()) > 255 else 255.0
+    arr = np.clip(np.nan_to_num(arr) / top * 255.0, 0, 255).round().astype(np.uint8)
+    return Image.fromarray(arr, mode="L")
+
+
+# --------------------------------------------------------------------------- dataset object
+
+
+class ImageDataset:
+    """Checked images of one source: names, optional captions, skipped files, fingerprint.
+
+    Images are decoded on demand by ``image(i)``; the dataset keeps only the encoded
+    bytes' location (a path, a row of an Arrow table, a Parquet cell).
+
+    Attributes:
+        config: The source description it was loaded from.
+        names: A name per image (relative path, or "<split>/<row>" for Hub rows).
+        captions: A caption per image ("" where one is missing), or None when the
+            source has no captions at all.
+        skipped: Files or rows left out, with reasons.
+        fingerprint: Stable content id (same files and captions -> same id).
+        info: What the source offered (splits, columns) and what was picked.
+    """
+
+    def __init__(self, config: DataConfig, names: list[str], captions: list[str] | None,
+                 skipped: list[SkippedFile], fingerprint: str, readers: list[Callable[[], bytes | Path]],
+                 sizes: list[tuple[int, int]], info: SourceInfo | None = None) -> None:
+        self.config = config
+        self.names = names
+        self.captions = captions
+        self.skipped = skipped
+        self.fingerprint = fingerprint
+        self.info = info or SourceInfo()
+        self._readers = readers
+        self._sizes = sizes
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def image(self, i: int) -> Image.Image:
+        """Image ``i`` as RGB (EXIF-rotated, composited on white).
+
+        Raises:
+            DataError: if the file changed on disk since loading and can no longer be read.
+        """
+        try:
+            return _decode(self._readers[i]())
+        except _Skip as skip:
+            raise DataError(f"{self.names[i]} can no longer be read: {skip.reason}.",
+                            "Load the dataset again.") from None
+
+    def sizes(self) -> list[tuple[int, int]]:
+        """(width, height) of every image, after EXIF rotation."""
+        return list(self._sizes)
+
+    @property
+    def has_captions(self) -> bool:
+        """True when at least one image has a caption."""
+        return self.captions is not None and any(c.strip() for c in self.captions)
+
+    @property
+    def split(self) -> str:
+        """The split the images came from ("train" for folders, uploads and emoji)."""
+        return self.info.split or "train"
+
+    def summary(self) -> str:
+        """One line for the UI: '1911 images from emoji (bundled), captioned, 0 skipped'."""
+        caps = "captioned" if self.has_captions else "no captions"
+        return f"{len(self)} images from {self.config.label}, {caps}, {len(self.skipped)} skipped"
+
+
+@dataclass
+class _Scan:
+    """A source listed but not yet decoded: enough to compute the fingerprint."""
+
+    names: list[str]
+    readers: list[Callable[[], bytes | Path]]
+    captions: list[str] | None
+    skipped: list[SkippedFile]
+    fingerprint: str
+    info: SourceInfo
+
+
+def load_image_dataset(cfg: DataConfig, *, progress: Progress | None = None) -> ImageDataset:
+    """Read a source, check every image once, and return the usable ones.
+
+    Args:
+        cfg: Which source and how to read it.
+        progress: Optional ``progress(fraction, message)`` callback.
+
+    Raises:
+        DataError: when the source cannot be read or holds no usable image, or when
+            captions are required and some are missing.
+    """
+    scan = _scan(cfg, progress)
+    return _check(cfg, scan, progress)
+
+
+def _scan(cfg: DataConfig, progress: Progress | None) -> _Scan:
+    if progress:
+        progress(0.0, f"Reading {cfg.label}")
+    if cfg.source == "emoji":
+        return _scan_emoji(cfg)
+    if cfg.source in ("folder", "upload"):
+        return _scan_folder(cfg)
+    return _scan_hub(cfg)
+
+
+def _check(cfg: DataConfig, scan: _Scan, progress: Progress | None) -> ImageDataset:
+    names, readers, sizes, captions = [], [], [], []
+    skipped = list(scan.skipped)
+    total = len(scan.names)
+    for i, (name, reader) in enumerate(zip(scan.names, scan.readers)):
+        if progress and (i % 64 == 0):
+            progress(i / max(total, 1), f"Checking images {i}/{total}")
+        try:
+            im = _decode(reader())
+        except _Skip as skip:
+            skipped.append(SkippedFile(name, skip.reason))
+            continue
+        sizes.append(im.size)
+        names.append(name)
+        readers.append(reader)
+        if scan.captions is not None:
+            captions.append(scan.captions[i])
+        im.close()
+    if progress:
+        progress(1.0, f"Checked {total} images")
+    if not names:
+        detail = f" All {len(skipped)} files were skipped; first: {skipped[0].name}: {skipped[0].reason}." if skipped else ""
+        raise DataError(f"{cfg.label} holds no usable images.{detail}",
+                        f"Supported formats: {', '.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)}.")
+    final_captions: list[str] | None = captions if scan.captions is not None else None
+    if final_captions is not None and not any(c.strip() for c in final_captions):
+        final_captions = None
+    if cfg.require_captions:
+        missing = [n for n, c in zip(names, final_captions or [""] * len(names)) if not c.strip()]
+        if missing:
+            shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
+            raise DataError(
+                f"Captions are required but {len(missing)} of {len(names)} images have none ({shown}).",
+                "Add a metadata.jsonl (file_name, text) or a .txt file beside each image, "
+                "pick the caption column, or turn off 'require captions'.")
+    return ImageDataset(cfg, names, final_captions, skipped, scan.fingerprint, readers, sizes, scan.info)
+
+
+def _limit(cfg: DataConfig, items: list) -> list:
+    return items[: cfg.max_rows] if cfg.max_rows else items
+
+
+def _digest(*parts: Any) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else str(part).encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()[:24]
+
+
+# --------------------------------------------------------------------------- emoji
+
+
+def _scan_emoji(cfg: DataConfig) -> _Scan:
+    import pyarrow.parquet as pq
+
+    if not EMOJI_PARQUET.is_file():
+        raise DataError(f"The bundled emoji set is missing ({EMOJI_PARQUET}).",
+                        "Rebuild it with assets/tools/build_emoji_dataset.py (see assets/emoji/README.md).")
+    table = pq.read_table(EMOJI_PARQUET, columns=["image", "text"])
+    images = table.column("image").to_pylist()
+    texts = table.column("text").to_pylist()
+    n = len(images) if not cfg.max_rows else min(cfg.max_rows, len(images))
+    blobs = [images[i]["bytes"] for i in range(n)]
+    names = [images[i].get("path") or f"emoji_{i}.png" for i in range(n)]
+    file_hash = hashlib.sha256(EMOJI_PARQUET.read_bytes()).hexdigest()
+    readers = [(lambda b=b: b) for b in blobs]
+    info = SourceInfo(columns=["image", "text", "category"], image_columns=["image"],
+                      caption_columns=["text", "category"], image_column="image",
+                      caption_column="text", caption_source="column")
+    return _Scan(names, readers, [t or "" for t in texts[:n]], [], _digest("emoji", file_hash, n), info)
+
+
+# --------------------------------------------------------------------------- folders and uploads
+
+
+def _is_junk(rel: Path) -> bool:
+    return any(part in JUNK_NAMES or part.startswith("._") or (part.startswith(".") and part not in (".", ".."))
+               for part in rel.parts)
+
+
+def _scan_folder(cfg: DataConfig) -> _Scan:
+    root = Path(cfg.path).expanduser()
+    if root.is_file() and root.suffix.lower() == ".zip":
+        root = extract_zip(root, root.with_name(root.stem + "-unpacked"))
+    if not root.exists():
+        raise DataError(f"Folder not found: {root}.", "Check the path (it must be on the machine running the studio).")
+    if not root.is_dir():
+        raise DataError(f"{root} is a file, not a folder.", "Choose the folder that holds the images.")
+    files: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = Path(dirpath).relative_to(root)
+        dirnames[:] = sorted(d for d in dirnames if not _is_junk(rel_dir / d))
+        files.extend(Path(dirpath) / f for f in sorted(filenames) if not _is_junk(rel_dir / f))
+    if not files:
+        raise DataError(f"The folder {root} is empty.", "Put images (PNG, JPEG, WebP...) in it, or pick another folder.")
+    skipped: list[SkippedFile] = []
+    images: list[Path] = []
+    for path in files:
+        ext = path.suffix.lower()
+        if ext in IMAGE_EXTENSIONS:
+            images.append(path)
+        elif ext not in SIDECAR_EXTENSIONS:
+            why = f"file type {ext or '(no extension)'} is not supported"
+            skipped.append(SkippedFile(path.relative_to(root).as_posix(),
+                                       f"{why} (allowed: {', '.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)})"))
+    if not images:
+        raise DataError(f"The folder {root} holds no images ({len(files)} other files).",
+                        f"Supported formats: {', '.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)}.")
+    metadata, meta_files = _read_metadata(root, cfg.caption_column)
+    captions: list[str] = []
+    sources: set[str] = set()
+    for path in images:
+        rel = path.relative_to(root).as_posix()
+        text = metadata.get(rel)
+        if text is not None:
+            sources.add("metadata.jsonl")
+        else:
+            for ext in (".txt", ".caption"):
+                side = path.with_suffix(ext)
+                if side.is_file():
+                    text = side.read_text(encoding="utf-8", errors="replace").strip()
+                    sources.add(".txt files")
+                    break
+        captions.append(text or "")
+    listed = set(metadata) - {p.relative_to(root).as_posix() for p in images}
+    for name in sorted(listed):
+        if not (root / name).is_file():
+            skipped.append(SkippedFile(name, "listed in metadata.jsonl but the file does not exist"))
+    images, captions = _limit(cfg, images), _limit(cfg, captions)
+    names = [p.relative_to(root).as_posix() for p in images]
+    # Fingerprint from what determines the result, without decoding: paths, sizes,
+    # modification times, the captions and the caption settings.
+    h = hashlib.sha256()
+    for path, cap in zip(images, captions):
+        st = path.stat()
+        h.update(f"{path.relative_to(root).as_posix()}|{st.st_size}|{st.st_mtime_ns}|{cap}\n".encode("utf-8"))
+    fingerprint = _digest("folder", h.hexdigest(), cfg.caption_column, cfg.max_rows)
+    has_any = any(c for c in captions)
+    info = SourceInfo(caption_source=" and ".join(sorted(sources)) if has_any else "",
+                      columns=meta_files, caption_column=cfg.caption_column)
+    return _Scan(names, [(lambda p=p: p) for p in images], captions if has_any else None, skipped, fingerprint, info)
+
+
+def _read_metadata(root: Path, caption_column: str) -> tuple[dict[str, str], list[str]]:
+    """Captions from every metadata.jsonl / metadata.csv under ``root`` (diffusers imagefolder).
+
+    ``file_name`` is relative to the metadata file's folder. Returns (relative path ->
+    caption, columns seen).
+
+    Raises:
+        DataError: on a malformed line, naming the file and line.
+    """
+    captions: dict[str, str] = {}
+    columns: list[str] = []
+    for meta in sorted(list(root.rglob("metadata.jsonl")) + list(root.rglob("metadata.csv"))):
+        if _is_junk(meta.relative_to(root)):
+            continue
+        rows: list[dict] = []
+        text = meta.read_text(encoding="utf-8", errors="replace")
+        if meta.suffix == ".jsonl":
+            for lineno, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{meta.relative_to(root)} line {lineno} is not valid JSON ({exc.msg}).",
+                                    'Each line must be an object like {"file_name": "a.png", "text": "a cat"}.') from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{meta.relative_to(root)} line {lineno} is not a JSON object.",
+                                    'Each line must be an object like {"file_name": "a.png", "text": "a cat"}.')
+                rows.append(row)
+        else:
+            rows = list(csv.DictReader(io.StringIO(text)))
+        for row in rows:
+            for key in row:
+                if key not in columns:
+                    columns.append(key)
+            name = row.get("file_name")
+            if not name:
+                continue
+            key = caption_column or next((c for c in CAPTION_COLUMNS if c in row), "")
+            value = row.get(key) if key else None
+            if isinstance(value, list):
+                value = value[0] if value else ""
+            rel = (meta.parent.relative_to(root) / str(name)).as_posix()
+            captions[rel] = "" if value is None else str(value).strip()
+    return captions, columns
+
+
+def extract_zip(zip_path: Path, dest: Path, *, max_bytes: int = MAX_UPLOAD_BYTES,
+                max_files: int = MAX_UPLOAD_FILES) -> Path:
+    """Unpack a .zip safely into ``dest`` and return ``dest``.
+
+    Refuses entries that would land outside ``dest`` (absolute paths, ``..``:
+    "zip slip"), stops when the uncompressed total passes ``max_bytes`` (zip bombs;
+    the count is of bytes actually written, headers can lie), writes links as
+    nothing, and leaves out junk (``__MACOSX``, ``.DS_Store``, ``._*``).
+
+    Raises:
+        DataError: on a damaged zip, an unsafe path, or too much content.
+    """
+    dest = Path(dest)
+    dest_resolved = dest.resolve()
+    try:
+        zf = zipfile.ZipFile(zip_path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise DataError(f"{Path(zip_path).name} is not a readable .zip file ({exc}).") from None
+    with zf:
+        entries = [e for e in zf.infolist() if not e.is_dir()]
+        if len(entries) > max_files:
+            raise DataError(f"{Path(zip_path).name} holds {len(entries)} files; the limit is {max_files}.")
+        declared = sum(e.file_size for e in entries)
+        if declared > max_bytes:
+            raise DataError(f"{Path(zip_path).name} expands to {declared / 1e9:.1f} GB; the limit is "
+                            f"{max_bytes / 1e9:.1f} GB.", "Split it into smaller uploads or use a local folder.")
+        written = 0
+        for entry in entries:
+            name = entry.filename.replace("\\", "/")
+            parts = [p for p in name.split("/") if p not in ("", ".")]
+            if name.startswith("/") or re.match(r"^[A-Za-z]:", name) or ".." in parts:
+                raise DataError(f"{Path(zip_path).name} holds an unsafe path ({entry.filename!r}) that points "
+                                "outside the upload folder; refusing to unpack it.")
+            if not parts or _is_junk(Path(*parts)):
+                continue
+            if stat.S_ISLNK(entry.external_attr >> 16):
+                continue  # symbolic links could point anywhere on disk
+            target = dest.joinpath(*parts)
+            if not target.resolve().is_relative_to(dest_resolved):
+                raise DataError(f"{Path(zip_path).name} holds an unsafe path ({entry.filename!r}); refusing to unpack it.")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with zf.open(entry) as src, open(target, "wb") as out:
+                    while chunk := src.read(1 << 20):
+                        written += len(chunk)
+                        if written > max_bytes:
+                            raise DataError(f"{Path(zip_path).name} expands to more than {max_bytes / 1e9:.1f} GB "
+                                            "(possible zip bomb); stopped unpacking.")
+                        out.write(chunk)
+            except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as exc:
+                raise DataError(f"{Path(zip_path).name} is damaged: cannot unpack {entry.filename} ({exc}).") from None
+    dest.mkdir(parents=True, exist_ok=True)
+    return dest
+
+
+def unpack_upload(files: Iterable[str | Path], dest: Path, *, max_bytes: int = MAX_UPLOAD_BYTES) -> Path:
+    """Gather uploaded files into one folder: images and caption files copied, zips unpacked.
+
+    Args:
+        files: Paths of the uploaded files (images, .txt / metadata.jsonl, .zip).
+        dest: A new folder (e.g. ``<workspace>/uploads/<id>``).
+        max_bytes: Most bytes all zips together may expand to.
+
+    Returns:
+        ``dest``, ready for ``DataConfig(source="upload", path=str(dest))``.
+
+    Raises:
+        DataError: when nothing was uploaded or a zip is unsafe or damaged.
+    """
+    paths = [Path(f) for f in files if f]
+    if not paths:
+        raise DataError("No files were uploaded.", "Drop image files or a .zip on the upload box first.")
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    used: set[str] = set()
+    for path in paths:
+        if not path.is_file():
+            raise DataError(f"The uploaded file {path.name} is gone.", "Upload it again.")
+        if path.suffix.lower() == ".zip":
+            extract_zip(path, dest / _unique(path.stem, used), max_bytes=max_bytes)
+            continue
+        name = _unique(path.name, used)
+        if _is_junk(Path(name)):
+            continue
+        shutil.copyfile(path, dest / name)
+    return dest
+
+
+def _unique(name: str, used: set[str]) -> str:
+    """``name`` or ``stem-2.ext``... not yet in ``used`` (uploads may share names)."""
+    name = Path(name).name or "file"
+    stem, suffix = Path(name).stem, Path(name).suffix
+    candidate, n = name, 1
+    while candidate.lower() in used:
+        n += 1
+        candidate = f"{stem}-{n}{suffix}"
+    used.add(candidate.lower())
+    return candidate
+
+
+# --------------------------------------------------------------------------- Hugging Face Hub
+
+
+def _hub_offline() -> bool:
+    value = os.environ.get("HF_HUB_OFFLINE", "") or os.environ.get("HF_DATASETS_OFFLINE", "")
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _hub_error(cfg: DataConfig, exc: BaseException) -> DataError:
+    """Map datasets / huggingface_hub exceptions to a message a person can act on."""
+    from datasets.exceptions import DatasetNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+    )
+
+    hub_id = cfg.hub_id.strip()
+    text = str(exc)
+    offline_like = isinstance(exc, (OfflineModeIsEnabled, LocalEntryNotFoundError)) or "OfflineModeIsEnabled" in text
+    if isinstance(exc, GatedRepoError) or "gated" in text.lower():
+        return DataError(f"The dataset '{hub_id}' is gated: you must accept its terms on the Hub and be logged in.",
+                         "Accept the terms on its Hub page, then run `hf auth login` and load again.")
+    if offline_like or (isinstance(exc, ConnectionError) and _hub_offline()):
+        return DataError(f"The dataset '{hub_id}' is not in the local cache and the studio is offline "
+                         "(HF_HUB_OFFLINE / --offline).",
+                         "Start the studio with network access once to download it, or use a local folder.")
+    if isinstance(exc, ConnectionError):
+        return DataError(f"Could not reach the Hugging Face Hub to get '{hub_id}', and it is not in the local cache.",
+                         "Check the network connection, or use a local folder or the bundled emoji set.")
+    if isinstance(exc, (DatasetNotFoundError, RepositoryNotFoundError, FileNotFoundError)):
+        return DataError(f"Dataset '{hub_id}' was not found on the Hugging Face Hub (or it is private).",
+                         "Check the spelling (user/name); for a private dataset run `hf auth login`.")
+    if isinstance(exc, HFValidationError):
+        return DataError(f"'{hub_id}' is not a valid dataset id.", "Use the form user/name, e.g. nelorth/oxford-flowers.")
+    if isinstance(exc, ValueError) and "split" in text.lower():
+        return DataError(f"Split '{cfg.split}' does not exist in '{hub_id}'.", "Pick one of the splits in the list.")
+    first = text.strip().splitlines()[0][:300] if text.strip() else type(exc).__name__
+    return DataError(f"Could not load the dataset '{hub_id}': {first}")
+
+
+def _load_hub_split(cfg: DataConfig) -> tuple[Any, list[str], str]:
+    """The chosen split of a Hub (or local dataset-folder) id, its split names and the split used."""
+    import datasets
+
+    hub_id = cfg.hub_id.strip()
+    try:
+        if cfg.split:
+            splits: list[str] = []
+            ds = datasets.load_dataset(hub_id, split=cfg.split)
+            split = cfg.split
+        else:
+            dd = datasets.load_dataset(hub_id)
+            splits = list(dd.keys())
+            split = "train" if "train" in dd else splits[0]
+            ds = dd[split]
+    except DataError:
+        raise
+    except Exception as exc:  # every failure of the Hub stack becomes a clear DataError
+        raise _hub_error(cfg, exc) from None
+    if not splits:
+        try:
+            splits = list(datasets.get_dataset_split_names(hub_id))
+        except Exception:  # split names are a convenience for the dropdown
+            splits = [split]
+    return ds, splits, split
+
+
+def detect_columns(features: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Image and caption column candidates of a datasets ``Features`` mapping, best first."""
+    from datasets import Image as ImageFeature, Value
+
+    image_cols = [name for name, feat in features.items() if isinstance(feat, ImageFeature)]
+    image_cols += [n for n in IMAGE_COLUMN_NAMES if n in features and n not in image_cols]
+    string_cols = [name for name, feat in features.items()
+                   if isinstance(feat, Value) and feat.dtype in ("string", "large_string")]
+    ranked = [c for c in CAPTION_COLUMNS if c in string_cols]
+    ranked += [c for c in string_cols if c not in ranked]
+    return image_cols, ranked
+
+
+def _scan_hub(cfg: DataConfig) -> _Scan:
+    from datasets import Image as ImageFeature
+
+    ds, splits, split = _load_hub_split(cfg)
+    columns = list(ds.column_names)
+    image_cols, caption_cols = detect_columns(ds.features)
+    hub_id = cfg.hub_id.strip()
+    if cfg.image_column:
+        if cfg.image_column not in columns:
+            raise DataError(f"'{hub_id}' has no column '{cfg.image_column}'.", f"Columns: {', '.join(columns)}.")
+        image_col = cfg.image_column
+    elif image_cols:
+        image_col = image_cols[0]
+    else:
+        raise DataError(f"'{hub_id}' [{split}] has no image column (columns: {', '.join(columns)}).",
+                        "Pick the column that holds the images, or choose an image dataset.")
+    if cfg.caption_column:
+        if cfg.caption_column not in columns:
+            raise DataError(f"'{hub_id}' has no column '{cfg.caption_column}'.", f"Columns: {', '.join(columns)}.")
+        caption_col = cfg.caption_column
+    else:
+        caption_col = next((c for c in caption_cols if c in CAPTION_COLUMNS), "")
+    if cfg.max_rows and cfg.max_rows < len(ds):
+        ds = ds.select(range(cfg.max_rows))
+    if isinstance(ds.features[image_col], ImageFeature):
+        ds = ds.cast_column(image_col, ImageFeature(decode=False))
+    table = ds.select_columns([image_col])
+    captions = None
+    if caption_col:
+        captions = ["" if c is None else (c[0] if isinstance(c, list) and c else str(c)).strip()
+                    for c in ds[caption_col]]
+    names = [f"{split}/{i}" for i in range(len(ds))]
+    readers = [(lambda i=i: _hub_cell_bytes(table, image_col, i)) for i in range(len(ds))]
+    fingerprint = _digest("hub", hub_id, split, image_col, caption_col, cfg.max_rows,
+                          getattr(ds, "_fingerprint", ""))
+    info = SourceInfo(splits=splits, split=split, columns=columns, image_columns=image_cols,
+                      caption_columns=caption_cols, image_column=image_col, caption_column=caption_col,
+                      caption_source="column" if caption_col else "")
+    return _Scan(names, readers, captions, [], fingerprint, info)
+
+
+def _hub_cell_bytes(table: Any, column: str, i: int) -> bytes | Path:
+    """The encoded bytes of row ``i`` of an image column (bytes, or a path to a local file)."""
+    value = table[i][column]
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return value["bytes"]
+        if value.get("path"):
+            return Path(value["path"])
+        return b""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, str):
+        return Path(value)
+    if isinstance(value, Image.Image):
+        buf = io.BytesIO()
+        value.save(buf, format="PNG")
+        return buf.getvalue()
+    raise _Skip(f"the column '{column}' holds {type(value).__name__}, not an image")
+
+
+# --------------------------------------------------------------------------- tensor cache
+
+
+@dataclass
+class TensorCache:
+    """A dataset decoded once at one resolution: what trainers read every step.
+
+    Attributes:
+        pixels: uint8 tensor [N, 3, R, R], contiguous.
+        captions: One caption per image, or None when the source has none.
+        names: One name per image (same order).
+        key: Cache key (from the dataset fingerprint, resolution and crop).
+    """
+
+    pixels: "torch.Tensor"
+    captions: list[str] | None
+    names: list[str]
+    key: str
+
+
+def cache_key(fingerprint: str, resolution: int, center_crop: bool) -> str:
+    """The tensor-cache key of a dataset fingerprint at a resolution and crop mode."""
+    return _digest("tensors", CACHE_VERSION, fingerprint, int(resolution), "crop" if center_crop else "whole")
+
+
+def resize_to_square(im: Image.Image, resolution: int, *, center_crop: bool = True) -> Image.Image:
+    """Resize for training: shorter side to ``resolution`` then center crop, or squash to RxR.
+
+    PIL's resize filters are antialiased (they widen with the scale factor), so
+    downscaling does not alias.
+    """
+    r = int(resolution)
+    if not center_crop:
+        return im.resize((r, r), Image.Resampling.LANCZOS)
+    w, h = im.size
+    scale = r / min(w, h)
+    nw, nh = max(r, round(w * scale)), max(r, round(h * scale))
+    if (nw, nh) != (w, h):
+        im = im.resize((nw, nh), Image.Resampling.LANCZOS)
+    left, top = (nw - r) // 2, (nh - r) // 2
+    return im.crop((left, top, left + r, top + r))
+
+
+def load_tensor_cache(cfg: DataConfig, resolution: int, cache_root: Path, *, center_crop: bool = True,
+                      progress: Progress | None = None) -> TensorCache:
+    """The dataset of ``cfg`` as uint8 tensors at ``resolution``, decoded at most once.
+
+    The tensors live at ``cache_root/datasets/<key>.safetensors`` with names and
+    captions in ``<key>.json``; the key comes from the dataset's fingerprint (computed
+    without decoding), the resolution and the crop mode, so a second call loads from
+    disk without decoding any image.
+
+    Args:
+        cfg: The dataset source.
+        resolution: Side of the square images, in pixels.
+        cache_root: Cache folder (trainers pass ``workspace / ".cache"``).
+        center_crop: Resize the shorter side and crop the middle; False squashes the
+            whole image to a square.
+        progress: Optional ``progress(fraction, message)`` callback.
+
+    Raises:
+        DataError: as ``load_image_dataset``, or when the resolution is not positive.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    if int(resolution) < 1:
+        raise DataError(f"Resolution must be a positive number of pixels (got {resolution}).")
+    scan = _scan(cfg, progress)
+    key = cache_key(scan.fingerprint, resolution, center_crop)
+    folder = Path(cache_root) / "datasets"
+    tensor_path, meta_path = folder / f"{key}.safetensors", folder / f"{key}.json"
+    if tensor_path.is_file() and meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            pixels = load_file(str(tensor_path))["pixels"]
+            if pixels.shape[0] == len(meta["names"]) and tuple(pixels.shape[1:]) == (3, resolution, resolution):
+                if progress:
+                    progress(1.0, f"Loaded {pixels.shape[0]} cached images")
+                return TensorCache(pixels.contiguous(), meta["captions"], meta["names"], key)
+        except (OSError, ValueError, KeyError, json.JSONDecodeError, RuntimeError):
+            pass  # a damaged cache is rebuilt below
+    ds = _check(cfg, scan, progress)
+    pixels = torch.empty((len(ds), 3, resolution, resolution), dtype=torch.uint8)
+    for i in range(len(ds)):
+        if progress and i % 64 == 0:
+            progress(i / max(len(ds), 1), f"Decoding images {i}/{len(ds)} at {resolution}px")
+        im = resize_to_square(ds.image(i), resolution, center_crop=center_crop)
+        pixels[i] = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp_tensor = tensor_path.with_suffix(".safetensors.tmp")
+    tmp_meta = meta_path.with_suffix(".json.tmp")
+    save_file({"pixels": pixels.contiguous()}, str(tmp_tensor))
+    tmp_meta.write_text(json.dumps({"key": key, "source": cfg.to_dict(), "resolution": resolution,
+                                    "center_crop": center_crop, "names": ds.names, "captions": ds.captions}),
+                        encoding="utf-8")
+    os.replace(tmp_tensor, tensor_path)  # tensor first: the json marks the pair as complete
+    os.replace(tmp_meta, meta_path)
+    if progress:
+        progress(1.0, f"Cached {len(ds)} images at {resolution}px")
+    return TensorCache(pixels.contiguous(), ds.captions, list(ds.names), key)
+
+
+# --------------------------------------------------------------------------- export
+
+
+def export_image_folder(ds: ImageDataset, out_dir: Path, progress: Progress | None = None) -> Path:
+    """Write the dataset as PNGs ``<split>_<index>.png`` plus ``metadata.jsonl`` (file_name, text).
+
+    The folder loads back as a ``folder`` source or with ``load_dataset("imagefolder")``.
+
+    Args:
+        ds: A loaded dataset.
+        out_dir: A new or empty folder.
+        progress: Optional ``progress(fraction, message)`` callback.
+
+    Raises:
+        DataError: when ``out_dir`` already holds files or cannot be written.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise DataError(f"{out_dir} already exists and is not empty.", "Choose a new folder for the export.")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        split = re.sub(r"[^A-Za-z0-9_-]+", "-", ds.split) or "train"
+        rows = []
+        total = len(ds)
+        for i in range(total):
+            if progress and i % 32 == 0:
+                progress(i / max(total, 1), f"Exporting {i}/{total}")
+            name = f"{split}_{i}.png"
+            ds.image(i).save(out_dir / name, format="PNG")
+            row = {"file_name": name}
+            if ds.captions is not None:
+                row["text"] = ds.captions[i]
+            rows.append(row)
+        with open(out_dir / "metadata.jsonl", "w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    except OSError as exc:
+        raise DataError(f"Cannot write the export to {out_dir} ({exc.strerror or exc}).",
+                        "Choose a folder you can write to.") from None
+    if progress:
+        progress(1.0, f"Exported {total} images to {out_dir}")
+    return out_dir
