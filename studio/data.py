@@ -162,7 +162,7 @@ def _decode(data: bytes | Path, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.
         except Image.DecompressionBombError:
             raise _Skip(f"too large: over {_format_pixels(max_pixels)} (possible decompression bomb)") from None
         except (OSError, ValueError, SyntaxError) as exc:
-            raise _Skip(f"corrupt image header ({exc})") from None
+            raise _Skip(f"truncated or corrupt image header ({exc})") from None
         fmt = im.format or "unknown"
         if fmt not in IMAGE_FORMATS:
             raise _Skip(f"format {fmt} is not supported (use PNG, JPEG, WebP, BMP, GIF or TIFF)")
@@ -414,6 +414,7 @@ def _scan_folder(cfg: DataConfig) -> _Scan:
         rel_dir = Path(dirpath).relative_to(root)
         dirnames[:] = sorted(d for d in dirnames if not _is_junk(rel_dir / d))
         files.extend(Path(dirpath) / f for f in sorted(filenames) if not _is_junk(rel_dir / f))
+    files.sort(key=lambda p: p.relative_to(root).as_posix())
     if not files:
         raise DataError(f"The folder {root} is empty.", "Put images (PNG, JPEG, WebP...) in it, or pick another folder.")
     skipped: list[SkippedFile] = []
@@ -835,8 +836,8 @@ def load_tensor_cache(cfg: DataConfig, resolution: int, cache_root: Path, *, cen
                 if progress:
                     progress(1.0, f"Loaded {pixels.shape[0]} cached images")
                 return TensorCache(pixels.contiguous(), meta["captions"], meta["names"], key)
-        except (OSError, ValueError, KeyError, json.JSONDecodeError, RuntimeError):
-            pass  # a damaged cache is rebuilt below
+        except Exception:  # noqa: BLE001 - any damage (truncated file, bad header): rebuild below
+            pass
     ds = _check(cfg, scan, progress)
     pixels = torch.empty((len(ds), 3, resolution, resolution), dtype=torch.uint8)
     for i in range(len(ds)):
