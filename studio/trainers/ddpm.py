@@ -1,0 +1,747 @@
+"""Unconditional DDPM training from scratch: one readable loop, top to bottom.
+
+``train(cfg, events, stop, run)`` trains a diffusers ``UNet2DModel`` with a
+``DDPMScheduler`` through accelerate (one process, or many under ``torchrun`` /
+``accelerate launch``) and writes the run folder (see ``studio.runs``):
+``config.json``, ``events.jsonl``, ``samples/step-N.png`` + ``progress.gif``,
+``checkpoints/``, ``model/`` (a ``DDPMPipeline`` with the EMA weights) and
+``logs/`` (TensorBoard). It reports through ``events`` and listens to ``stop``;
+it knows nothing of threads or the UI.
+
+The loop per optimizer step:
+
+    1. take a batch of cached uint8 images (each process its own shard), flip, scale to [-1, 1]
+    2. draw noise (+ offset noise) and timesteps, ``add_noise``
+    3. predict, MSE against epsilon / v / the clean image, min-SNR weighting
+    4. backward (accumulating micro-batches), clip, AdamW, LR schedule, EMA
+    5. every few steps read the losses back in one host sync, check they are finite, report
+
+Resume is exact: a checkpoint holds the model, EMA, optimizer, LR schedule, grad
+scaler, every RNG (python, numpy, torch, the noise generator of each process) and
+the data sampler's position, so continuing gives the same weights bit for bit as
+never stopping (on CPU, fixed seed). A non-finite loss stops the run before
+anything is saved from the poisoned weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from studio.checkpoints import resolve_resume, save_checkpoint
+from studio.config.train import BF16_CPU_WARNING, TrainConfig, check_precision_for_device
+from studio.errors import CheckpointError, ConfigError, JobError, describe_exception
+from studio.events import Event, EventSink, ignore_events
+from studio.runs import RunDir, list_runs
+from studio.unet_presets import unet_kwargs
+
+TASK = "train"
+#: Smoothing of the reported loss (debiased exponential moving average).
+LOSS_SMOOTHING = 0.98
+
+
+class NonFiniteLossError(JobError):
+    """The loss became NaN or infinite; the run was stopped before saving the bad weights."""
+
+
+# ----------------------------------------------------------------------------- data
+def load_images(cfg: TrainConfig) -> torch.Tensor:
+    """The dataset as a uint8 tensor ``[N, 3, R, R]`` from the decode-once tensor cache."""
+    from studio.data import load_tensor_cache
+
+    cache = load_tensor_cache(cfg.data, cfg.resolution, Path(cfg.workspace).expanduser() / ".cache",
+                              center_crop=cfg.center_crop)
+    return cache.pixels
+
+
+class BatchSampler:
+    """An endless shuffled stream of image indices and flip flags, shared by all processes.
+
+    Every process draws the same global batch of ``batch_size * world`` indices from
+    one seeded generator and keeps its own slice, so the shards differ per process and
+    the stream's state (generator, permutation, position) is the same everywhere:
+    one ``state_dict`` restores it exactly.
+    """
+
+    def __init__(self, num_images: int, batch_size: int, rank: int, world: int, seed: int) -> None:
+        self.n, self.batch_size, self.rank, self.world = num_images, batch_size, rank, world
+        self.generator = torch.Generator().manual_seed(seed)
+        self.perm = torch.randperm(self.n, generator=self.generator)
+        self.pos = 0
+        self.epoch = 0
+        self.last_indices = torch.empty(0, dtype=torch.long)
+
+    def _take(self, k: int) -> torch.Tensor:
+        parts = []
+        while k > 0:
+            if self.pos == self.n:
+                self.perm = torch.randperm(self.n, generator=self.generator)
+                self.pos, self.epoch = 0, self.epoch + 1
+            chunk = self.perm[self.pos:self.pos + k]
+            self.pos += len(chunk)
+            k -= len(chunk)
+            parts.append(chunk)
+        return torch.cat(parts)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's (indices, flip mask) of the next global batch."""
+        total = self.batch_size * self.world
+        indices = self._take(total)
+        flips = torch.rand(total, generator=self.generator) < 0.5
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        self.last_indices = indices[mine]
+        return indices[mine], flips[mine]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "perm": self.perm.clone(), "pos": self.pos,
+                "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self.perm, self.pos, self.epoch = state["perm"].clone(), int(state["pos"]), int(state["epoch"])
+
+
+def get_batch(pixels: torch.Tensor, sampler: BatchSampler, random_flip: bool, device: torch.device) -> torch.Tensor:
+    """Step 1: a float batch in [-1, 1] on ``device``, randomly flipped on tensors (no PIL)."""
+    indices, flips = sampler.next()
+    batch = pixels[indices.to(pixels.device)].to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+    if random_flip:
+        flips = flips.to(device)[:, None, None, None]
+        batch = torch.where(flips, batch.flip(-1), batch)
+    return batch.contiguous()
+
+
+# ----------------------------------------------------------------------------- loss
+def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at ``timesteps`` (as diffusers' compute_snr)."""
+    a = alphas_cumprod.to(timesteps.device)[timesteps].float()
+    return (a.sqrt() / (1.0 - a).sqrt()) ** 2
+
+
+def diffusion_loss(pred: torch.Tensor, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                   noise_scheduler: Any, prediction_type: str, snr_gamma: float) -> torch.Tensor:
+    """Step 3: MSE against the target of ``prediction_type``, optionally min-SNR weighted.
+
+    Min-SNR-gamma (Hang et al. 2023) weights each sample by min(SNR, gamma) divided by
+    SNR (epsilon), SNR + 1 (v-prediction) or 1 (clean-image prediction).
+    """
+    if prediction_type == "epsilon":
+        target = noise
+    elif prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(clean, noise, timesteps)
+    else:
+        target = clean
+    if not snr_gamma:
+        return F.mse_loss(pred.float(), target.float(), reduction="mean")
+    s = snr(noise_scheduler.alphas_cumprod, timesteps)
+    weights = torch.clamp(s, max=snr_gamma)
+    if prediction_type == "epsilon":
+        weights = weights / s
+    elif prediction_type == "v_prediction":
+        weights = weights / (s + 1)
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (per_sample * weights).mean()
+
+
+# ----------------------------------------------------------------------------- helpers
+def _fresh_accelerator(cfg: TrainConfig, device: str):
+    """An Accelerator for this run; in a single process the global accelerate state is reset
+    first, so runs with different settings can follow each other in one app."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=device == "cpu")
+
+
+def _rng_state(noise_gen: torch.Generator) -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+        "noise": noise_gen.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], noise_gen: torch.Generator) -> None:
+    random.setstate(_tuples(state["python"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    noise_gen.set_state(state["noise"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuples(value: Any) -> Any:
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _weights_finite(model: torch.nn.Module) -> bool:
+    norms = torch._foreach_norm([p.detach().float() for p in model.parameters()])
+    return bool(torch.isfinite(torch.stack(norms)).all())
+
+
+def _params_sha(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for p in model.parameters():
+        digest.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _prepare_hook() -> Callable[..., Any] | None:
+    try:
+        from studio.trainers.speed import prepare_unet_for_training
+    except ImportError:
+        return None
+    return prepare_unet_for_training
+
+
+def _grid(images: np.ndarray):
+    """uint8 [N, H, W, 3] -> one PIL image, as square as possible."""
+    from PIL import Image
+
+    n, h, w, _ = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    canvas = np.full((rows * h, cols * w, 3), 255, dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, cols)
+        canvas[r * h:(r + 1) * h, c * w:(c + 1) * w] = img
+    return Image.fromarray(canvas)
+
+
+@torch.no_grad()
+def sample_images(unet: torch.nn.Module, noise_scheduler: Any, cfg: TrainConfig, device: torch.device) -> np.ndarray:
+    """The fixed-seed sample grid's images (uint8 [N, R, R, 3]) with DDIM in ``sample_inference_steps``.
+
+    The initial noise comes from a generator seeded with ``cfg.seed`` every time, so
+    grids at different steps show the same "scene" getting better.
+    """
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(noise_scheduler.config)
+    scheduler.set_timesteps(cfg.sample_inference_steps)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    x = torch.randn((cfg.num_samples, 3, cfg.resolution, cfg.resolution), generator=gen).to(device)
+    was_training = unet.training
+    unet.eval()
+    try:
+        for t in scheduler.timesteps:
+            out = unet(x, t.to(device)).sample
+            x = scheduler.step(out.float(), t, x).prev_sample
+    finally:
+        unet.train(was_training)
+    x = (x / 2 + 0.5).clamp(0, 1)
+    return (x.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+
+
+def write_progress_gif(run: RunDir) -> Path | None:
+    """``samples/progress.gif``: every ``step-N.png`` grid in step order (None when fewer than 2)."""
+    from PIL import Image
+
+    frames = sorted(run.samples_dir.glob("step-*.png"))
+    if len(frames) < 2:
+        return None
+    images = [Image.open(f).convert("RGB") for f in frames]
+    size = images[-1].size
+    images = [im if im.size == size else im.resize(size) for im in images]
+    target = run.samples_dir / "progress.gif"
+    tmp = target.with_suffix(".tmp.gif")
+    durations = [400] * (len(images) - 1) + [1500]
+    images[0].save(tmp, save_all=True, append_images=images[1:], duration=durations, loop=0)
+    os.replace(tmp, target)
+    return target
+
+
+MODEL_CARD = """---
+library_name: diffusers
+pipeline_tag: unconditional-image-generation
+tags:
+- diffusers
+- ddpm
+- unconditional-image-generation
+- diffusion-studio
+---
+
+# {name}
+
+An unconditional DDPM trained from scratch with Diffusion Studio.
+
+| | |
+|---|---|
+| dataset | {dataset} |
+| resolution | {resolution} px |
+| steps | {step} of {total} |
+| batch size | {batch} x {accum} accumulation x {world} process(es) |
+| learning rate | {lr} ({schedule}, {warmup} warm-up steps) |
+| UNet | block_out_channels {channels}, layers_per_block {layers}, {params:,} parameters |
+| noise schedule | {timesteps} timesteps, {beta}, predicts {prediction} |
+| weights | {weights} |
+
+## Use
+
+```python
+from diffusers import DDPMPipeline
+
+pipe = DDPMPipeline.from_pretrained("{path}")
+image = pipe(batch_size=4, num_inference_steps=1000).images[0]
+```
+
+Training configuration: `../config.json`; loss history: `../events.jsonl`.
+"""
+
+
+def export_pipeline(unet: torch.nn.Module, ema: Any, noise_scheduler: Any, run: RunDir, cfg: TrainConfig,
+                    step: int, total: int, world: int) -> Path:
+    """Write ``model/``: a DDPMPipeline with the EMA weights (safetensors) and a model card."""
+    import shutil
+
+    from diffusers import DDPMPipeline, UNet2DModel
+
+    export = UNet2DModel.from_config(unet.config)
+    export.load_state_dict(unet.state_dict())
+    if ema is not None:
+        ema.copy_to(export.parameters())
+    pipe = DDPMPipeline(unet=export, scheduler=noise_scheduler)
+    tmp = run.root / ".model-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    (tmp / "README.md").write_text(MODEL_CARD.format(
+        name=run.name, dataset=cfg.data.label, resolution=cfg.resolution, step=step, total=total,
+        batch=cfg.train_batch_size, accum=cfg.gradient_accumulation_steps, world=world, lr=cfg.learning_rate,
+        schedule=cfg.lr_scheduler, warmup=cfg.lr_warmup_steps, channels=tuple(cfg.block_out_channels),
+        layers=cfg.layers_per_block, params=sum(p.numel() for p in export.parameters()),
+        timesteps=cfg.num_train_timesteps, beta=cfg.beta_schedule, prediction=cfg.prediction_type,
+        weights="EMA" if ema is not None else "final", path=str(run.model_dir)), encoding="utf-8")
+    old = run.root / ".model-old"
+    shutil.rmtree(old, ignore_errors=True)
+    if run.model_dir.exists():
+        os.replace(run.model_dir, old)
+    os.replace(tmp, run.model_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return run.model_dir
+
+
+def total_steps(cfg: TrainConfig, num_images: int, world: int = 1) -> int:
+    """Optimizer steps of the run: ``max_train_steps``, or ``num_epochs`` passes over the data."""
+    if cfg.max_train_steps > 0:
+        return cfg.max_train_steps
+    per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps * world
+    return cfg.num_epochs * max(1, math.ceil(num_images / per_step))
+
+
+def find_resume_run(cfg: TrainConfig) -> RunDir:
+    """The run folder a ``resume`` request refers to.
+
+    A checkpoint path names its run (``<run>/checkpoints/step-N``); "latest" uses the
+    run named ``run_name``, or the newest train run of the workspace.
+
+    Raises:
+        CheckpointError: when there is no such run.
+    """
+    if cfg.resume != "latest":
+        path = Path(cfg.resume).expanduser()
+        if not path.exists():
+            raise CheckpointError(f"Checkpoint not found: {path}.", "Check the path, or use 'latest'.")
+        return RunDir(path.resolve().parent.parent)
+    if cfg.run_name:
+        if not cfg.run_root.is_dir():
+            raise CheckpointError(f"No run named {cfg.run_name!r} in {cfg.workspace} to resume.",
+                                  "Check run_name, or leave it empty to resume the newest run.")
+        return RunDir(cfg.run_root)
+    runs = [r for r in list_runs(cfg.workspace) if r.task == TASK]
+    if not runs:
+        raise CheckpointError(f"No training run in {cfg.workspace} to resume.", "Start a new run first.")
+    return RunDir(runs[0].path)
+
+
+class _Reporter:
+    """Sends events to the sink and ``events.jsonl`` (main process only) and TensorBoard."""
+
+    def __init__(self, sink: EventSink, run: RunDir | None, total: int) -> None:
+        self.sink, self.run, self.total, self.writer = sink, run, total, None
+
+    def open_tensorboard(self) -> None:
+        if self.run is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(self.run.logs_dir))
+
+    def __call__(self, kind: str, step: int = 0, **fields: Any) -> None:
+        if self.run is None:
+            return
+        event = Event(kind, step=step, total=self.total, **fields)
+        self.run.append_event(event)
+        if self.writer is not None and kind == "step":
+            self.writer.add_scalar("train/loss", event.loss, step)
+            self.writer.add_scalar("train/smoothed_loss", event.smoothed_loss, step)
+            self.writer.add_scalar("train/lr", event.lr, step)
+        self.sink(event)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+# ----------------------------------------------------------------------------- the trainer
+def train(cfg: TrainConfig, events: EventSink = ignore_events, stop: threading.Event | None = None,
+          run: RunDir | None = None) -> RunDir:
+    """Train an unconditional DDPM as ``cfg`` says, reporting to ``events`` until done or ``stop``.
+
+    Args:
+        cfg: The run's settings.
+        events: Receives every event (main process only).
+        stop: Set it to end training after the current step (a checkpoint is saved).
+        run: The run folder to use (the UI makes it first); None creates one, or finds
+            the run being resumed.
+
+    Returns:
+        The run folder.
+
+    Raises:
+        StudioError: bad settings, unreadable data, an unusable checkpoint, a non-finite loss.
+    """
+    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    stop = stop or threading.Event()
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        device_name = "cpu" if cfg.device == "cpu" else "auto"
+    else:
+        from studio.devices import resolve_device
+
+        device_name = resolve_device(cfg.device)
+    check_precision_for_device(cfg.mixed_precision, device_name)
+    accelerator = _fresh_accelerator(cfg, device_name)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    is_main = accelerator.is_main_process
+
+    # -- run folder (created by the main process; the others learn its path) -----------
+    warnings: list[str] = []
+    resume_from: Path | None = None
+    if is_main:
+        if run is None:
+            run = find_resume_run(cfg) if cfg.resume else RunDir.create(cfg.workspace, TASK, cfg.run_name)
+        if cfg.resume:
+            resume_from = resolve_resume(cfg.resume, run.checkpoints_dir, warn=warnings.append)
+    if distributed:
+        from accelerate.utils import broadcast_object_list
+
+        shared = [str(run.root) if run else None, str(resume_from) if resume_from else None]
+        broadcast_object_list(shared)
+        run = RunDir(shared[0])
+        resume_from = Path(shared[1]) if shared[1] else None
+    report = _Reporter(events, run if is_main else None, cfg.max_train_steps)
+    try:
+        return _train(cfg, report, stop, run, accelerator, resume_from, warnings,
+                      DDPMScheduler, UNet2DModel, get_scheduler, EMAModel, device, rank, world, is_main)
+    except BaseException as exc:
+        report("failed", message=describe_exception(exc))
+        raise
+    finally:
+        report.close()
+
+
+def _train(cfg, report, stop, run, accelerator, resume_from, warnings, DDPMScheduler, UNet2DModel, get_scheduler,
+           EMAModel, device, rank, world, is_main) -> RunDir:
+    for text in warnings:
+        report("warning", message=text)
+    if cfg.mixed_precision == "bf16" and device.type == "cpu":
+        report("warning", message=BF16_CPU_WARNING)
+    run_cfg = dataclasses.replace(cfg, workspace=str(run.root.parent), run_name=run.name, resume="")
+    if is_main:
+        run.write_config(TASK, run_cfg.to_dict())
+        report.open_tensorboard()
+
+    # -- data ----------------------------------------------------------------------------
+    report("status", message=f"loading {cfg.data.label} at {cfg.resolution} px")
+    pixels = load_images(cfg)
+    if pixels.dtype != torch.uint8 or pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, cfg.resolution, cfg.resolution):
+        raise ConfigError(f"The image cache has shape {tuple(pixels.shape)} {pixels.dtype}; "
+                          f"expected uint8 [N, 3, {cfg.resolution}, {cfg.resolution}].")
+    if len(pixels) == 0:
+        raise ConfigError("The dataset has no images.", "Pick another dataset in the Dataset tab.")
+    if pixels.numel() < 2 * 1024 ** 3:  # small enough: keep it on the device, index there
+        pixels = pixels.to(device)
+    total = total_steps(cfg, len(pixels), world)
+    report.total = total
+
+    # -- model, noise schedule, optimizer, LR schedule, EMA ------------------------------------
+    report("status", message="building the model")
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    model = UNet2DModel(**unet_kwargs(cfg.resolution, cfg.block_out_channels, cfg.layers_per_block,
+                                      cfg.down_block_types, cfg.up_block_types))
+    hook = _prepare_hook()
+    if hook is not None:
+        model = hook(model, cfg) or model
+    noise_scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
+                                    prediction_type=cfg.prediction_type)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                 num_training_steps=total)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unet = accelerator.unwrap_model(model)
+    ema = None
+    if cfg.use_ema:
+        ema = EMAModel(unet.parameters(), decay=cfg.ema_max_decay, use_ema_warmup=True, inv_gamma=cfg.ema_inv_gamma,
+                       power=cfg.ema_power, update_after_step=cfg.ema_update_after_step, foreach=True,
+                       model_cls=UNet2DModel, model_config=unet.config)
+    noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
+    sampler = BatchSampler(len(pixels), cfg.train_batch_size, rank, world, cfg.seed)
+    noise_gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank + 1)
+    first_indices: list[int] = []
+
+    # -- resume ------------------------------------------------------------------------------
+    step, smoothed, debias = 0, 0.0, 0.0
+    if resume_from is not None:
+        report("status", message=f"resuming from {resume_from.name}")
+        step, smoothed, debias = _load_checkpoint(resume_from, unet, ema, optimizer, lr_scheduler, accelerator,
+                                                  sampler, noise_gen, rank, device)
+        report("warning" if step >= total else "status",
+               message=(f"Checkpoint {resume_from.name} is already at step {step} of {total}: nothing left to train."
+                        if step >= total else f"resumed at step {step} of {total}"))
+
+    def save(step: int) -> Path:
+        """Checkpoint (all processes take part: the RNG states of every process are gathered)."""
+        if not _weights_finite(unet):
+            raise NonFiniteLossError(f"The weights became non-finite before step {step}; nothing was saved.",
+                                     "Lower the learning rate or enable gradient clipping.")
+        rng = [_rng_state(noise_gen)]
+        if world > 1:
+            from accelerate.utils import gather_object
+
+            rng = gather_object(rng)
+        path = None
+        if is_main:
+            state = {"step": step, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+                     "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                     "ema": ema.state_dict() if ema is not None else None, "rng": rng,
+                     "sampler": sampler.state_dict(), "smoothed_loss": [smoothed, debias]}
+
+            def write(folder: Path) -> None:
+                from safetensors.torch import save_file
+
+                save_file({k: v.detach().contiguous() for k, v in unet.state_dict().items()},
+                          str(folder / "unet.safetensors"))
+                torch.save(state, folder / "training_state.pt")
+                (folder / "trainer_state.json").write_text(json.dumps(
+                    {"step": step, "total": total, "world_size": world, "epoch": sampler.epoch,
+                     "config": run_cfg.to_dict()}, indent=1), encoding="utf-8")
+
+            path = save_checkpoint(run.checkpoints_dir, step, write, keep=cfg.checkpoints_total_limit)
+            report("checkpoint", step, path=str(path), message=f"checkpoint at step {step}")
+        accelerator.wait_for_everyone()
+        return path or run.checkpoints_dir
+
+    def draw_samples(step: int) -> None:
+        if is_main:
+            report("status", step, message=f"sampling at step {step}")
+            if ema is not None:
+                ema.store(unet.parameters())
+                ema.copy_to(unet.parameters())
+            try:
+                images = sample_images(unet, noise_scheduler, cfg, device)
+            finally:
+                if ema is not None:
+                    ema.restore(unet.parameters())
+            path = run.sample_path(step)
+            _grid(images).save(path)
+            report("samples", step, path=str(path), message=f"samples at step {step}")
+        accelerator.wait_for_everyone()
+
+    def finish(kind: str, step: int, checkpoint: Path | None) -> RunDir:
+        model_path = None
+        if is_main:
+            report("status", step, message="exporting the model")
+            model_path = export_pipeline(unet, ema, noise_scheduler, run, run_cfg, step, total, world)
+            write_progress_gif(run)
+        _write_ranks_report(run, rank, world, unet, first_indices, accelerator, is_main)
+        if kind == "finished":
+            report("finished", step, path=str(model_path), message=f"finished {step} steps; model in {model_path}")
+        else:
+            report("stopped", step, path=str(checkpoint),
+                   message=f"stopped at step {step}; resume from {checkpoint}")
+        accelerator.wait_for_everyone()
+        return run
+
+    # -- the loop ------------------------------------------------------------------------------
+    log_every = 1 if device.type == "cpu" else 10  # host syncs: every step is free on CPU, not on a GPU
+    accum = cfg.gradient_accumulation_steps
+    if resume_from is None:
+        draw_samples(0)
+    report("status", step, message="training")
+    pending: list[tuple[int, float, torch.Tensor]] = []
+    window_start, window_steps = time.perf_counter(), 0
+    sec_per_step: float | None = None
+    last_saved = step if resume_from is not None else -1
+    checkpoint_path: Path | None = resume_from
+    model.train()
+
+    def flush() -> None:
+        """Step 5: one host sync for all pending losses; non-finite loss ends the run here."""
+        nonlocal pending, smoothed, debias, window_start, window_steps, sec_per_step
+        if not pending:
+            return
+        losses = torch.stack([loss for _, _, loss in pending])
+        if world > 1:
+            losses = accelerator.reduce(losses, "mean")
+        values = losses.tolist()
+        now = time.perf_counter()
+        elapsed = now - window_start
+        rate = window_steps * cfg.train_batch_size * accum * world / elapsed if elapsed > 0 else None
+        if window_steps and elapsed > 0:
+            sec = elapsed / window_steps
+            sec_per_step = sec if sec_per_step is None else 0.8 * sec_per_step + 0.2 * sec
+        for (s, lr, _), value in zip(pending, values):
+            if not math.isfinite(value):
+                pending = []
+                raise NonFiniteLossError(
+                    f"The loss became {value} at step {s}; training stopped and nothing from this step on "
+                    "was saved" + (f" (last good checkpoint: {checkpoint_path.name})." if checkpoint_path else "."),
+                    "Lower the learning rate, keep gradient clipping on, or use fp32 (mixed_precision 'no').")
+            smoothed = LOSS_SMOOTHING * smoothed + (1 - LOSS_SMOOTHING) * value
+            debias = LOSS_SMOOTHING * debias + (1 - LOSS_SMOOTHING)
+            eta = (total - s) * sec_per_step if sec_per_step is not None else None
+            report("step", s, loss=value, smoothed_loss=smoothed / debias, lr=lr, images_per_s=rate, eta_s=eta)
+        pending = []
+        window_start, window_steps = now, 0
+
+    while step < total:
+        should_stop = stop.is_set()
+        if world > 1:  # every process must agree to stop at the same step
+            flag = accelerator.reduce(torch.tensor([float(should_stop)], device=device), "sum")
+            should_stop = bool(flag.item() > 0)
+        if should_stop:
+            break
+        lr = lr_scheduler.get_last_lr()[0]
+        step_loss = torch.zeros((), device=device)
+        for micro in range(accum):
+            # 1. a batch of images
+            clean = get_batch(pixels, sampler, cfg.random_flip, device)
+            if not first_indices:
+                first_indices = sampler.last_indices.tolist()
+            # 2. noise, timesteps, noisy images
+            noise = torch.randn(clean.shape, generator=noise_gen, device=device)
+            if cfg.noise_offset:
+                noise = noise + cfg.noise_offset * torch.randn((clean.shape[0], clean.shape[1], 1, 1),
+                                                               generator=noise_gen, device=device)
+            timesteps = torch.randint(0, cfg.num_train_timesteps, (clean.shape[0],), generator=noise_gen,
+                                      device=device)
+            noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+            # 3. predict and compare; 4. backward (gradients are synchronised on the last micro-batch)
+            sync = accelerator.no_sync(model) if micro < accum - 1 else contextlib.nullcontext()
+            with sync:
+                with accelerator.autocast():
+                    pred = model(noisy, timesteps).sample
+                loss = diffusion_loss(pred, clean, noise, timesteps, noise_scheduler, cfg.prediction_type,
+                                      cfg.snr_gamma)
+                accelerator.backward(loss / accum)
+            step_loss += loss.detach() / accum
+        if cfg.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        if not getattr(optimizer, "step_was_skipped", False):
+            lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.step(unet.parameters())
+        step += 1
+        window_steps += 1
+        pending.append((step, lr, step_loss))
+
+        save_due = cfg.save_every and step % cfg.save_every == 0 and step < total
+        sample_due = cfg.sample_every and step % cfg.sample_every == 0 and step < total
+        if step % log_every == 0 or step == total or save_due or sample_due or stop.is_set():
+            flush()
+        if save_due:
+            checkpoint_path, last_saved = save(step), step
+        if sample_due:
+            draw_samples(step)
+            window_start, window_steps = time.perf_counter(), 0
+
+    flush()
+    if step >= total:
+        if last_saved != step:
+            checkpoint_path = save(step)
+        draw_samples(step)
+        return finish("finished", step, checkpoint_path)
+    if last_saved != step:
+        checkpoint_path = save(step)
+    return finish("stopped", step, checkpoint_path)
+
+
+def _load_checkpoint(folder: Path, unet, ema, optimizer, lr_scheduler, accelerator, sampler: BatchSampler,
+                     noise_gen: torch.Generator, rank: int, device: torch.device) -> tuple[int, float, float]:
+    """Restore everything a checkpoint holds; returns (step, smoothed loss, debias)."""
+    from safetensors.torch import load_file
+
+    try:
+        weights = load_file(str(folder / "unet.safetensors"), device=str(device))
+        missing, unexpected = unet.load_state_dict(weights, strict=False)
+        if missing or unexpected:
+            raise CheckpointError(
+                f"Checkpoint {folder} holds a different UNet architecture than this config "
+                f"({len(missing)} missing, {len(unexpected)} unexpected weights).",
+                "Resume with the run's own config.json, or start a new run.")
+        state = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=True)
+    except RuntimeError as exc:  # shape mismatch from load_state_dict, damaged pickle
+        raise CheckpointError(f"Checkpoint {folder} does not fit this model: {str(exc).splitlines()[0]}",
+                              "Resume with the run's own config.json, or start a new run.") from None
+    optimizer.load_state_dict(state["optimizer"])
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if state.get("scaler") is not None and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(state["scaler"])
+    if ema is not None:
+        if state.get("ema") is None:
+            raise CheckpointError(f"Checkpoint {folder} has no EMA weights but use_ema is on.",
+                                  "Resume with the run's own config.json.")
+        ema.load_state_dict(state["ema"])
+        ema.to(device)
+    sampler.load_state_dict(state["sampler"])
+    rngs = state["rng"]
+    if rank >= len(rngs):
+        raise CheckpointError(f"Checkpoint {folder} was saved by {len(rngs)} process(es); "
+                              f"this run has more.", "Resume with the same number of processes.")
+    _set_rng_state(rngs[rank], noise_gen)
+    smoothed, debias = state.get("smoothed_loss", [0.0, 0.0])
+    return int(state["step"]), float(smoothed), float(debias)
+
+
+def _write_ranks_report(run: RunDir, rank: int, world: int, unet, first_indices: list[int], accelerator,
+                        is_main: bool) -> None:
+    """``logs/processes.json``: per process, its rank, a checksum of its final weights and the
+    images of its first batch (shows data-parallel runs stayed in sync on different shards)."""
+    entry = {"rank": rank, "world_size": world, "weights_sha256": _params_sha(unet),
+             "device": str(accelerator.device), "first_batch": first_indices}
+    entries = [entry]
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        entries = gather_object(entries)
+    if is_main:
+        (run.logs_dir / "processes.json").write_text(json.dumps(entries, indent=1) + "\n", encoding="utf-8")
