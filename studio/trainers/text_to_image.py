@@ -1,0 +1,879 @@
+"""Fine-tune Stable Diffusion on image+caption pairs: LoRA, full UNet, DreamBooth.
+
+The loop is diffusers' ``train_text_to_image(_lora).py`` / ``train_dreambooth(_lora).py``
+made into one readable function: VAE and text encoder frozen, latents =
+``vae.encode(pixels) * scaling_factor``, noise, timesteps, text embeddings as
+``encoder_hidden_states``, MSE on the UNet's prediction (optionally min-SNR weighted),
+plus DreamBooth's prior-preservation loss on class images made by the base model.
+
+What differs from the scripts is the work it avoids: images and captions are encoded
+once before training (``studio.latent_cache``) and the VAE and text encoder leave the
+device; the step does no host sync beyond reading the loss once. Random crops and
+text-encoder training make a cache impossible; then the trainer says so and encodes
+per step like the scripts.
+
+Everything lands in the run folder: ``config.json``, ``events.jsonl``, validation
+images in ``samples/`` (step 0 is the untouched base model), atomic checkpoints,
+``lora/`` (diffusers ``pytorch_lora_weights.safetensors`` + a kohya/A1111 file) or
+``model/`` (a diffusers pipeline), each with a model card ``README.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from studio.checkpoints import resolve_resume, save_checkpoint
+from studio.config.finetune import METHOD_HELP, TEXT_ENCODER_LORA_TARGETS, FinetuneConfig
+from studio.errors import DataError, ModelError, StudioError, describe_exception
+from studio.events import Event, EventSink
+from studio.runs import RunDir
+
+TASK = "finetune"
+#: Gradient clipping norm (diffusers' scripts default ``max_grad_norm=1.0``).
+MAX_GRAD_NORM = 1.0
+#: Smoothing of the reported loss curve.
+LOSS_SMOOTHING = 0.9
+
+
+# --------------------------------------------------------------------------- helpers
+def open_run(cfg: FinetuneConfig, run: RunDir | None = None) -> RunDir:
+    """The run folder to train in: the one given, the one being resumed, or a new one.
+
+    Raises:
+        ConfigError: a new run whose name is taken.
+    """
+    if run is not None:
+        run.root.mkdir(parents=True, exist_ok=True)
+        for sub in (run.samples_dir, run.checkpoints_dir, run.logs_dir):
+            sub.mkdir(exist_ok=True)
+        return run
+    resume = (cfg.resume or "").strip()
+    if resume and resume != "latest":  # a checkpoint folder: its run is two levels up
+        return RunDir(Path(resume).expanduser().resolve().parent.parent)
+    if resume == "latest" and cfg.run_name and (Path(cfg.workspace) / cfg.run_name).is_dir():
+        return RunDir(Path(cfg.workspace) / cfg.run_name)
+    return RunDir.create(cfg.workspace, TASK, cfg.run_name)
+
+
+def load_base_pipeline(reference: str, device: str):
+    """Load the base Stable Diffusion pipeline (fp32 on CPU) through the studio's model loader.
+
+    Raises:
+        ModelError: when the reference cannot be loaded, is not a Stable Diffusion
+            pipeline, or is SDXL (not covered by this trainer).
+    """
+    try:
+        from studio.models import load_pipeline
+    except ImportError:  # the Generate engineer's loader is not in this tree yet
+        load_pipeline = None
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
+    if load_pipeline is not None:
+        pipe = load_pipeline(reference, "cpu", dtype=torch.float32, offline=offline)
+    else:
+        from diffusers import StableDiffusionPipeline
+
+        path = Path(reference).expanduser()
+        if (path / "model" / "model_index.json").is_file():
+            path = path / "model"
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                str(path) if path.exists() else reference, use_safetensors=True,
+                local_files_only=offline or path.exists(), safety_checker=None, requires_safety_checker=False)
+        except Exception as exc:  # diffusers raises many kinds; say what to do instead
+            raise ModelError(f"Could not load the base model {reference!r}: {describe_exception(exc)}",
+                             "Give a Stable Diffusion diffusers folder, a run with a model/, or a cached Hub id.") from exc
+    return check_sd_pipeline(pipe, reference)
+
+
+def check_sd_pipeline(pipe: Any, reference: str) -> Any:
+    """Return ``pipe`` if it is an SD 1.x/2.x pipeline, else raise ``ModelError`` saying why."""
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        raise ModelError(f"{reference} is an SDXL pipeline; this fine-tuner covers SD 1.x and 2.x only.",
+                         "Pick an SD 1.5 or SD 2.x base model.")
+    missing = [name for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+               if getattr(pipe, name, None) is None]
+    if missing or type(getattr(pipe, "unet", None)).__name__ != "UNet2DConditionModel":
+        raise ModelError(f"{reference} is not a Stable Diffusion text-to-image pipeline "
+                         f"({type(pipe).__name__}{', missing ' + ', '.join(missing) if missing else ''}).",
+                         "Fine-tuning needs a UNet2DConditionModel, a VAE, a text encoder and a tokenizer.")
+    return pipe
+
+
+def image_prompts(cfg: FinetuneConfig, captions: list[str] | None, count: int) -> list[str]:
+    """The prompt of each training image: the instance prompt (DreamBooth) or its caption.
+
+    Raises:
+        DataError: when an image has neither a caption nor an instance prompt to fall back on.
+    """
+    instance = cfg.instance_prompt.strip()
+    if cfg.is_dreambooth:
+        return [instance] * count
+    caps = [(c or "").strip() for c in (captions or [""] * count)]
+    missing = sum(1 for c in caps if not c)
+    if missing and not instance:
+        raise DataError(f"{missing} of {count} images have no caption and no instance prompt is set.",
+                        "Add captions (metadata.jsonl or a .txt beside each image), or set an instance prompt.")
+    return [c or instance for c in caps]
+
+
+def _batch_indices(micro: int, batch: int, count: int, seed: int, rank: int, world: int,
+                   perms: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Images of micro-batch ``micro``: walk a seeded permutation per epoch (no state to save)."""
+    out = []
+    for j in range(batch):
+        position = (micro * world + rank) * batch + j
+        epoch, offset = divmod(position, count)
+        if epoch not in perms:
+            perms.clear()  # only the current epoch is ever needed again
+            perms[epoch] = torch.randperm(count, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.append(int(perms[epoch][offset]))
+    return torch.tensor(out, dtype=torch.long)
+
+
+def _random_crop(image, resolution: int, gen: torch.Generator, flip: bool) -> torch.Tensor:
+    """Shorter side to ``resolution``, a random square crop, an optional mirror -> [3, R, R] in [-1, 1]."""
+    import numpy as np
+    from PIL import Image
+
+    w, h = image.size
+    scale = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    image = image.resize((nw, nh), Image.Resampling.LANCZOS)
+    left = int(torch.randint(0, nw - resolution + 1, (1,), generator=gen))
+    top = int(torch.randint(0, nh - resolution + 1, (1,), generator=gen))
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if flip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+    return array.float() / 127.5 - 1.0
+
+
+def out_of_memory_error(cfg: FinetuneConfig, exc: BaseException) -> StudioError:
+    """Turn an out-of-memory error into advice that fits this config."""
+    tips = []
+    if not cfg.is_lora:
+        tips.append("use LoRA instead of a full fine-tune")
+    if not cfg.gradient_checkpointing:
+        tips.append("turn on gradient checkpointing")
+    if cfg.train_batch_size > 1:
+        tips.append("use a smaller batch (raise gradient accumulation to keep the effective batch)")
+    if cfg.resolution > 256:
+        tips.append(f"lower the resolution (now {cfg.resolution})")
+    if cfg.train_text_encoder:
+        tips.append("stop training the text encoder")
+    advice = "; ".join(tips) or "use a smaller base model or a machine with more memory"
+    return StudioError("Out of memory while fine-tuning.", f"Try: {advice}.")
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+class _Reporter:
+    """Sends events to the sink and, on the main process, to ``events.jsonl``."""
+
+    def __init__(self, events: EventSink, run: RunDir, total: int, main: bool) -> None:
+        self.events, self.run, self.total, self.main = events, run, total, main
+
+    def __call__(self, kind: str, **fields: Any) -> None:
+        event = Event(kind, total=self.total, **fields)
+        if self.main:
+            self.run.append_event(event)
+            self.events(event)
+
+
+# --------------------------------------------------------------------------- entry point
+def train(cfg: FinetuneConfig, events: EventSink, stop: threading.Event, run: RunDir | None = None) -> RunDir:
+    """Fine-tune ``cfg.pretrained_model_name_or_path`` and export LoRA weights or a pipeline.
+
+    Args:
+        cfg: The validated fine-tune settings.
+        events: Receives status, step, samples, checkpoint and final events.
+        stop: Checked after every step; when set, a checkpoint is saved and the run stops.
+        run: The run folder (a new one is made when None; the resumed one for ``resume``).
+
+    Returns:
+        The run folder.
+
+    Raises:
+        StudioError: a problem a person can fix (data, model, memory, non-finite loss).
+    """
+    run = open_run(cfg, run)
+    report = _Reporter(events, run, cfg.max_train_steps, main=True)
+    try:
+        _Trainer(cfg, report, stop, run).fit()
+    except BaseException as exc:
+        error = out_of_memory_error(cfg, exc) if _is_oom(exc) else exc
+        report("failed", message=describe_exception(error))
+        try:
+            import traceback
+
+            run.logs_dir.mkdir(parents=True, exist_ok=True)
+            (run.logs_dir / "error.txt").write_text("".join(traceback.format_exception(exc)), encoding="utf-8")
+        except OSError:
+            pass
+        if error is exc:
+            raise
+        raise error from exc
+    return run
+
+
+class _Trainer:
+    """One fine-tune: set up once, then ``fit`` runs the loop. Read top to bottom."""
+
+    def __init__(self, cfg: FinetuneConfig, report: _Reporter, stop: threading.Event, run: RunDir) -> None:
+        self.cfg, self.report, self.stop, self.run = cfg, report, stop, run
+
+    # ---------------------------------------------------------------- setup
+    def fit(self) -> None:
+        from accelerate import Accelerator
+
+        from studio.devices import resolve_device
+
+        cfg, report = self.cfg, self.report
+        device = resolve_device(cfg.device)
+        on_cpu = device == "cpu"
+        mixed = "no" if on_cpu else cfg.mixed_precision
+        if on_cpu and cfg.mixed_precision != "no":
+            report("warning", message=f"Mixed precision {cfg.mixed_precision} is off on CPU (fp32 is faster here).")
+        self.accelerator = acc = Accelerator(cpu=on_cpu, mixed_precision=mixed)
+        self.device = acc.device
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
+        report.main = acc.is_main_process
+        if acc.num_processes > 1 and not cfg.run_name:
+            raise StudioError("Training on several processes needs a run name so they share one run folder.",
+                              "Set run_name in the config.")
+
+        # 1. resume point (before anything slow, so a bad path fails fast)
+        self.checkpoint = resolve_resume(cfg.resume, self.run.checkpoints_dir,
+                                         warn=lambda m: report("warning", message=m))
+        if acc.is_main_process:
+            self.run.write_config(TASK, cfg.to_dict())
+        self.seed_all(cfg.seed)
+
+        # 2. the base model
+        report("status", message=f"loading base model {cfg.pretrained_model_name_or_path}")
+        pipe = load_base_pipeline(cfg.pretrained_model_name_or_path, device)
+        from diffusers import DDPMScheduler
+
+        self.pipe = pipe
+        self.unet, self.vae, self.text_encoder, self.tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+        sched_config = dict(pipe.scheduler.config)
+        if cfg.prediction_type:
+            sched_config["prediction_type"] = cfg.prediction_type
+        self.noise_scheduler = DDPMScheduler.from_config(sched_config)
+        self.prediction_type = self.noise_scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ModelError(f"The base scheduler predicts {self.prediction_type!r}; fine-tuning supports "
+                             "epsilon and v_prediction.", "Set prediction_type explicitly.")
+        for module in (self.vae, self.text_encoder, self.unet):
+            module.requires_grad_(False)
+        for module in (self.vae, self.text_encoder):
+            _to(module, self.device, self.weight_dtype)
+
+        # 3. the data: one prompt per image
+        self.load_data()
+        self.prompts_for_validation = list(cfg.validation_prompts) or [cfg.trigger_words or self.prompts[0]]
+
+        # 4. DreamBooth class images, made by the untouched base model
+        self.class_pixels = None
+        if cfg.with_prior_preservation:
+            self.class_pixels = self.make_class_images()
+        if self.stop.is_set():
+            report("stopped", message="stopped before training started")
+            return
+
+        # 5. what trains: LoRA adapters or the whole UNet
+        self.add_trainables()
+
+        # 6. encode once (or say why not) and free the frozen modules
+        self.encode_once()
+
+        # 7. optimizer, schedule, EMA, accelerate
+        self.make_optimizer()
+        self.start_step = 0
+        if self.checkpoint is not None:
+            self.load_checkpoint(self.checkpoint)
+            report("status", step=self.start_step,
+                   message=f"resumed from {self.checkpoint.name} (step {self.start_step})")
+        self.loop()
+
+    def seed_all(self, seed: int) -> None:
+        """Seed python, torch and the two step generators (data order and noise)."""
+        rank = self.accelerator.process_index
+        random.seed(seed)
+        torch.manual_seed(seed)
+        self.data_gen = torch.Generator().manual_seed(seed + 1_000 * rank)
+        self.noise_gen = torch.Generator(device=self.device).manual_seed(seed + 1_000 * rank + 1)
+
+    def load_data(self) -> None:
+        """Read the dataset as uint8 tensors (center crop) or as PIL images (random crop)."""
+        from studio import data as studio_data
+
+        cfg = self.cfg
+        self.report("status", message=f"loading dataset {cfg.data.label}")
+        cache_root = Path(cfg.workspace) / ".cache"
+        self.images = None
+        if cfg.center_crop:
+            cache = studio_data.load_tensor_cache(cfg.data, cfg.resolution, cache_root, center_crop=True)
+            self.pixels, captions, self.data_key = cache.pixels, cache.captions, cache.key
+        else:
+            dataset = studio_data.load_image_dataset(cfg.data)
+            self.images = [dataset.image(i) for i in range(len(dataset))]
+            self.pixels, captions, self.data_key = None, dataset.captions, dataset.fingerprint
+        count = len(self.images) if self.images is not None else int(self.pixels.shape[0])
+        if count == 0:
+            raise DataError("The dataset has no usable images.", "Pick another dataset in the Dataset tab.")
+        self.prompts = image_prompts(cfg, captions, count)
+        self.count = count
+
+    @torch.no_grad()
+    def make_class_images(self) -> torch.Tensor:
+        """Generate (or reuse) ``num_class_images`` images of ``class_prompt`` under the run."""
+        import numpy as np
+        from PIL import Image
+
+        cfg = self.cfg
+        folder = self.run.root / "class_images"
+        folder.mkdir(exist_ok=True)
+        paths = [folder / f"{i:04d}.png" for i in range(cfg.num_class_images)]
+        todo = [i for i, p in enumerate(paths) if not p.is_file()]
+        if todo:
+            self.report("status", message=f"generating {len(todo)} class images of '{cfg.class_prompt}'")
+            self.pipe.unet.to(self.device)
+            self.pipe.set_progress_bar_config(disable=True)
+            for i in todo:
+                if self.stop.is_set():
+                    break
+                gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 10_000 + i)
+                image = self.pipe(cfg.class_prompt, height=cfg.resolution, width=cfg.resolution,
+                                  num_inference_steps=cfg.num_inference_steps, generator=gen).images[0]
+                image.save(paths[i])
+        arrays = [np.asarray(Image.open(p).convert("RGB"), dtype=np.uint8) for p in paths if p.is_file()]
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+    def add_trainables(self) -> None:
+        """Add LoRA adapters (peft) or unfreeze the UNet; optionally LoRA on the text encoder."""
+        cfg = self.cfg
+        unet = self.unet
+        self.text_encoder_trains = cfg.train_text_encoder
+        if cfg.is_lora:
+            from peft import LoraConfig
+
+            _to(unet, self.device, self.weight_dtype)
+            unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout,
+                                        init_lora_weights="gaussian", target_modules=list(cfg.lora_target_modules)))
+            if cfg.train_text_encoder:
+                from peft import LoraConfig, inject_adapter_in_model
+
+                te_config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout,
+                                       init_lora_weights="gaussian", target_modules=list(TEXT_ENCODER_LORA_TARGETS))
+                # transformers' own add_adapter demands a newer peft; peft's injector is what it calls
+                inject_adapter_in_model(te_config, self.text_encoder, adapter_name="default")
+                self.text_encoder.peft_config = {"default": te_config}
+                self.text_encoder.to(self.device)
+            # trainable LoRA weights stay in fp32 even when the frozen base is fp16/bf16
+            for module in (unet, self.text_encoder):
+                for p in module.parameters():
+                    if p.requires_grad:
+                        p.data = p.data.float()
+        else:
+            _to(unet, self.device, torch.float32)
+            unet.requires_grad_(True)
+        if cfg.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+            if self.text_encoder_trains:
+                self.text_encoder.gradient_checkpointing_enable()
+        unet.train()
+        if self.text_encoder_trains:
+            self.text_encoder.train()
+
+    def encode_once(self) -> None:
+        """Cache latents and text embeddings (or explain the fallback), then free the VAE/text encoder."""
+        from studio.latent_cache import build_latent_cache, build_text_cache, free_module, tokenize
+
+        cfg, report = self.cfg, self.report
+        cache_root = Path(cfg.workspace) / ".cache" / "finetune"
+        extra = [cfg.class_prompt.strip()] if self.class_pixels is not None else []
+        self.latents = self.class_latents = self.text = None
+        self.cache_images = cfg.cache_latents and self.images is None
+        self.cache_text = cfg.cache_latents and not self.text_encoder_trains
+        if cfg.cache_latents and not self.cache_images:
+            report("warning", message="Random crop changes every step, so image latents cannot be cached: "
+                                      "the VAE encodes every step (turn on center crop to cache them).")
+        if cfg.cache_latents and not self.cache_text:
+            report("warning", message="The text encoder is training, so text embeddings cannot be cached: "
+                                      "captions are encoded every step.")
+        if self.cache_images:
+            report("status", message=f"caching latents of {self.count} images")
+            self.latents = build_latent_cache(
+                self.vae, self.pixels, data_key=self.data_key, resolution=cfg.resolution,
+                random_flip=cfg.random_flip, cache_root=cache_root, device=self.device, dtype=self.weight_dtype,
+                progress=lambda done, total: report("status", message=f"caching latents {done}/{total}"))
+            if self.latents.hit:
+                report("status", message="latents loaded from cache (no VAE encode)")
+        if self.class_pixels is not None and (self.cache_images or self.images is not None):
+            # class images are exactly R x R: cropping is the identity, so they are always cacheable
+            self.class_latents = build_latent_cache(
+                self.vae, self.class_pixels, data_key=f"class-{self.run.name}-{len(self.class_pixels)}",
+                resolution=cfg.resolution, random_flip=cfg.random_flip, cache_root=self.run.root / "class_images",
+                device=self.device, dtype=self.weight_dtype)
+        if self.cache_text:
+            self.text = build_text_cache(self.tokenizer, self.text_encoder, self.prompts + extra,
+                                         cache_root=cache_root, device=self.device)
+            self.prompt_ids = self.text.index_of(self.prompts)
+            self.class_prompt_id = self.text.index_of(extra)[0] if extra else None
+        else:
+            self.token_ids = tokenize(self.tokenizer, [""] + self.prompts + extra)
+        if self.latents is not None and self.device.type != "cpu":
+            self.latents.mean = self.latents.mean.to(self.device)
+            self.latents.std = self.latents.std.to(self.device)
+        # the frozen parts leave the device while the UNet trains (back only for validation)
+        if self.cache_images or self.images is None:
+            free_module(self.vae)
+        if self.cache_text:
+            free_module(self.text_encoder)
+
+    def make_optimizer(self) -> None:
+        """AdamW (fused where the device has it, or bitsandbytes 8-bit), LR schedule, EMA, accelerate."""
+        from diffusers.optimization import get_scheduler
+
+        cfg = self.cfg
+        unet_params = [p for p in self.unet.parameters() if p.requires_grad]
+        groups = [{"params": unet_params, "lr": cfg.learning_rate}]
+        te_params = [p for p in self.text_encoder.parameters() if p.requires_grad] if self.text_encoder_trains else []
+        if te_params:
+            groups.append({"params": te_params, "lr": cfg.text_encoder_lr or cfg.learning_rate})
+        self.trainable = unet_params + te_params
+        if cfg.use_8bit_adam:
+            import bitsandbytes as bnb
+
+            self.optimizer = bnb.optim.AdamW8bit(groups, lr=cfg.learning_rate, weight_decay=1e-2)
+        else:
+            fused = self.device.type in ("cuda", "cpu")
+            self.optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=1e-2, fused=fused)
+        self.lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=self.optimizer,
+                                          num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_train_steps)
+        self.ema = None
+        if cfg.use_ema:
+            from diffusers import UNet2DConditionModel
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.unet.parameters(), model_cls=UNet2DConditionModel, model_config=self.unet.config)
+            self.ema.to(self.device)
+        acc = self.accelerator
+        if self.text_encoder_trains:
+            self.unet, self.text_encoder, self.optimizer, self.lr_scheduler = acc.prepare(
+                self.unet, self.text_encoder, self.optimizer, self.lr_scheduler)
+        else:
+            self.unet, self.optimizer, self.lr_scheduler = acc.prepare(self.unet, self.optimizer, self.lr_scheduler)
+
+    # ---------------------------------------------------------------- one step
+    def text_embeddings(self, rows: torch.Tensor, is_class: bool = False) -> torch.Tensor:
+        """Encoder hidden states for images ``rows``, with caption dropout to the empty prompt."""
+        cfg = self.cfg
+        n = len(rows)
+        drop = (torch.rand(n, generator=self.data_gen) < cfg.caption_dropout) if cfg.caption_dropout and not is_class \
+            else torch.zeros(n, dtype=torch.bool)
+        if self.cache_text:
+            ids = torch.full((n,), int(self.class_prompt_id), dtype=torch.long) if is_class else self.prompt_ids[rows]
+            ids = torch.where(drop, torch.zeros_like(ids), ids)
+            return self.text.embeds[ids].to(self.device, self.weight_dtype)
+        # token rows: 0 is "", 1..N the images, N+1 the class prompt
+        ids = torch.full((n,), len(self.prompts) + 1, dtype=torch.long) if is_class else rows + 1
+        ids = torch.where(drop, torch.zeros_like(ids), ids)
+        return self.text_encoder(self.token_ids[ids].to(self.device), return_dict=False)[0]
+
+    def image_latents(self, rows: torch.Tensor, is_class: bool = False) -> torch.Tensor:
+        """Scaled latents for images ``rows``: sampled from the cache, or encoded now."""
+        cfg = self.cfg
+        cache = self.class_latents if is_class else self.latents
+        views = torch.randint(0, 2, (len(rows),), generator=self.data_gen) if cfg.random_flip \
+            else torch.zeros(len(rows), dtype=torch.long)
+        if cache is not None:
+            noise_device = cache.mean.device
+            gen = self.noise_gen if noise_device.type == self.device.type else None
+            return cache.sample(rows.to(noise_device), views.to(noise_device), gen).to(self.device)
+        if self.images is not None:
+            pixels = torch.stack([_random_crop(self.images[int(i)], cfg.resolution, self.data_gen, bool(v))
+                                  for i, v in zip(rows, views)])
+        else:
+            pixels = self.pixels[rows].float() / 127.5 - 1.0
+            pixels = torch.where(views.view(-1, 1, 1, 1).bool(), torch.flip(pixels, dims=[-1]), pixels)
+        with torch.no_grad():
+            dist = self.vae.encode(pixels.to(self.device, self.weight_dtype)).latent_dist
+            return (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=self.noise_gen,
+                                                       device=self.device, dtype=dist.mean.dtype)) \
+                * self.vae.config.scaling_factor
+
+    def loss_on(self, latents: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        """Per-sample diffusion loss: noise, add at random timesteps, predict, (min-SNR) MSE."""
+        from diffusers.training_utils import compute_snr
+
+        cfg = self.cfg
+        latents = latents.float()
+        b = latents.shape[0]
+        noise = torch.randn(latents.shape, generator=self.noise_gen, device=self.device)
+        if cfg.noise_offset:
+            noise = noise + cfg.noise_offset * torch.randn((b, latents.shape[1], 1, 1), generator=self.noise_gen,
+                                                           device=self.device)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,),
+                                  generator=self.data_gen).to(self.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        target = noise if self.prediction_type == "epsilon" else \
+            self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        with self.accelerator.autocast():
+            pred = self.unet(noisy.to(self.weight_dtype) if self.cfg.is_lora else noisy, timesteps,
+                             encoder_hidden_states, return_dict=False)[0]
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if cfg.snr_gamma:
+            snr = compute_snr(self.noise_scheduler, timesteps)
+            weights = torch.clamp(snr, max=cfg.snr_gamma)
+            weights = weights / snr if self.prediction_type == "epsilon" else weights / (snr + 1)
+            per_sample = per_sample * weights
+        return per_sample
+
+    def micro_batch_loss(self, micro: int) -> torch.Tensor:
+        """The loss of one micro-batch (instance images, plus class images with prior preservation)."""
+        cfg = self.cfg
+        acc = self.accelerator
+        rows = _batch_indices(micro, cfg.train_batch_size, self.count, cfg.seed, acc.process_index,
+                              acc.num_processes, self._perms)
+        loss = self.loss_on(self.image_latents(rows), self.text_embeddings(rows)).mean()
+        if self.class_pixels is not None:
+            class_rows = _batch_indices(micro, cfg.train_batch_size, len(self.class_pixels), cfg.seed + 7,
+                                        acc.process_index, acc.num_processes, self._class_perms)
+            prior = self.loss_on(self.image_latents(class_rows, True), self.text_embeddings(class_rows, True)).mean()
+            loss = loss + cfg.prior_loss_weight * prior
+        return loss
+
+    # ---------------------------------------------------------------- the loop
+    def loop(self) -> None:
+        cfg, report, acc = self.cfg, self.report, self.accelerator
+        self._perms: dict[int, torch.Tensor] = {}
+        self._class_perms: dict[int, torch.Tensor] = {}
+        writer = self.tensorboard()
+        if self.start_step == 0:
+            self.validate(0)
+        step, smoothed = self.start_step, None
+        accum = cfg.gradient_accumulation_steps
+        images_per_step = cfg.train_batch_size * accum * acc.num_processes
+        report("status", step=step, message="training")
+        tick, tick_step = time.perf_counter(), step
+        while step < cfg.max_train_steps:
+            # 1. forward/backward over the accumulated micro-batches
+            total = None
+            for m in range(accum):
+                sync = m == accum - 1
+                with (acc.no_sync(self.unet) if not sync and acc.num_processes > 1 else _nullcontext()):
+                    loss = self.micro_batch_loss(step * accum + m) / accum
+                    acc.backward(loss)
+                total = loss.detach() if total is None else total + loss.detach()
+            # 2. clip, step, schedule
+            acc.clip_grad_norm_(self.trainable, MAX_GRAD_NORM)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.step(self.unet.parameters())
+            step += 1
+            # 3. report (the one host sync of the step) and refuse to go on with a broken loss
+            if acc.num_processes > 1:
+                total = acc.reduce(total, reduction="mean")
+            value = float(total)
+            if not math.isfinite(value):
+                raise StudioError(f"The loss became {value} at step {step}; training stopped and nothing from "
+                                  "this step was saved.", "Lower the learning rate, or turn off fp16.")
+            smoothed = value if smoothed is None else LOSS_SMOOTHING * smoothed + (1 - LOSS_SMOOTHING) * value
+            now = time.perf_counter()
+            rate = images_per_step * (step - tick_step) / max(now - tick, 1e-9)
+            lr = self.lr_scheduler.get_last_lr()[0]
+            report("step", step=step, loss=value, smoothed_loss=smoothed, lr=lr, images_per_s=rate,
+                   eta_s=(cfg.max_train_steps - step) * images_per_step / max(rate, 1e-9))
+            if writer is not None:
+                writer.add_scalar("loss", value, step)
+                writer.add_scalar("lr", lr, step)
+            if step % 20 == 0:
+                tick, tick_step = now, step
+            # 4. validation images, checkpoints, stop
+            if cfg.validation_every and step % cfg.validation_every == 0 and step < cfg.max_train_steps:
+                self.validate(step)
+            if self.stop.is_set():
+                path = self.save(step)
+                report("stopped", step=step, path=str(path), message=f"stopped at step {step}; resume to go on")
+                return
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_train_steps:
+                self.save(step)
+        self.validate(step)
+        self.save(step)
+        out = self.export(step)
+        if writer is not None:
+            writer.close()
+        report("finished", step=step, path=str(out), message=f"finished {step} steps; saved to {out.name}/")
+
+    def tensorboard(self):
+        if not self.accelerator.is_main_process:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return None
+        return SummaryWriter(str(self.run.logs_dir))
+
+    # ---------------------------------------------------------------- validation
+    @torch.no_grad()
+    def validate(self, step: int) -> Path | None:
+        """Images of the validation prompts with a fixed seed, side by side in ``samples/step-N.png``."""
+        from diffusers import StableDiffusionPipeline
+        from PIL import Image
+
+        cfg, acc = self.cfg, self.accelerator
+        if not acc.is_main_process:
+            return None
+        self.report("status", step=step, message=f"validation images at step {step}")
+        unet = acc.unwrap_model(self.unet)
+        text_encoder = acc.unwrap_model(self.text_encoder)
+        if self.ema is not None:
+            self.ema.store(unet.parameters())
+            self.ema.copy_to(unet.parameters())
+        self.vae.to(self.device)
+        text_encoder.to(self.device)
+        unet.eval()
+        text_encoder.eval()
+        try:
+            pipe = StableDiffusionPipeline(vae=self.vae, text_encoder=text_encoder, tokenizer=self.tokenizer,
+                                           unet=unet, scheduler=self.pipe.scheduler, safety_checker=None,
+                                           feature_extractor=None, requires_safety_checker=False)
+            pipe.set_progress_bar_config(disable=True)
+            images = []
+            for prompt in self.prompts_for_validation:
+                gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
+                with acc.autocast():
+                    images.append(pipe(prompt, height=cfg.resolution, width=cfg.resolution,
+                                       num_inference_steps=cfg.num_inference_steps, generator=gen).images[0])
+        finally:
+            unet.train()
+            if self.text_encoder_trains:
+                text_encoder.train()
+            if self.ema is not None:
+                self.ema.restore(unet.parameters())
+            if self.cache_images if hasattr(self, "cache_images") else False:
+                self.vae.to("cpu")
+            if getattr(self, "cache_text", False):
+                text_encoder.to("cpu")
+        grid = Image.new("RGB", (cfg.resolution * len(images), cfg.resolution), "white")
+        for i, image in enumerate(images):
+            grid.paste(image, (i * cfg.resolution, 0))
+        path = self.run.sample_path(step)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(path)
+        self.report("samples", step=step, path=str(path),
+                    message=" | ".join(self.prompts_for_validation) + (" (base model)" if step == 0 else ""))
+        return path
+
+    # ---------------------------------------------------------------- checkpoints
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Every trainable tensor by name ('unet.' / 'text_encoder.' prefixes)."""
+        acc = self.accelerator
+        state = {f"unet.{n}": p.detach() for n, p in acc.unwrap_model(self.unet).named_parameters() if p.requires_grad}
+        if self.text_encoder_trains:
+            state.update({f"text_encoder.{n}": p.detach()
+                          for n, p in acc.unwrap_model(self.text_encoder).named_parameters() if p.requires_grad})
+        return state
+
+    def save(self, step: int) -> Path | None:
+        """Atomic checkpoint: trainable weights, optimizer, schedule, EMA, every RNG, the step."""
+        from safetensors.torch import save_file
+
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if not acc.is_main_process:
+            return None
+
+        def write(folder: Path) -> None:
+            save_file({k: v.contiguous().cpu() for k, v in self.trainable_state().items()},
+                      str(folder / "trainable.safetensors"))
+            torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+            torch.save(self.lr_scheduler.state_dict(), folder / "scheduler.pt")
+            if self.ema is not None:
+                torch.save(self.ema.state_dict(), folder / "ema.pt")
+            rng = {"torch": torch.get_rng_state(), "data": self.data_gen.get_state(),
+                   "noise": self.noise_gen.get_state()}
+            if torch.cuda.is_available():
+                rng["cuda"] = torch.cuda.get_rng_state_all()
+            torch.save(rng, folder / "rng.pt")
+            (folder / "state.json").write_text(json.dumps({"step": step, "python_random": None,
+                                                           "config": self.cfg.to_dict()}, indent=1))
+
+        path = save_checkpoint(self.run.checkpoints_dir, step, write, keep=self.cfg.checkpoints_total_limit)
+        self.report("checkpoint", step=step, path=str(path), message=f"checkpoint {path.name}")
+        return path
+
+    def load_checkpoint(self, folder: Path) -> None:
+        """Restore everything ``save`` wrote, so the next step is the one that would have come."""
+        from safetensors.torch import load_file
+
+        acc = self.accelerator
+        state = load_file(str(folder / "trainable.safetensors"))
+        modules = {"unet": acc.unwrap_model(self.unet), "text_encoder": acc.unwrap_model(self.text_encoder)}
+        for key, tensor in state.items():
+            prefix, name = key.split(".", 1)
+            param = dict(modules[prefix].named_parameters()).get(name)
+            if param is None or param.shape != tensor.shape:
+                from studio.errors import CheckpointError
+
+                raise CheckpointError(f"Checkpoint {folder.name} does not match this model ({key}).",
+                                      "Resume with the same base model and method, or start a new run.")
+            with torch.no_grad():
+                param.copy_(tensor.to(param.device, param.dtype))
+        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+        self.lr_scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+        if self.ema is not None and (folder / "ema.pt").is_file():
+            self.ema.load_state_dict(torch.load(folder / "ema.pt", weights_only=False))
+        rng = torch.load(folder / "rng.pt", weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        self.data_gen.set_state(rng["data"])
+        self.noise_gen.set_state(rng["noise"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.start_step = int(json.loads((folder / "state.json").read_text())["step"])
+
+    # ---------------------------------------------------------------- export
+    def export(self, step: int) -> Path:
+        """Write ``lora/`` or ``model/`` with a model card; push to the Hub when asked."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if not acc.is_main_process:
+            return self.run.root
+        cfg = self.cfg
+        self.report("status", step=step, message="exporting")
+        unet = acc.unwrap_model(self.unet)
+        if cfg.is_lora:
+            out = self.run.lora_dir
+            from studio.lora_export import save_lora
+
+            save_lora(out, unet, acc.unwrap_model(self.text_encoder) if self.text_encoder_trains else None,
+                      kohya_name=f"{self.run.name}-kohya.safetensors",
+                      metadata={"base_model": cfg.pretrained_model_name_or_path, "trigger_words": cfg.trigger_words})
+        else:
+            out = self.run.model_dir
+            if self.ema is not None:
+                self.ema.copy_to(unet.parameters())
+            from diffusers import StableDiffusionPipeline
+
+            pipe = StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+                                           unet=unet, scheduler=self.pipe.scheduler, safety_checker=None,
+                                           feature_extractor=None, requires_safety_checker=False)
+            pipe.save_pretrained(out, safe_serialization=True)
+        write_model_card(out, cfg, self.run, step)
+        if cfg.push_to_hub:
+            message = push_to_hub(out, cfg.hub_model_id)
+            self.report("warning" if message.startswith("Not pushed") else "status", step=step, message=message)
+        return out
+
+
+def _to(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move a module; cast only when its dtype differs (a no-op cast makes diffusers warn)."""
+    if next(module.parameters()).dtype != dtype:
+        module.to(device, dtype)
+    else:
+        module.to(device)
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+# --------------------------------------------------------------------------- outputs
+def write_model_card(folder: Path, cfg: FinetuneConfig, run: RunDir, step: int) -> Path:
+    """README.md with the base model, trigger words, settings and the validation images."""
+    samples = sorted(run.samples_dir.glob("step-*.png"))
+    shown = [samples[0], samples[-1]] if len(samples) > 1 else samples
+    (folder / "samples").mkdir(exist_ok=True)
+    lines = []
+    for path in shown:
+        shutil.copy2(path, folder / "samples" / path.name)
+        label = "base model (step 0)" if path.name == "step-000000.png" else f"after {path.stem.split('-')[1].lstrip('0') or '0'} steps"
+        lines.append(f"![{label}](samples/{path.name})  \n*{label}*")
+    kind = "LoRA" if cfg.is_lora else "fine-tuned pipeline"
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("data", "workspace", "resume", "run_name")}
+    usage = ("```python\nfrom diffusers import StableDiffusionPipeline\n"
+             f"pipe = StableDiffusionPipeline.from_pretrained({cfg.pretrained_model_name_or_path!r})\n"
+             "pipe.load_lora_weights('path/to/this/folder')\n```"
+             if cfg.is_lora else
+             "```python\nfrom diffusers import StableDiffusionPipeline\n"
+             "pipe = StableDiffusionPipeline.from_pretrained('path/to/this/folder')\n```")
+    text = "\n".join([
+        "---",
+        f"base_model: {cfg.pretrained_model_name_or_path}",
+        "library_name: diffusers",
+        "tags: [stable-diffusion, text-to-image, diffusers" + (", lora" if cfg.is_lora else "")
+        + (", dreambooth" if cfg.is_dreambooth else "") + "]",
+        "---",
+        f"# {run.name}: {kind} of {cfg.pretrained_model_name_or_path}",
+        "",
+        f"Method: **{cfg.method}** — {METHOD_HELP[cfg.method]} Trained {step} steps on {cfg.data.label} "
+        f"at {cfg.resolution} px with Diffusion Studio.",
+        "",
+        f"Trigger words: `{cfg.trigger_words}`" if cfg.trigger_words else "Trigger words: none (trained on captions).",
+        "",
+        "## Validation images (fixed seed)",
+        "",
+        *lines,
+        "",
+        "## Use",
+        "",
+        usage,
+        "" if not cfg.is_lora else
+        f"The kohya/A1111 file `{run.name}-kohya.safetensors` loads in AUTOMATIC1111, ComfyUI and kohya's scripts.",
+        "",
+        "## Settings",
+        "",
+        "```json",
+        json.dumps(settings, indent=1),
+        "```",
+        "",
+    ])
+    path = folder / "README.md"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def push_to_hub(folder: Path, repo_id: str) -> str:
+    """Upload ``folder`` to the Hub repository ``repo_id``; returns what happened in words.
+
+    Never raises for a missing network or token: the result is on disk either way.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        return ("Not pushed to the Hub: the studio is offline (HF_HUB_OFFLINE). "
+                f"The result is in {folder}; upload it later with `hf upload {repo_id} {folder}`.")
+    try:
+        from huggingface_hub import HfApi, get_token
+
+        if not get_token():
+            return ("Not pushed to the Hub: no token. Log in with `hf auth login` (or set HF_TOKEN) and "
+                    f"upload with `hf upload {repo_id} {folder}`.")
+        api = HfApi()
+        api.create_repo(repo_id, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=str(folder))
+    except Exception as exc:  # network, permissions: the files are safe on disk
+        return f"Not pushed to the Hub ({describe_exception(exc)}). The result is in {folder}."
+    return f"Pushed to https://huggingface.co/{repo_id}"
