@@ -1,0 +1,177 @@
+"""The Dataset tab: its pure functions with plain values, then the launched app via gradio_client."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from studio.config.data import DataConfig
+from studio.context import DatasetChoice
+from studio.data import SkippedFile
+from studio.errors import ConfigError, DataError
+from tabs import dataset as tab
+
+
+def _folder(root: Path, captions: bool = True) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for i, color in enumerate(["red", "green", "blue"]):
+        Image.new("RGB", (16 + 16 * i, 16), color).save(root / f"{color}.png")
+        if captions:
+            (root / f"{color}.txt").write_text(f"a {color} tile")
+    return root
+
+
+# --------------------------------------------------------------------------- pure functions
+
+
+def test_build_config_per_source():
+    assert tab.build_config("emoji") == DataConfig()
+    cfg = tab.build_config("folder", folder=" /data/cats ", hub_id="ignored", max_rows=5.0, require_captions=True)
+    assert (cfg.source, cfg.path, cfg.hub_id, cfg.max_rows, cfg.require_captions) == ("folder", "/data/cats", "", 5, True)
+    cfg = tab.build_config("hub", hub_id="user/set", split="test", image_column="img", caption_column="text")
+    assert (cfg.hub_id, cfg.split, cfg.image_column, cfg.caption_column) == ("user/set", "test", "img", "text")
+    assert tab.build_config("upload", upload_dir="/ws/uploads/1").path == "/ws/uploads/1"
+    with pytest.raises(ConfigError, match="path is empty"):
+        tab.build_config("folder", folder="")
+    with pytest.raises(ConfigError, match="Row limit"):
+        tab.build_config("emoji", max_rows=-1)
+
+
+def test_source_visibility():
+    assert tab.source_visibility("emoji") == (False, False, False)
+    assert tab.source_visibility("folder") == (True, False, False)
+    assert tab.source_visibility("upload") == (False, True, False)
+    assert tab.source_visibility("hub") == (False, False, True)
+
+
+def test_size_report_numbers_and_histogram():
+    text = tab.size_report([(64, 64), (100, 50), (600, 800)])
+    assert "| width | 64 / 100 / 600 px |" in text
+    assert "| height | 50 / 64 / 800 px |" in text
+    assert "| < 64 px | 1 |" in text and "| 64-127 px | 1 |" in text and "| 512-1023 px | 1 |" in text
+    assert "256-511" not in text  # empty buckets are left out
+    assert tab.size_report([]) == "No images."
+
+
+def test_skipped_table():
+    assert tab.skipped_table([SkippedFile("a.png", "empty file (0 bytes)")]) == [["a.png", "empty file (0 bytes)"]]
+
+
+def test_preview_emoji():
+    view = tab.preview_dataset(DataConfig(), preview_count=6)
+    assert len(view.gallery) == 6
+    image, caption = view.gallery[0]
+    assert image.size == (64, 64) and caption == "grinning face, smileys & emotion, face-smiling"
+    assert view.counts.startswith("**1911** images · **1911** with captions")
+    assert "| width | 64 / 64 / 64 px |" in view.sizes
+    assert view.skipped == []
+    assert "now the training dataset" in view.status
+    assert isinstance(view.choice, DatasetChoice)
+    assert view.choice.count == 1911 and view.choice.has_captions and view.choice.config == DataConfig()
+
+
+def test_preview_folder_with_bad_files(tmp_path: Path):
+    root = _folder(tmp_path / "imgs", captions=False)
+    (root / "broken.png").write_bytes(b"not a png")
+    view = tab.preview_dataset(tab.build_config("folder", folder=str(root)))
+    assert len(view.gallery) == 3
+    assert view.gallery[0][1] == "blue.png"  # no captions: the file name is shown
+    assert view.skipped == [["broken.png", "not an image (the content is not a known image format)"]]
+    assert "**0** with captions" in view.counts and "**1** skipped" in view.counts
+    assert not view.choice.has_captions
+
+
+def test_preview_bad_folder_raises_clear_error(tmp_path: Path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="is empty"):
+        tab.preview_dataset(tab.build_config("folder", folder=str(tmp_path / "empty")))
+
+
+def test_save_upload_unpacks_zip_into_workspace(tmp_path: Path):
+    src = _folder(tmp_path / "src")
+    archive = tmp_path / "set.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for p in sorted(src.iterdir()):
+            zf.write(p, f"set/{p.name}")
+        zf.writestr("__MACOSX/set/._red.png", b"junk")
+    folder = Path(tab.save_upload([str(archive), {"path": str(src / "red.png")}], tmp_path / "ws"))
+    assert folder.parent == tmp_path / "ws" / "uploads"
+    view = tab.preview_dataset(tab.build_config("upload", upload_dir=str(folder)))
+    assert view.dataset.names == ["red.png", "set/set/blue.png", "set/set/green.png", "set/set/red.png"]
+    with pytest.raises(DataError, match="No files were uploaded"):
+        tab.save_upload([], tmp_path / "ws")
+
+
+def test_export_dataset_default_and_relative_targets(tmp_path: Path):
+    ws = tmp_path / "ws"
+    cfg = DataConfig(max_rows=3)
+    calls = []
+    status = tab.export_dataset(cfg, "", ws, progress=lambda f, m: calls.append(f))
+    out = Path(status.split(" to ")[1].split(" with ")[0])
+    assert out.parent == ws / "exports" and out.name.startswith("emoji-")
+    assert sorted(p.name for p in out.glob("*.png")) == ["train_0.png", "train_1.png", "train_2.png"]
+    assert json.loads((out / "metadata.jsonl").read_text().splitlines()[0])["text"].startswith("grinning")
+    assert calls and calls[-1] == pytest.approx(1.0) and calls == sorted(calls)
+    assert tab.resolve_export_dir("mine", ws, cfg) == ws / "mine"
+    assert tab.resolve_export_dir(str(tmp_path / "abs"), ws, cfg) == tmp_path / "abs"
+    tab.export_dataset(cfg, "mine", ws)
+    with pytest.raises(DataError, match="not empty"):
+        tab.export_dataset(cfg, "mine", ws)
+
+
+# --------------------------------------------------------------------------- launched app
+
+
+@pytest.mark.integration
+def test_app_loads_emoji_and_reports_a_broken_folder(client, launched_app, tmp_path: Path):
+    app, _ = launched_app
+    ctx = app.studio_context
+    gallery, counts, sizes, skipped, status, *_ = client.predict(
+        "emoji", "", "", "", "", "", "", 0, False, api_name="/load_dataset")
+    assert len(gallery) == tab.PREVIEW_COUNT
+    first = gallery[0]
+    assert first["caption"] == "grinning face, smileys & emotion, face-smiling"
+    with Image.open(first["image"]["path"] if isinstance(first["image"], dict) else first["image"]) as im:
+        assert im.size == (64, 64)
+    assert counts.startswith("**1911** images")
+    assert "64 / 64 / 64" in sizes
+    assert "now the training dataset" in status
+    assert ctx.dataset.get().count == 1911
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.png").write_bytes(b"")
+    (broken / "b.jpg").write_text("not an image")
+    gallery, counts, sizes, skipped, status, *_ = client.predict(
+        "folder", str(broken), "", "", "", "", "", 0, False, api_name="/load_dataset")
+    assert gallery == [] and counts == ""
+    assert status.startswith("Not loaded: folder")
+    assert "holds no usable images" in status and "a.png: empty file (0 bytes)" in status
+    assert "Traceback" not in status
+    assert "The training dataset is still: 1911 images from emoji" in status
+    assert ctx.dataset.get().config.source == "emoji"
+
+
+@pytest.mark.integration
+def test_app_upload_load_and_export(client, launched_app, tmp_path: Path):
+    from gradio_client import handle_file
+
+    app, _ = launched_app
+    ctx = app.studio_context
+    src = _folder(tmp_path / "src")
+    archive = tmp_path / "tiles.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for p in sorted(src.iterdir()):
+            zf.write(p, p.name)
+    folder, status = client.predict([handle_file(str(archive))], api_name="/upload_files")
+    assert Path(folder).is_relative_to(ctx.workspace / "uploads") and "Press Load" in status
+    gallery, counts, *_ = client.predict("upload", "", folder, "", "", "", "", 0, True, api_name="/load_dataset")
+    assert len(gallery) == 3 and sorted(g["caption"] for g in gallery) == ["a blue tile", "a green tile", "a red tile"]
+    choice = ctx.dataset.get()
+    assert choice.config.source == "upload" and choice.count == 3 and choice.has_captions
+    export_status = client.predict("", api_name="/export_dataset")
+    assert export_status.startswith("Exported 3 images to " + str(ctx.workspace / "exports"))
