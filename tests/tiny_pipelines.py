@@ -197,3 +197,27 @@ def tiny_sd_v(tmp_path_factory) -> Path:
 def tiny_ddpm(tmp_path_factory) -> Path:
     """A tiny DDPMPipeline folder, built once per test session."""
     return make_tiny_ddpm(tmp_path_factory.mktemp("tiny-ddpm") / "pipeline")
+
+
+def make_tiny_lora(pipeline_path: str | Path, out_dir: str | Path, seed: int = 0, rank: int = 4) -> Path:
+    """Save random (non-zero) LoRA weights for a tiny SD pipeline's UNet; return the file.
+
+    The LoRA is made with peft on the UNet's attention projections and saved with
+    ``StableDiffusionPipeline.save_lora_weights`` (diffusers' own layout), so loading
+    it changes the pipeline's output.
+    """
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(Path(pipeline_path) / "unet", use_safetensors=True)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank * 4, init_lora_weights=False,
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=layers, safe_serialization=True)
+    return out_dir / "pytorch_lora_weights.safetensors"
