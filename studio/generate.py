@@ -140,6 +140,16 @@ def is_unconditional_unet(pipe: Any) -> bool:
             and getattr(pipe, "scheduler", None) is not None and getattr(pipe, "vae", None) is None)
 
 
+def denoising_iterations(pipe: Any, steps: int) -> int:
+    """How many UNet passes ``steps`` take with the current scheduler (Heun and DPM2 take ~2x)."""
+    scheduler = getattr(pipe, "scheduler", None)
+    try:
+        scheduler.set_timesteps(steps)
+        return max(1, len(scheduler.timesteps))
+    except Exception:  # schedulers that need pipeline-specific arguments (e.g. flow shift `mu`)
+        return steps
+
+
 def _generators(seeds: list[int]) -> list[Any]:
     """CPU generators (the same images on every device), one per image."""
     import torch
@@ -274,7 +284,8 @@ def generate(manager: Any, cfg: GenerateConfig, on_progress: ProgressFn | None =
         base_seed = pick_seed(cfg.seed)
         sampler = describe_scheduler(pipe, cfg.scheduler)
         folder = output_dir(manager.workspace) if save else None
-        total = cfg.num_inference_steps * cfg.batch_count
+        iterations = denoising_iterations(pipe, cfg.num_inference_steps)
+        total = iterations * cfg.batch_count
         started = time.perf_counter()
         images: list[GeneratedImage] = []
         stopped = False
@@ -283,14 +294,14 @@ def generate(manager: Any, cfg: GenerateConfig, on_progress: ProgressFn | None =
                 stopped = True
                 break
             seeds = [(base_seed + batch * cfg.batch_size + j) % (MAX_SEED + 1) for j in range(cfg.batch_size)]
-            done_before = batch * cfg.num_inference_steps
+            done_before = batch * iterations
             label = f"Batch {batch + 1}/{cfg.batch_count}, step"
 
             def on_step(index: int, tensor: Any, preview_fn: Callable[[Any], Any]) -> bool:
                 step = index + 1
-                preview = preview_fn(tensor) if (step % every == 0 or step == cfg.num_inference_steps) else None
-                report(Progress(done_before + step, total, f"{label} {step}/{cfg.num_inference_steps}",
-                                preview, list(images)))
+                step = min(step, iterations)
+                preview = preview_fn(tensor) if (step % every == 0 or step == iterations) else None
+                report(Progress(done_before + step, total, f"{label} {step}/{iterations}", preview, list(images)))
                 return stop.is_set()
 
             if unconditional:
@@ -306,7 +317,7 @@ def generate(manager: Any, cfg: GenerateConfig, on_progress: ProgressFn | None =
                                               prompt=caps["prompt"])
                 path = save_image(image, folder, seed, parameters) if folder is not None else None
                 images.append(GeneratedImage(image=image, seed=seed, parameters=parameters, path=path))
-            report(Progress(done_before + cfg.num_inference_steps, total,
+            report(Progress(done_before + iterations, total,
                             f"Batch {batch + 1}/{cfg.batch_count} done", None, list(images)))
         seconds = time.perf_counter() - started
         if stopped:

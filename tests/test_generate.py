@@ -1,0 +1,192 @@
+"""Generation: config checks, seeds, metadata round trip, LoRA, preview, stop, saved files."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from studio.config.generate import GenerateConfig
+from studio.errors import ConfigError, ModelError
+from studio.generate import generate
+from studio.pnginfo import config_updates, format_parameters, parse_parameters, read_png_parameters
+from tiny_pipelines import make_tiny_lora, tiny_ddpm, tiny_sd  # noqa: F401  (fixtures)
+
+
+@pytest.fixture
+def manager(workspace):
+    from studio.models import PipelineManager
+
+    return PipelineManager("cpu", workspace, offline=True)
+
+
+def pixels(result, index=0):
+    return np.asarray(result.images[index].image).astype(int)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"width": 100}, "Width must be a multiple of 8"),
+    ({"height": 4}, "Height must be a multiple of 8"),
+    ({"width": 8192}, "between 8 and 4096"),
+    ({"num_inference_steps": 0}, "Steps"),
+    ({"guidance_scale": -1}, "Guidance"),
+    ({"seed": -2}, "Seed"),
+    ({"batch_size": 0}, "Batch size"),
+    ({"batch_count": 1000}, "Batch count"),
+    ({"scheduler": "Euler b"}, "Scheduler must be one of"),
+    ({"lora_scale": 5}, "LoRA scale"),
+])
+def test_bad_settings_are_clear_errors(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        GenerateConfig(**changes)
+
+
+def test_config_json_round_trip(tmp_path):
+    cfg = GenerateConfig(model="a/b", prompt="fox", width=64, height=32, seed=7, scheduler="DPM++ 2M Karras")
+    path = tmp_path / "gen.json"
+    cfg.to_json(path)
+    assert GenerateConfig.from_json(path) == cfg
+    with pytest.raises(ConfigError, match="Unknown setting"):
+        GenerateConfig.from_dict({"promt": "typo"})
+
+
+def test_same_seed_same_image_and_batches_reproduce_alone(manager, tiny_sd):
+    cfg = GenerateConfig(model=str(tiny_sd), prompt="a red fox", num_inference_steps=2, seed=123,
+                         scheduler="Euler a", width=16, height=24)
+    first, again = generate(manager, cfg, save=False), generate(manager, cfg, save=False)
+    assert first.seeds == [123] and (pixels(first) == pixels(again)).all()
+    assert first.images[0].image.size == (16, 24)
+    other = generate(manager, cfg.replace(seed=124), save=False)
+    assert not (pixels(first) == pixels(other)).all()
+    batch = generate(manager, cfg.replace(batch_size=2, batch_count=2), save=False)
+    assert batch.seeds == [123, 124, 125, 126]
+    assert (pixels(batch, 1) == pixels(other)).all()  # image 2 of the batch == seed 124 alone
+
+
+def test_random_seed_is_reported_and_reusable(manager, tiny_ddpm):
+    result = generate(manager, GenerateConfig(model=str(tiny_ddpm), num_inference_steps=2, seed=-1), save=False)
+    again = generate(manager, GenerateConfig(model=str(tiny_ddpm), num_inference_steps=2, seed=result.seed),
+                     save=False)
+    assert 0 <= result.seed < 2**32 and (pixels(result) == pixels(again)).all()
+
+
+def test_unconditional_default_matches_diffusers_pipeline(manager, tiny_ddpm):
+    import torch
+
+    result = generate(manager, GenerateConfig(model=str(tiny_ddpm), num_inference_steps=3, seed=9), save=False)
+    pipe = manager.loaded.pipe
+    expected = pipe(num_inference_steps=3, generator=torch.Generator("cpu").manual_seed(9), output_type="np").images
+    expected = (expected[0] * 255).round().astype(int)
+    assert np.abs(pixels(result) - expected).max() <= 1
+
+
+def test_images_are_saved_with_parameters_that_round_trip(manager, tiny_sd, workspace):
+    cfg = GenerateConfig(model=str(tiny_sd), prompt="a cat, sitting\non a mat", negative_prompt="blurry, dark",
+                         num_inference_steps=3, guidance_scale=5.5, seed=42, scheduler="DPM++ 2M Karras")
+    result = generate(manager, cfg)
+    path = result.images[0].path
+    assert path.parent.parent == workspace / "outputs" and path.name.endswith("-42.png")
+    text = read_png_parameters(path)
+    assert text.splitlines()[-1].startswith("Steps: 3, Sampler: DPM++ 2M Karras, CFG scale: 5.5, Seed: 42, Size: 16x16")
+    updates, notes = config_updates(parse_parameters(text))
+    assert notes == []
+    rebuilt = GenerateConfig().replace(**updates)
+    assert rebuilt.replace(width=0, height=0) == cfg
+    assert (rebuilt.width, rebuilt.height) == (16, 16)
+    # and the rebuilt settings make the same picture
+    assert (pixels(generate(manager, rebuilt, save=False)) == pixels(result)).all()
+
+
+def test_reads_automatic1111_parameters():
+    text = ("masterpiece, 1girl\nNegative prompt: lowres, bad hands\n"
+            'Steps: 28, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 3216, Size: 512x768, '
+            'Model hash: 9f5b5e2c, Model: anything-v5, Lora hashes: "detail: 1a2b, x: 3c", Version: v1.10.1')
+    parsed = parse_parameters(text)
+    assert parsed["prompt"] == "masterpiece, 1girl" and parsed["negative_prompt"] == "lowres, bad hands"
+    assert parsed["Lora hashes"] == "detail: 1a2b, x: 3c"
+    updates, _ = config_updates(parsed)
+    assert updates["scheduler"] == "DPM++ 2M Karras" and updates["seed"] == 3216
+    assert (updates["width"], updates["height"], updates["num_inference_steps"]) == (512, 768, 28)
+    odd, notes = config_updates(parse_parameters("x\nSteps: 5, Sampler: Restart, Seed: 1"))
+    assert odd["scheduler"] == "Default (model's own)" and "Restart" in notes[0]
+    with pytest.raises(ConfigError, match="no generation parameters"):
+        parse_parameters("just a caption")
+    assert format_parameters("", "", {"Steps": 2, "Model": 'a, "b"'}).endswith('Model: "a, \\"b\\""')
+
+
+def test_png_without_parameters_is_explained(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(path)
+    with pytest.raises(ConfigError, match="carries no generation parameters"):
+        read_png_parameters(path)
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not an image")
+    with pytest.raises(ConfigError, match="not an image"):
+        read_png_parameters(junk)
+
+
+def test_lora_changes_the_output_and_scale_zero_restores_it(manager, tiny_sd, tmp_path):
+    lora = make_tiny_lora(tiny_sd, tmp_path / "lora")
+    cfg = GenerateConfig(model=str(tiny_sd), prompt="a cat", num_inference_steps=2, seed=5)
+    base = pixels(generate(manager, cfg, save=False))
+    full = generate(manager, cfg.replace(lora=str(lora), lora_scale=1.0))
+    half = pixels(generate(manager, cfg.replace(lora=str(tmp_path / "lora"), lora_scale=0.5), save=False))
+    off = pixels(generate(manager, cfg.replace(lora=str(lora), lora_scale=0.0), save=False))
+    after = pixels(generate(manager, cfg, save=False))
+    assert np.abs(pixels(full) - base).max() > 0 and np.abs(half - base).max() > 0
+    assert (off == base).all() and (after == base).all()
+    text = read_png_parameters(full.images[0].path)
+    assert f"Lora: {lora}" in text and "Lora scale: 1.0" in text
+    assert config_updates(parse_parameters(text))[0]["lora"] == str(lora)
+
+
+def test_lora_errors(manager, tiny_ddpm, tiny_sd, tmp_path):
+    with pytest.raises(ConfigError, match="takes no LoRA"):
+        generate(manager, GenerateConfig(model=str(tiny_ddpm), lora=str(tmp_path)), save=False)
+    with pytest.raises(ModelError, match="LoRA not found"):
+        generate(manager, GenerateConfig(model=str(tiny_sd), lora=str(tmp_path / "missing.safetensors")),
+                 save=False)
+    (tmp_path / "old.bin").write_bytes(b"x")
+    with pytest.raises(ModelError, match="pickle"):
+        generate(manager, GenerateConfig(model=str(tiny_sd), lora=str(tmp_path / "old.bin")), save=False)
+
+
+def test_no_model_is_explained(manager):
+    with pytest.raises(ModelError, match="No model is loaded"):
+        generate(manager, GenerateConfig(prompt="x"), save=False)
+
+
+@pytest.mark.parametrize("which", ["sd", "ddpm"])
+def test_progress_previews_and_stop(manager, tiny_sd, tiny_ddpm, which):
+    model = str(tiny_sd if which == "sd" else tiny_ddpm)
+    seen = []
+    result = generate(manager, GenerateConfig(model=model, prompt="x", num_inference_steps=4, batch_count=2, seed=1),
+                      on_progress=seen.append, save=False, preview_every=2)
+    steps = [p.step for p in seen if p.message.split(", ")[-1].startswith("step")]
+    total = seen[-1].total_steps  # PNDM (the tiny SD default) makes 5 passes of 4 steps, DDPM 4
+    assert total == (10 if which == "sd" else 8)
+    assert steps == list(range(1, total + 1)) and seen[-1].fraction == 1.0
+    previews = [p.preview for p in seen if p.preview is not None]
+    assert len(previews) >= 4 and previews[0].mode == "RGB"
+    assert len(seen[-1].images) == 2 and not result.stopped
+
+    stop = threading.Event()
+
+    def stop_at_step_two(progress):
+        if progress.step == 2:
+            stop.set()
+
+    stopped = generate(manager, GenerateConfig(model=model, prompt="x", num_inference_steps=4, batch_count=3, seed=1),
+                       on_progress=stop_at_step_two, stop=stop, save=False)
+    assert stopped.stopped and stopped.images == [] and "Stopped" in stopped.summary
+
+
+def test_unconditional_ignores_prompt_and_guidance_in_metadata(manager, tiny_ddpm):
+    result = generate(manager, GenerateConfig(model=str(tiny_ddpm), prompt="ignored", num_inference_steps=2, seed=3))
+    text = read_png_parameters(result.images[0].path)
+    assert text.startswith("\nSteps: 2") and "CFG scale" not in text and "Size: 8x8" in text
+    assert Path(result.images[0].path).is_file()
