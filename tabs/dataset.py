@@ -270,8 +270,8 @@ def build_dataset_tab(ctx: StudioContext) -> dict:
             status = gr.Textbox(label="Status", interactive=False, lines=2, elem_id="dataset-status",
                                 elem_classes=["studio-status"])
         with gr.Column(scale=2):
-            gallery = gr.Gallery(label=f"Preview (first {PREVIEW_COUNT})", columns=8, height=380,
-                                 object_fit="contain", elem_id="dataset-gallery", show_label=True)
+            gallery = gr.Gallery(label=f"Preview (first {PREVIEW_COUNT})", columns=6, height="auto",
+                                 object_fit="scale-down", elem_id="dataset-gallery", show_label=True)
             counts = gr.Markdown(elem_id="dataset-counts")
             with gr.Accordion("Image sizes", open=False):
                 sizes = gr.Markdown(elem_id="dataset-sizes")
