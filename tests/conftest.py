@@ -114,7 +114,7 @@ def browser():
     user_dir = tempfile.mkdtemp(prefix="studio-chromium-")
     with sync_playwright() as pw:
         b = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
-                               args=CHROMIUM_ARGS + [f"--user-data-dir={user_dir}"])
+                               args=CHROMIUM_ARGS)  # Playwright makes its own temp profile
         try:
             yield b
         finally:
