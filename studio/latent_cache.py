@@ -209,6 +209,10 @@ def build_latent_cache(vae: torch.nn.Module, pixels: torch.Tensor, *, data_key: 
     std = torch.stack(stds, dim=1)
     _save_atomic(path, {"mean": mean, "std": std},
                  {"resolution": str(resolution), "random_flip": str(random_flip), "data_key": data_key})
+    # train on the tensors as read back, so a first run and a cached run compute identically
+    loaded = _load(path)
+    if loaded is not None:
+        mean, std = loaded[0]["mean"], loaded[0]["std"]
     return LatentCache(mean, std, scaling, key, hit=False)
 
 
@@ -243,6 +247,9 @@ def build_text_cache(tokenizer, text_encoder: torch.nn.Module, prompts: Sequence
             return TextCache(distinct, tensors["embeds"], key, hit=True)
     embeds = encode_prompts(tokenizer, text_encoder, distinct, device)
     _save_atomic(path, {"embeds": embeds}, {"prompts": json.dumps(distinct)})
+    loaded = _load(path)
+    if loaded is not None:
+        embeds = loaded[0]["embeds"]
     return TextCache(distinct, embeds, key, hit=False)
 
 

@@ -35,9 +35,9 @@ import torch.nn.functional as F
 
 from studio.checkpoints import resolve_resume, save_checkpoint
 from studio.config.finetune import METHOD_HELP, TEXT_ENCODER_LORA_TARGETS, FinetuneConfig
-from studio.errors import DataError, ModelError, StudioError, describe_exception
+from studio.errors import CheckpointError, ConfigError, DataError, ModelError, StudioError, describe_exception
 from studio.events import Event, EventSink
-from studio.runs import RunDir
+from studio.runs import RunDir, list_runs
 
 TASK = "finetune"
 #: Gradient clipping norm (diffusers' scripts default ``max_grad_norm=1.0``).
@@ -59,11 +59,32 @@ def open_run(cfg: FinetuneConfig, run: RunDir | None = None) -> RunDir:
             sub.mkdir(exist_ok=True)
         return run
     resume = (cfg.resume or "").strip()
-    if resume and resume != "latest":  # a checkpoint folder: its run is two levels up
-        return RunDir(Path(resume).expanduser().resolve().parent.parent)
-    if resume == "latest" and cfg.run_name and (Path(cfg.workspace) / cfg.run_name).is_dir():
-        return RunDir(Path(cfg.workspace) / cfg.run_name)
-    return RunDir.create(cfg.workspace, TASK, cfg.run_name)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not cfg.run_name:
+        raise ConfigError("Training on several processes needs a run name so they share one run folder.",
+                          "Set run_name in the config.")
+    if not resume and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # several processes (torchrun / accelerate launch) share the named run folder
+        run = RunDir(Path(cfg.workspace) / cfg.run_name)
+        for sub in (run.samples_dir, run.checkpoints_dir, run.logs_dir):
+            sub.mkdir(parents=True, exist_ok=True)
+        return run
+    if not resume:
+        return RunDir.create(cfg.workspace, TASK, cfg.run_name)
+    if resume != "latest":  # a checkpoint folder: its run is two levels up
+        path = Path(resume).expanduser()
+        if not path.exists():
+            raise CheckpointError(f"Checkpoint not found: {path}.", "Check the path, or use 'latest'.")
+        return RunDir(path.resolve().parent.parent)
+    if cfg.run_name:
+        root = Path(cfg.workspace) / cfg.run_name
+        if not root.is_dir():
+            raise CheckpointError(f"No run named {cfg.run_name!r} in {cfg.workspace} to resume.",
+                                  "Check the run name, or leave it empty to resume the newest fine-tune.")
+        return RunDir(root)
+    runs = [r for r in list_runs(cfg.workspace) if r.task == TASK]
+    if not runs:
+        raise CheckpointError(f"No fine-tune run in {cfg.workspace} to resume.", "Start a new run first.")
+    return RunDir(runs[0].path)
 
 
 def load_base_pipeline(reference: str, device: str):
@@ -211,7 +232,7 @@ def train(cfg: FinetuneConfig, events: EventSink, stop: threading.Event, run: Ru
         StudioError: a problem a person can fix (data, model, memory, non-finite loss).
     """
     run = open_run(cfg, run)
-    report = _Reporter(events, run, cfg.max_train_steps, main=True)
+    report = _Reporter(events, run, cfg.max_train_steps, main=int(os.environ.get("RANK", "0")) == 0)
     try:
         _Trainer(cfg, report, stop, run).fit()
     except BaseException as exc:
@@ -239,6 +260,7 @@ class _Trainer:
     # ---------------------------------------------------------------- setup
     def fit(self) -> None:
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState, GradientState
 
         from studio.devices import resolve_device
 
@@ -248,13 +270,13 @@ class _Trainer:
         mixed = "no" if on_cpu else cfg.mixed_precision
         if on_cpu and cfg.mixed_precision != "no":
             report("warning", message=f"Mixed precision {cfg.mixed_precision} is off on CPU (fp32 is faster here).")
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # runs with other settings may precede this one
+            AcceleratorState._reset_state(reset_partial_state=True)
+            GradientState._reset_state()
         self.accelerator = acc = Accelerator(cpu=on_cpu, mixed_precision=mixed)
         self.device = acc.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
         report.main = acc.is_main_process
-        if acc.num_processes > 1 and not cfg.run_name:
-            raise StudioError("Training on several processes needs a run name so they share one run folder.",
-                              "Set run_name in the config.")
 
         # 1. resume point (before anything slow, so a bad path fails fast)
         self.checkpoint = resolve_resume(cfg.resume, self.run.checkpoints_dir,
@@ -732,8 +754,6 @@ class _Trainer:
             prefix, name = key.split(".", 1)
             param = dict(modules[prefix].named_parameters()).get(name)
             if param is None or param.shape != tensor.shape:
-                from studio.errors import CheckpointError
-
                 raise CheckpointError(f"Checkpoint {folder.name} does not match this model ({key}).",
                                       "Resume with the same base model and method, or start a new run.")
             with torch.no_grad():

@@ -1,0 +1,276 @@
+"""The Stable Diffusion fine-tune trainer on a tiny SD pipeline: LoRA, full, DreamBooth, cache, resume."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from studio.config.data import DataConfig
+from studio.config.finetune import FinetuneConfig
+from studio.errors import ConfigError, DataError, ModelError, StudioError
+from studio.events import Event
+from tiny_pipelines import tiny_ddpm, tiny_sd  # noqa: F401  (fixtures)
+
+
+def make_cfg(base: Path, workspace: Path, **changes) -> FinetuneConfig:
+    """Four emoji at 16 px, three steps, two-step validation: seconds on one core."""
+    values = dict(pretrained_model_name_or_path=str(base), data=DataConfig(max_rows=4), resolution=16,
+                  max_train_steps=3, validation_every=2, num_inference_steps=2, checkpoint_every=0,
+                  workspace=str(workspace), device="cpu", validation_prompts=("a smiling face",), seed=3)
+    values.update(changes)
+    return FinetuneConfig(**values)
+
+
+def run_train(cfg: FinetuneConfig, stop: threading.Event | None = None, on_event=None):
+    from studio.trainers.text_to_image import train
+
+    events: list[Event] = []
+
+    def sink(event: Event) -> None:
+        events.append(event)
+        if on_event is not None:
+            on_event(event)
+
+    run = train(cfg, sink, stop or threading.Event())
+    return run, events
+
+
+def kinds(events: list[Event]) -> list[str]:
+    return [e.kind for e in events]
+
+
+# ----------------------------------------------------------------------------- config
+def test_config_validates_with_actionable_messages(tmp_path):
+    base = dict(pretrained_model_name_or_path="some/model", workspace=str(tmp_path))
+    with pytest.raises(ConfigError, match="multiple of 8"):
+        FinetuneConfig(**base, resolution=500)
+    with pytest.raises(ConfigError, match="instance prompt"):
+        FinetuneConfig(**base, method="dreambooth-lora")
+    with pytest.raises(ConfigError, match="class prompt"):
+        FinetuneConfig(**base, method="dreambooth-lora", instance_prompt="sks dog", with_prior_preservation=True)
+    with pytest.raises(ConfigError, match="bitsandbytes"):
+        FinetuneConfig(**base, use_8bit_adam=True)
+    with pytest.raises(ConfigError, match="full fine-tunes only"):
+        FinetuneConfig(**base, use_ema=True)
+    with pytest.raises(ConfigError, match="LoRA methods"):
+        FinetuneConfig(**base, method="full", train_text_encoder=True)
+    with pytest.raises(ConfigError, match="base model"):
+        FinetuneConfig(workspace=str(tmp_path))
+    cfg = FinetuneConfig(**base, method="dreambooth-full", instance_prompt="sks dog", use_ema=True,
+                         validation_prompts=["a", " ", "b"])
+    assert cfg.validation_prompts == ("a", "b")
+    again = FinetuneConfig.from_dict(json.loads(cfg.to_json()))
+    assert again == cfg and isinstance(again.data, DataConfig)
+
+
+def test_images_without_captions_and_no_instance_prompt_are_refused(tiny_sd, workspace, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    for i in range(2):
+        Image.new("RGB", (20, 20), (40 * i, 90, 200)).save(folder / f"{i}.png")
+    cfg = make_cfg(tiny_sd, workspace, data=DataConfig(source="folder", path=str(folder)))
+    with pytest.raises(DataError, match="no caption and no instance prompt"):
+        run_train(cfg)
+    # the same images train with one instance prompt for all
+    run, events = run_train(cfg.replace(instance_prompt="a blue square", max_train_steps=1, validation_every=0))
+    assert kinds(events)[-1] == "finished"
+
+
+def test_a_pipeline_that_is_not_stable_diffusion_is_refused(tiny_ddpm, workspace):
+    run_dir = None
+    with pytest.raises(ModelError, match="not a Stable Diffusion"):
+        run_train(make_cfg(tiny_ddpm, workspace))
+    run_dir = next(workspace.iterdir())
+    failed = [e for e in map(json.loads, (run_dir / "events.jsonl").read_text().splitlines()) if e["kind"] == "failed"]
+    assert failed and "Traceback" not in failed[0]["message"]
+
+
+# ----------------------------------------------------------------------------- LoRA
+def test_lora_trains_validates_and_exports_both_layouts(tiny_sd, workspace):
+    from diffusers import UNet2DConditionModel
+
+    cfg = make_cfg(tiny_sd, workspace, rank=4, lora_alpha=8, random_flip=True, caption_dropout=0.2,
+                   snr_gamma=5.0, noise_offset=0.05, lr_scheduler="cosine", lr_warmup_steps=1)
+    run, events = run_train(cfg)
+    assert kinds(events)[-1] == "finished", events[-1]
+    losses = [e.loss for e in events if e.kind == "step"]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    # validation images: the base model at step 0, then every 2 steps and at the end
+    samples = [e for e in events if e.kind == "samples"]
+    assert [e.step for e in samples] == [0, 2, 3]
+    assert all(Path(e.path).is_file() for e in samples) and "(base model)" in samples[0].message
+    # the LoRA weights moved away from their initial zeros (B starts at zero)
+    lora = load_file(str(run.lora_dir / "pytorch_lora_weights.safetensors"))
+    ups = [v for k, v in lora.items() if k.endswith("up.weight")]
+    assert ups and all(float(v.abs().max()) > 0 for v in ups)
+    kohya = load_file(str(run.lora_dir / f"{run.name}-kohya.safetensors"))
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in kohya
+    assert float(kohya["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha"]) == 8.0
+    # the base UNet itself was not modified on disk
+    assert isinstance(UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet"), UNet2DConditionModel)
+    card = (run.lora_dir / "README.md").read_text()
+    assert f"base_model: {tiny_sd}" in card and "samples/step-000000.png" in card
+    assert (run.lora_dir / "samples" / "step-000003.png").is_file()
+    config = json.loads(run.config_path.read_text())
+    assert config["task"] == "finetune" and config["pretrained_model_name_or_path"] == str(tiny_sd)
+
+
+def test_exported_lora_loads_back_into_the_base_pipeline(tiny_sd, workspace):
+    from diffusers import StableDiffusionPipeline
+
+    cfg = make_cfg(tiny_sd, workspace, max_train_steps=2, validation_every=0, learning_rate=1e-2)
+    run, _ = run_train(cfg)
+
+    def image(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        out = pipe("a smiling face", height=16, width=16, num_inference_steps=2, output_type="np",
+                   generator=torch.Generator().manual_seed(0))
+        return torch.from_numpy(out.images)
+
+    base = StableDiffusionPipeline.from_pretrained(tiny_sd, use_safetensors=True)
+    before = image(base)
+    base.load_lora_weights(run.lora_dir)
+    with_lora = image(base)
+    assert not torch.allclose(before, with_lora, atol=1e-4)
+    # the kohya/A1111 file, read by diffusers' own kohya loader, gives the same images
+    other = StableDiffusionPipeline.from_pretrained(tiny_sd, use_safetensors=True)
+    other.load_lora_weights(run.lora_dir, weight_name=f"{run.name}-kohya.safetensors")
+    assert torch.allclose(image(other), with_lora, atol=1e-5)
+
+
+def test_text_encoder_lora_and_random_crop_fall_back_to_per_step_encoding(tiny_sd, workspace, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    calls = {"encode": 0}
+    original = AutoencoderKL.encode
+
+    def counting(self, *args, **kwargs):
+        calls["encode"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(AutoencoderKL, "encode", counting)
+    cfg = make_cfg(tiny_sd, workspace, train_text_encoder=True, center_crop=False, max_train_steps=2,
+                   validation_every=0, text_encoder_lr=5e-4)
+    run, events = run_train(cfg)
+    assert kinds(events)[-1] == "finished"
+    warnings = " ".join(e.message for e in events if e.kind == "warning")
+    assert "Random crop" in warnings and "text encoder is training" in warnings
+    assert calls["encode"] == 2  # one VAE encode per step, no cache
+    kohya = load_file(str(run.lora_dir / f"{run.name}-kohya.safetensors"))
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in kohya
+    assert not any(k.startswith("lora_te1_") for k in kohya)
+
+
+# ----------------------------------------------------------------------------- cache
+def test_second_run_reads_the_latent_cache_without_a_vae_encode(tiny_sd, workspace, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    calls = {"encode": 0}
+    original = AutoencoderKL.encode
+
+    def counting(self, *args, **kwargs):
+        calls["encode"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(AutoencoderKL, "encode", counting)
+    cfg = make_cfg(tiny_sd, workspace, max_train_steps=2, validation_every=0, random_flip=True)
+    _, first = run_train(cfg)
+    assert calls["encode"] == 2  # four images, encoded once per orientation, in one batch each
+    calls["encode"] = 0
+    _, second = run_train(cfg)
+    assert calls["encode"] == 0
+    assert any("loaded from cache" in e.message for e in second)
+    # a different resolution is a different cache
+    run_train(cfg.replace(resolution=24, max_train_steps=1))
+    assert calls["encode"] == 2
+
+
+# ----------------------------------------------------------------------------- full, resume
+def test_full_finetune_with_ema_exports_a_pipeline(tiny_sd, workspace):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    cfg = make_cfg(tiny_sd, workspace, method="full", use_ema=True, learning_rate=1e-3, max_train_steps=2,
+                   validation_every=0, prediction_type="v_prediction")
+    run, events = run_train(cfg)
+    assert kinds(events)[-1] == "finished"
+    pipe = StableDiffusionPipeline.from_pretrained(run.model_dir, use_safetensors=True)
+    before = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
+    changed = [not torch.equal(a, b) for a, b in zip(before.parameters(), pipe.unet.parameters())]
+    assert any(changed)
+    assert (run.model_dir / "README.md").is_file()
+
+
+def test_stop_then_resume_latest_is_bit_exact(tiny_sd, workspace):
+    cfg = make_cfg(tiny_sd, workspace, max_train_steps=4, validation_every=0, random_flip=True,
+                   caption_dropout=0.3, gradient_accumulation_steps=2, train_batch_size=2,
+                   lr_scheduler="linear", run_name="straight")
+    straight, _ = run_train(cfg)
+
+    stop = threading.Event()
+    resumed_cfg = cfg.replace(run_name="interrupted")
+    run, events = run_train(resumed_cfg, stop, on_event=lambda e: stop.set() if e.kind == "step" and e.step == 2 else None)
+    assert kinds(events)[-1] == "stopped" and events[-1].step == 2 and Path(events[-1].path).is_dir()
+    assert not run.lora_dir.exists()
+    run, events = run_train(resumed_cfg.replace(resume="latest"))
+    assert kinds(events)[-1] == "finished"
+    assert [e.step for e in events if e.kind == "step"] == [3, 4]
+    a = load_file(str(straight.lora_dir / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(run.lora_dir / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_non_finite_loss_stops_before_anything_is_saved(tiny_sd, workspace, monkeypatch):
+    from studio.trainers import text_to_image
+
+    real = text_to_image._Trainer.loss_on
+
+    def broken(self, latents, hidden):
+        return real(self, latents, hidden) * float("nan")
+
+    monkeypatch.setattr(text_to_image._Trainer, "loss_on", broken)
+    with pytest.raises(StudioError, match="loss became nan"):
+        run_train(make_cfg(tiny_sd, workspace, checkpoint_every=1))
+    run = next(workspace.glob("finetune-*"))
+    assert not any((run / "checkpoints").glob("step-*")) and not (run / "lora").exists()
+
+
+# ----------------------------------------------------------------------------- DreamBooth
+def test_dreambooth_with_prior_preservation(tiny_sd, workspace):
+    cfg = make_cfg(tiny_sd, workspace, method="dreambooth-lora", instance_prompt="a sks emoji",
+                   class_prompt="an emoji", with_prior_preservation=True, num_class_images=2,
+                   max_train_steps=2, validation_every=0, validation_prompts=())
+    run, events = run_train(cfg)
+    assert kinds(events)[-1] == "finished"
+    assert sorted(p.name for p in (run.root / "class_images").glob("*.png")) == ["0000.png", "0001.png"]
+    assert any("generating 2 class images" in e.message for e in events)
+    samples = [e for e in events if e.kind == "samples"]
+    assert samples and samples[0].message.startswith("a sks emoji")  # the instance prompt validates
+    assert "Trigger words: `a sks emoji`" in (run.lora_dir / "README.md").read_text()
+
+
+# ----------------------------------------------------------------------------- messages
+def test_out_of_memory_advice_fits_the_settings(tmp_path):
+    from studio.trainers.text_to_image import _is_oom, out_of_memory_error
+
+    cfg = FinetuneConfig(pretrained_model_name_or_path="m", method="full", train_batch_size=4, resolution=512)
+    err = out_of_memory_error(cfg, RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"))
+    for tip in ("LoRA", "gradient checkpointing", "smaller batch", "lower the resolution"):
+        assert tip in err.user_message
+    assert _is_oom(RuntimeError("CUDA out of memory")) and not _is_oom(RuntimeError("shape mismatch"))
+    lora = FinetuneConfig(pretrained_model_name_or_path="m", gradient_checkpointing=True, resolution=256)
+    assert "LoRA" not in out_of_memory_error(lora, MemoryError()).user_message
+
+
+def test_push_to_hub_offline_says_so(tmp_path, monkeypatch):
+    from studio.trainers.text_to_image import push_to_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    message = push_to_hub(tmp_path, "me/my-lora")
+    assert message.startswith("Not pushed to the Hub: the studio is offline") and "hf upload me/my-lora" in message
