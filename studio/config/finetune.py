@@ -98,7 +98,6 @@ class FinetuneConfig(ConfigBase):
     checkpoints_total_limit: int = option(2, "Keep at most this many checkpoints (older ones are deleted).")
     cache_latents: bool = option(
         True, "Encode images and captions once before training and free the VAE/text encoder (faster).")
-    save_single_file: bool = option(False, "Full fine-tune: also write one .safetensors checkpoint of the pipeline.")
     push_to_hub: bool = option(False, "Upload the result to the Hugging Face Hub when done (needs a token).")
     hub_model_id: str = option("", "Hub repository to push to, e.g. user/my-lora.")
     resume: str = option("", "'' for a new run, 'latest', or a checkpoint folder to resume from.")
