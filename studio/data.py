@@ -320,7 +320,9 @@ def _scan(cfg: DataConfig, progress: Progress | None) -> _Scan:
     return _scan_hub(cfg)
 
 
-def _check(cfg: DataConfig, scan: _Scan, progress: Progress | None) -> ImageDataset:
+def _check(cfg: DataConfig, scan: _Scan, progress: Progress | None,
+           visit: Callable[[int, Image.Image], None] | None = None) -> ImageDataset:
+    """Decode every scanned image once; keep the good ones. ``visit(k, image)`` sees the k-th good one."""
     names, readers, sizes, captions = [], [], [], []
     skipped = list(scan.skipped)
     total = len(scan.names)
@@ -332,6 +334,8 @@ def _check(cfg: DataConfig, scan: _Scan, progress: Progress | None) -> ImageData
         except _Skip as skip:
             skipped.append(SkippedFile(name, skip.reason))
             continue
+        if visit is not None:
+            visit(len(names), im)
         sizes.append(im.size)
         names.append(name)
         readers.append(reader)
@@ -587,11 +591,13 @@ def unpack_upload(files: Iterable[str | Path], dest: Path, *, max_bytes: int = M
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
+    budget = max_bytes
     for path in paths:
         if not path.is_file():
             raise DataError(f"The uploaded file {path.name} is gone.", "Upload it again.")
         if path.suffix.lower() == ".zip":
-            extract_zip(path, dest / _unique(path.stem, used), max_bytes=max_bytes)
+            folder = extract_zip(path, dest / _unique(path.stem, used), max_bytes=budget)
+            budget -= sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
             continue
         name = _unique(path.name, used)
         if _is_junk(Path(name)):
@@ -684,7 +690,7 @@ def _load_hub_split(cfg: DataConfig) -> tuple[Any, list[str], str]:
 
 def detect_columns(features: dict[str, Any]) -> tuple[list[str], list[str]]:
     """Image and caption column candidates of a datasets ``Features`` mapping, best first."""
-    from datasets import Image as ImageFeature, Value
+    from datasets import ClassLabel, Image as ImageFeature, Value
 
     image_cols = [name for name, feat in features.items() if isinstance(feat, ImageFeature)]
     image_cols += [n for n in IMAGE_COLUMN_NAMES if n in features and n not in image_cols]
@@ -692,6 +698,8 @@ def detect_columns(features: dict[str, Any]) -> tuple[list[str], list[str]]:
                    if isinstance(feat, Value) and feat.dtype in ("string", "large_string")]
     ranked = [c for c in CAPTION_COLUMNS if c in string_cols]
     ranked += [c for c in string_cols if c not in ranked]
+    # Class labels (e.g. flower species) can serve as captions when picked: their names are used.
+    ranked += [name for name, feat in features.items() if isinstance(feat, ClassLabel)]
     return image_cols, ranked
 
 
@@ -724,8 +732,12 @@ def _scan_hub(cfg: DataConfig) -> _Scan:
     table = ds.select_columns([image_col])
     captions = None
     if caption_col:
+        values = ds[caption_col]
+        feature = ds.features[caption_col]
+        if hasattr(feature, "int2str"):  # ClassLabel: the class name is the caption
+            values = [None if v is None or v < 0 else feature.int2str(int(v)) for v in values]
         captions = ["" if c is None else (c[0] if isinstance(c, list) and c else str(c)).strip()
-                    for c in ds[caption_col]]
+                    for c in values]
     names = [f"{split}/{i}" for i in range(len(ds))]
     readers = [(lambda i=i: _hub_cell_bytes(table, image_col, i)) for i in range(len(ds))]
     fingerprint = _digest("hub", hub_id, split, image_col, caption_col, cfg.max_rows,
@@ -838,13 +850,16 @@ def load_tensor_cache(cfg: DataConfig, resolution: int, cache_root: Path, *, cen
                 return TensorCache(pixels.contiguous(), meta["captions"], meta["names"], key)
         except Exception:  # noqa: BLE001 - any damage (truncated file, bad header): rebuild below
             pass
-    ds = _check(cfg, scan, progress)
-    pixels = torch.empty((len(ds), 3, resolution, resolution), dtype=torch.uint8)
-    for i in range(len(ds)):
-        if progress and i % 64 == 0:
-            progress(i / max(len(ds), 1), f"Decoding images {i}/{len(ds)} at {resolution}px")
-        im = resize_to_square(ds.image(i), resolution, center_crop=center_crop)
-        pixels[i] = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
+    # One pass: each image is checked, resized and stored as it is decoded (never decoded twice).
+    pixels = torch.empty((len(scan.names), 3, resolution, resolution), dtype=torch.uint8)
+
+    def store(k: int, im: Image.Image) -> None:
+        small = resize_to_square(im, resolution, center_crop=center_crop)
+        pixels[k] = torch.from_numpy(np.asarray(small, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+    ds = _check(cfg, scan, progress, visit=store)
+    if len(ds) < pixels.shape[0]:  # some files were skipped
+        pixels = pixels[: len(ds)].clone()
     folder.mkdir(parents=True, exist_ok=True)
     tmp_tensor = tensor_path.with_suffix(".safetensors.tmp")
     tmp_meta = meta_path.with_suffix(".json.tmp")

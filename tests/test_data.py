@@ -458,6 +458,14 @@ def test_zip_with_lying_header_never_writes_past_the_cap(tmp_path: Path, monkeyp
     assert not written.exists() or written.stat().st_size <= 1_000_000
 
 
+def test_zip_cap_counts_all_zips_of_an_upload(tmp_path: Path):
+    first = _zip(tmp_path / "one.zip", {"a.bin": b"\0" * 600_000})
+    second = _zip(tmp_path / "two.zip", {"b.bin": b"\0" * 600_000})
+    unpack_upload([first], tmp_path / "ok", max_bytes=1_000_000)
+    with pytest.raises(DataError, match="expands to"):
+        unpack_upload([first, second], tmp_path / "u", max_bytes=1_000_000)
+
+
 def test_damaged_zip(tmp_path: Path):
     bad = tmp_path / "bad.zip"
     bad.write_bytes(b"PK\x03\x04 not really")
@@ -502,6 +510,21 @@ def test_hub_overrides_and_row_limit(hub_folder: Path):
     assert len(ds) == 2
     with pytest.raises(DataError, match="has no column 'nope'"):
         load_image_dataset(DataConfig(source="hub", hub_id=str(hub_folder), image_column="nope"))
+
+
+def test_hub_class_label_column_gives_class_names_as_captions(tmp_path: Path):
+    from datasets import ClassLabel, Dataset, Features, Image as ImageFeature
+
+    root = tmp_path / "flowers"
+    root.mkdir()
+    feats = Features({"image": ImageFeature(), "label": ClassLabel(names=["daisy", "rose"])})
+    rows = [{"image": {"bytes": png_bytes(Image.new("RGB", (8, 8), c)), "path": None}, "label": i % 2}
+            for i, c in enumerate(["white", "red", "yellow"])]
+    Dataset.from_list(rows, features=feats).to_parquet(str(root / "train.parquet"))
+    auto = load_image_dataset(DataConfig(source="hub", hub_id=str(root)))
+    assert auto.captions is None and auto.info.caption_columns == ["label"]
+    picked = load_image_dataset(DataConfig(source="hub", hub_id=str(root), caption_column="label"))
+    assert picked.captions == ["daisy", "rose", "daisy"]
 
 
 def test_hub_imagefolder_with_metadata(good_folder: Path):
@@ -594,6 +617,26 @@ def test_tensor_cache_decodes_once(tmp_path: Path, monkeypatch):
     assert again.key == cache.key
     assert bool((again.pixels == cache.pixels).all())
     assert again.captions == cache.captions
+
+
+def test_tensor_cache_decodes_each_image_once_and_leaves_out_skipped(tmp_path: Path, monkeypatch):
+    root = tmp_path / "mixed"
+    for i, color in enumerate(["red", "green", "blue"]):
+        save(root / f"{i}.png", Image.new("RGB", (12, 12), color))
+    (root / "3.png").write_bytes(b"")
+    real_decode = data_mod._decode
+    calls = []
+
+    def counting(data, **kwargs):
+        calls.append(data)
+        return real_decode(data, **kwargs)
+
+    monkeypatch.setattr(data_mod, "_decode", counting)
+    cache = load_tensor_cache(folder_cfg(root), 8, tmp_path / "c")
+    assert len(calls) == 4  # three good images and the empty file, each read once
+    assert cache.names == ["0.png", "1.png", "2.png"] and tuple(cache.pixels.shape) == (3, 3, 8, 8)
+    assert cache.pixels.is_contiguous()
+    assert cache.pixels[2, :, 4, 4].tolist() == [0, 0, 255]
 
 
 def test_tensor_cache_key_depends_on_resolution_and_crop(tmp_path: Path):

@@ -91,6 +91,31 @@ def test_preview_bad_folder_raises_clear_error(tmp_path: Path):
         tab.preview_dataset(tab.build_config("folder", folder=str(tmp_path / "empty")))
 
 
+def test_preview_hub_fills_the_dropdown_choices(tmp_path: Path):
+    from datasets import Dataset, Features, Image as ImageFeature, Value
+
+    root = tmp_path / "hubset"
+    root.mkdir()
+    feats = Features({"img": ImageFeature(), "caption": Value("string"), "note": Value("string")})
+    rows = [{"img": {"bytes": _png(c), "path": None}, "caption": f"a {c} tile", "note": c} for c in ["red", "blue"]]
+    Dataset.from_list(rows, features=feats).to_parquet(str(root / "train.parquet"))
+    Dataset.from_list(rows[:1], features=feats).to_parquet(str(root / "validation.parquet"))
+    view = tab.preview_dataset(tab.build_config("hub", hub_id=str(root)))
+    assert sorted(view.splits) == ["train", "validation"]
+    assert view.image_columns == ["img"] and view.caption_columns == ["caption", "note"]
+    assert [c for _, c in view.gallery] == ["a red tile", "a blue tile"]
+    view = tab.preview_dataset(tab.build_config("hub", hub_id=str(root), split="validation", caption_column="note"))
+    assert [c for _, c in view.gallery] == ["red"] and view.dataset.names == ["validation/0"]
+
+
+def _png(color: str) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def test_save_upload_unpacks_zip_into_workspace(tmp_path: Path):
     src = _folder(tmp_path / "src")
     archive = tmp_path / "set.zip"
