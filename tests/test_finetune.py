@@ -143,6 +143,10 @@ def test_exported_lora_loads_back_into_the_base_pipeline(tiny_sd, workspace):
     other = StableDiffusionPipeline.from_pretrained(tiny_sd, use_safetensors=True)
     other.load_lora_weights(run.lora_dir, weight_name=f"{run.name}-kohya.safetensors")
     assert torch.allclose(image(other), with_lora, atol=1e-5)
+    # the Generate tab's loader takes the run folder itself: base model from config.json + the LoRA
+    from studio.models import load_pipeline
+
+    assert torch.allclose(image(load_pipeline(str(run.root), "cpu", workspace=workspace)), with_lora, atol=1e-5)
 
 
 def test_text_encoder_lora_and_random_crop_fall_back_to_per_step_encoding(tiny_sd, workspace, monkeypatch):
@@ -201,6 +205,9 @@ def test_full_finetune_with_ema_exports_a_pipeline(tiny_sd, workspace):
     run, events = run_train(cfg)
     assert kinds(events)[-1] == "finished"
     pipe = StableDiffusionPipeline.from_pretrained(run.model_dir, use_safetensors=True)
+    from studio.trainers.text_to_image import load_base_pipeline
+
+    assert load_base_pipeline(str(run.root), workspace).unet.config == pipe.unet.config  # a run is a base too
     before = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
     changed = [not torch.equal(a, b) for a, b in zip(before.parameters(), pipe.unet.parameters())]
     assert any(changed)

@@ -87,33 +87,24 @@ def open_run(cfg: FinetuneConfig, run: RunDir | None = None) -> RunDir:
     return RunDir(runs[0].path)
 
 
-def load_base_pipeline(reference: str, device: str):
-    """Load the base Stable Diffusion pipeline (fp32 on CPU) through the studio's model loader.
+def load_base_pipeline(reference: str, workspace: str | Path | None = None) -> Any:
+    """Load the base Stable Diffusion pipeline (fp32, CPU) through the studio's model loader.
+
+    Accepts whatever the Generate tab accepts: a Hub id, a diffusers folder, a single
+    ``.safetensors`` file, or a run of this workspace that exported a ``model/``.
 
     Raises:
-        ModelError: when the reference cannot be loaded, is not a Stable Diffusion
-            pipeline, or is SDXL (not covered by this trainer).
+        ModelError: when the reference cannot be loaded, is a LoRA run, is not a Stable
+            Diffusion pipeline, or is SDXL (not covered by this trainer).
     """
-    try:
-        from studio.models import load_pipeline
-    except ImportError:  # the Generate engineer's loader is not in this tree yet
-        load_pipeline = None
-    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
-    if load_pipeline is not None:
-        pipe = load_pipeline(reference, "cpu", dtype=torch.float32, offline=offline)
-    else:
-        from diffusers import StableDiffusionPipeline
+    from studio.models import is_offline, load_pipeline, resolve_reference
 
-        path = Path(reference).expanduser()
-        if (path / "model" / "model_index.json").is_file():
-            path = path / "model"
-        try:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                str(path) if path.exists() else reference, use_safetensors=True,
-                local_files_only=offline or path.exists(), safety_checker=None, requires_safety_checker=False)
-        except Exception as exc:  # diffusers raises many kinds; say what to do instead
-            raise ModelError(f"Could not load the base model {reference!r}: {describe_exception(exc)}",
-                             "Give a Stable Diffusion diffusers folder, a run with a model/, or a cached Hub id.") from exc
+    offline = is_offline()
+    ref = resolve_reference(reference, workspace, offline)
+    if ref.kind == "lora-run":
+        raise ModelError(f"{reference} is a LoRA run, not a full model.",
+                         f"Fine-tune its base model ({ref.base.label}) instead, or a full fine-tune run.")
+    pipe = load_pipeline(ref, "cpu", dtype=torch.float32, offline=offline, workspace=workspace)
     return check_sd_pipeline(pipe, reference)
 
 
@@ -287,7 +278,7 @@ class _Trainer:
 
         # 2. the base model
         report("status", message=f"loading base model {cfg.pretrained_model_name_or_path}")
-        pipe = load_base_pipeline(cfg.pretrained_model_name_or_path, device)
+        pipe = load_base_pipeline(cfg.pretrained_model_name_or_path, cfg.workspace)
         from diffusers import DDPMScheduler
 
         self.pipe = pipe
