@@ -861,8 +861,11 @@ def load_tensor_cache(cfg: DataConfig, resolution: int, cache_root: Path, *, cen
     if len(ds) < pixels.shape[0]:  # some files were skipped
         pixels = pixels[: len(ds)].clone()
     folder.mkdir(parents=True, exist_ok=True)
-    tmp_tensor = tensor_path.with_suffix(".safetensors.tmp")
-    tmp_meta = meta_path.with_suffix(".json.tmp")
+    # Unique temp names: several processes (torchrun) may build the same cache at once;
+    # each renames its own complete file into place, and the last rename wins.
+    tag = f".{os.getpid()}-{os.urandom(3).hex()}.tmp"
+    tmp_tensor = tensor_path.with_name(tensor_path.name + tag)
+    tmp_meta = meta_path.with_name(meta_path.name + tag)
     save_file({"pixels": pixels.contiguous()}, str(tmp_tensor))
     tmp_meta.write_text(json.dumps({"key": key, "source": cfg.to_dict(), "resolution": resolution,
                                     "center_crop": center_crop, "names": ds.names, "captions": ds.captions}),

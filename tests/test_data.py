@@ -659,6 +659,27 @@ def captions_none(cache: TensorCache) -> bool:
     return cache.captions is None
 
 
+def test_tensor_cache_built_by_two_writers_at_once(tmp_path: Path, monkeypatch):
+    """Two processes (torchrun) may build the same cache at once: interleave them deterministically."""
+    import safetensors.torch as st
+
+    cfg = DataConfig(source="emoji", max_rows=4)
+    real_save = st.save_file
+    nested = []
+
+    def save_then_let_the_other_writer_finish(tensors, path, *args, **kwargs):
+        real_save(tensors, path, *args, **kwargs)
+        if not nested:  # the first writer pauses here while a second one writes the whole cache
+            nested.append(None)
+            nested[0] = load_tensor_cache(cfg, 8, tmp_path)
+
+    monkeypatch.setattr(st, "save_file", save_then_let_the_other_writer_finish)
+    first = load_tensor_cache(cfg, 8, tmp_path)
+    assert first.key == nested[0].key
+    files = sorted(f.name for f in (tmp_path / "datasets").iterdir())
+    assert files == [f"{first.key}.json", f"{first.key}.safetensors"]  # no temp file left behind
+
+
 def test_damaged_cache_is_rebuilt(tmp_path: Path):
     cfg = DataConfig(source="emoji", max_rows=3)
     cache = load_tensor_cache(cfg, 8, tmp_path)
