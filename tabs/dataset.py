@@ -211,6 +211,12 @@ def export_dataset(cfg: DataConfig, target: str, workspace: Path,
     return f"Exported {len(ds)} images to {out}{caps}."
 
 
+def input_values(cfg: DataConfig) -> list[Any]:
+    """The tab's input widget values that rebuild ``cfg`` (inverse of ``build_config``)."""
+    return [cfg.source, cfg.path if cfg.source == "folder" else "", cfg.path if cfg.source == "upload" else "",
+            cfg.hub_id, cfg.split, cfg.image_column, cfg.caption_column, cfg.max_rows, cfg.require_captions]
+
+
 def source_visibility(source: str) -> tuple[bool, bool, bool]:
     """Which input groups (folder, upload, hub) show for ``source``."""
     return source == "folder", source == "upload", source == "hub"
@@ -315,10 +321,13 @@ def build_dataset_tab(ctx: StudioContext) -> dict:
             return failed(exc)
 
     def on_page_load(progress: gr.Progress = gr.Progress()) -> tuple:
+        # A reloaded page shows the current training dataset, with the inputs that made it.
+        cfg = ctx.dataset.get().config
+        inputs = tuple(input_values(cfg)) + tuple(gr.update(visible=v) for v in source_visibility(cfg.source))
         try:
-            return render(ctx.dataset.get().config, progress)
+            return render(cfg, progress) + inputs
         except Exception as exc:  # noqa: BLE001
-            return failed(exc)
+            return failed(exc) + inputs
 
     def on_upload(files: list[Any] | None) -> tuple[str, str]:
         try:
@@ -348,10 +357,12 @@ def build_dataset_tab(ctx: StudioContext) -> dict:
                         api_name="export_dataset")
     root = gr.context.Context.root_block
     if root is not None:
-        root.load(on_page_load, outputs=view_outputs, api_name="preview_current_dataset")
+        root.load(on_page_load, outputs=view_outputs + config_inputs + [folder_box, upload_box, hub_box],
+                  api_name="preview_current_dataset")
+    hub_id.input(lambda: ("", ""), outputs=[split, image_column], api_name="reset_hub_columns", queue=False)
     return {"status": status, "gallery": gallery}
 
 
 __all__ = ["DatasetView", "build_config", "preview_dataset", "size_report", "skipped_table", "counts_line",
-           "save_upload", "export_dataset", "default_export_dir", "resolve_export_dir", "source_visibility",
+           "save_upload", "export_dataset", "default_export_dir", "resolve_export_dir", "source_visibility", "input_values",
            "build_dataset_tab"]

@@ -41,6 +41,16 @@ def test_build_config_per_source():
         tab.build_config("emoji", max_rows=-1)
 
 
+@pytest.mark.parametrize("cfg", [
+    DataConfig(),
+    DataConfig(source="folder", path="/data/cats", caption_column="caption", max_rows=10, require_captions=True),
+    DataConfig(source="upload", path="/ws/uploads/x"),
+    DataConfig(source="hub", hub_id="user/set", split="test", image_column="img", caption_column="text"),
+])
+def test_input_values_round_trip(cfg):
+    assert tab.build_config(*tab.input_values(cfg)) == cfg
+
+
 def test_source_visibility():
     assert tab.source_visibility("emoji") == (False, False, False)
     assert tab.source_visibility("folder") == (True, False, False)
@@ -180,6 +190,10 @@ def test_app_loads_emoji_and_reports_a_broken_folder(client, launched_app, tmp_p
     assert "The training dataset is still: 1911 images from emoji" in status
     assert ctx.dataset.get().config.source == "emoji"
 
+    *_, status, _, _, _ = client.predict(
+        "hub", "", "", "nobody-here/no-such-dataset", "", "", "", 0, False, api_name="/load_dataset")
+    assert "not in the local cache and the studio is offline" in status
+
 
 @pytest.mark.integration
 def test_app_upload_load_and_export(client, launched_app, tmp_path: Path):
@@ -200,3 +214,9 @@ def test_app_upload_load_and_export(client, launched_app, tmp_path: Path):
     assert choice.config.source == "upload" and choice.count == 3 and choice.has_captions
     export_status = client.predict("", api_name="/export_dataset")
     assert export_status.startswith("Exported 3 images to " + str(ctx.workspace / "exports"))
+
+    # A page opened later shows the current training dataset with the inputs that made it.
+    outputs = client.predict(api_name="/preview_current_dataset")
+    gallery, counts, status = outputs[0], outputs[1], outputs[4]
+    assert len(gallery) == 3 and counts.startswith("**3** images") and "Loaded 3 images" in status
+    assert outputs[8:11] == ("upload", "", folder)
