@@ -131,8 +131,9 @@ def counts_line(ds: ImageDataset) -> str:
     """Markdown: images, captioned images, skipped files, source."""
     captioned = sum(1 for c in ds.captions if c.strip()) if ds.captions is not None else 0
     where = f" (from {ds.info.caption_source})" if ds.info.caption_source else ""
+    credit = " · graphics: Twemoji by Twitter, Inc and contributors, CC-BY 4.0" if ds.config.source == "emoji" else ""
     return (f"**{len(ds)}** images · **{captioned}** with captions{where} · "
-            f"**{len(ds.skipped)}** skipped · source: {ds.config.label}")
+            f"**{len(ds.skipped)}** skipped · source: {ds.config.label}{credit}")
 
 
 def preview_dataset(cfg: DataConfig, *, preview_count: int = PREVIEW_COUNT,

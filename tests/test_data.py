@@ -419,6 +419,13 @@ def test_upload_of_files_and_zip(tmp_path: Path):
     assert not (dest / "more" / "__MACOSX").exists()
 
 
+def test_folder_source_given_a_zip_unpacks_it_beside(tmp_path: Path):
+    archive = _zip(tmp_path / "tiles.zip", {"a.png": png_bytes(Image.new("RGB", (8, 8), "red")), "a.txt": b"red"})
+    ds = load_image_dataset(folder_cfg(archive))
+    assert ds.names == ["a.png"] and ds.captions == ["red"]
+    assert (tmp_path / "tiles-unpacked" / "a.png").is_file()
+
+
 def test_upload_nothing_is_a_clear_error(tmp_path: Path):
     with pytest.raises(DataError, match="No files were uploaded"):
         unpack_upload([], tmp_path / "u")

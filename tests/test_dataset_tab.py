@@ -77,6 +77,7 @@ def test_preview_emoji():
     image, caption = view.gallery[0]
     assert image.size == (64, 64) and caption == "grinning face, smileys & emotion, face-smiling"
     assert view.counts.startswith("**1911** images · **1911** with captions")
+    assert "Twemoji" in view.counts and "CC-BY 4.0" in view.counts  # the licence asks for attribution
     assert "| width | 64 / 64 / 64 px |" in view.sizes
     assert view.skipped == []
     assert "now the training dataset" in view.status
