@@ -1,0 +1,53 @@
+"""A person in a browser: load a model, pick "DPM++ 2M Karras", generate, see the image."""
+
+from __future__ import annotations
+
+import pytest
+
+from tiny_pipelines import tiny_sd  # noqa: F401  (fixture)
+
+pytestmark = [pytest.mark.browser, pytest.mark.integration]
+
+
+def test_generate_an_image_with_dpm_2m_karras(page, tiny_sd, launched_app):
+    app, _ = launched_app
+    page.get_by_role("tab", name="Generate").click()
+    model = page.locator("#gen-model input")
+    model.click()
+    model.fill(str(tiny_sd))
+    model.press("Enter")
+    page.locator("#gen-load").click()
+    status = page.locator("#gen-model-status textarea")
+    page.wait_for_function(
+        "() => document.querySelector('#gen-model-status textarea').value.startsWith('Loaded')", timeout=60_000)
+    assert "StableDiffusionPipeline" in status.input_value()
+
+    # Only compatible samplers are offered: LCM is not, DPM++ 2M Karras is.
+    box = page.locator("#gen-scheduler input")
+    box.click()
+    page.get_by_role("option", name="Euler a", exact=True).wait_for(state="visible")
+    offered = page.get_by_role("option").all_inner_texts()
+    assert "DPM++ 2M Karras" in offered and "DDPM" in offered
+    assert "LCM" not in offered and "Flow Match Euler" not in offered
+    box.fill("DPM++ 2M Karras")
+    page.get_by_role("option", name="DPM++ 2M Karras", exact=True).click()
+    page.wait_for_function("() => document.querySelector('#gen-scheduler input').value === 'DPM++ 2M Karras'")
+
+    page.locator("#gen-prompt textarea").fill("a blue bird")
+    steps = page.locator("#gen-steps input[type=number]")
+    steps.fill("3")
+    steps.press("Enter")
+    seed = page.locator("#gen-seed input")
+    seed.fill("31")
+    seed.press("Enter")
+    page.locator("#gen-generate").click()
+
+    page.wait_for_function(
+        "() => document.querySelector('#gen-progress textarea').value === 'Done.'", timeout=60_000)
+    image = page.locator("#gen-gallery img").first
+    image.wait_for(state="visible")
+    assert image.evaluate("img => img.complete && img.naturalWidth") == 16
+    info = page.locator("#gen-info textarea").input_value()
+    assert "DPM++ 2M Karras" in info and "seed 31" in info
+    saved = list((app.studio_context.workspace / "outputs").rglob("*-31.png"))
+    assert len(saved) == 1
