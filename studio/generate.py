@@ -365,3 +365,41 @@ def image_parameters(cfg: GenerateConfig, seed: int, size: tuple[int, int], samp
         params["Lora"] = cfg.lora
         params["Lora scale"] = cfg.lora_scale
     return format_parameters(cfg.prompt if prompt else "", cfg.negative_prompt if prompt else "", params)
+
+
+def run_cli(cfg: GenerateConfig, events: Callable[[Any], None], stop: threading.Event) -> Path:
+    """``python -m studio generate --config gen.json``: one request, headless.
+
+    Args:
+        cfg: The request; ``cfg.model`` is required, ``cfg.workspace``/``cfg.device`` say where.
+        events: ``studio.events`` sink (status, one "samples" per image, then finished/stopped).
+        stop: Set by Ctrl-C; the current batch is abandoned and finished images are kept.
+
+    Returns:
+        The folder the images were saved in.
+
+    Raises:
+        ConfigError: no model in the config.
+        ModelError: the model cannot be loaded.
+    """
+    from studio.events import Event
+    from studio.models import PipelineManager
+
+    if not cfg.model:
+        raise ConfigError("The config names no model: set \"model\" to a Hub id, a folder, a .safetensors file "
+                          "or a run folder.")
+    manager = PipelineManager(cfg.device, Path(cfg.workspace or "runs").expanduser().resolve())
+    events(Event("status", message=f"loading {cfg.model} on {manager.device}"))
+    manager.load(cfg.model)
+    batches = {"done": 0}
+
+    def on_progress(progress: Progress) -> None:
+        if len(progress.images) > batches["done"]:
+            for image in progress.images[batches["done"]:]:
+                events(Event("samples", path=str(image.path), message=f"seed {image.seed}"))
+            batches["done"] = len(progress.images)
+
+    result = generate(manager, cfg, on_progress=on_progress, stop=stop)
+    folder = output_dir(manager.workspace)
+    events(Event("stopped" if result.stopped else "finished", path=str(folder), message=result.summary))
+    return folder

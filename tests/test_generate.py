@@ -190,3 +190,31 @@ def test_unconditional_ignores_prompt_and_guidance_in_metadata(manager, tiny_ddp
     text = read_png_parameters(result.images[0].path)
     assert text.startswith("\nSteps: 2") and "CFG scale" not in text and "Size: 8x8" in text
     assert Path(result.images[0].path).is_file()
+
+
+def test_headless_generate_from_a_config_file(tiny_sd, tmp_path, capsys):
+    cli = pytest.importorskip("studio.cli")
+    config = tmp_path / "gen.json"
+    GenerateConfig(model=str(tiny_sd), prompt="a cat", num_inference_steps=2, seed=8, batch_size=2,
+                   scheduler="Euler a", device="cpu").to_json(config)
+    workspace = tmp_path / "ws"
+    assert cli.main(["generate", "--config", str(config), "--workspace", str(workspace), "--quiet"]) == 0
+    saved = sorted((workspace / "outputs").rglob("*.png"))
+    assert [p.name.split("-")[1] for p in saved] == ["8.png", "9.png"]
+    assert "Sampler: Euler a" in read_png_parameters(saved[0])
+    assert "finished: 2 images" in capsys.readouterr().out
+    no_model = tmp_path / "none.json"
+    GenerateConfig(prompt="x").to_json(no_model)
+    assert cli.main(["generate", "--config", str(no_model), "--workspace", str(workspace)]) == 2
+    assert "names no model" in capsys.readouterr().err
+
+
+def test_run_cli_reports_each_image(tiny_ddpm, tmp_path):
+    from studio.generate import run_cli
+
+    events = []
+    folder = run_cli(GenerateConfig(model=str(tiny_ddpm), num_inference_steps=2, seed=1, batch_count=2,
+                                    workspace=str(tmp_path), device="cpu"), events.append, threading.Event())
+    kinds = [e.kind for e in events]
+    assert kinds == ["status", "samples", "samples", "finished"]
+    assert all(Path(e.path).parent == folder for e in events if e.kind == "samples")

@@ -39,6 +39,9 @@ class GenerateConfig(ConfigBase):
     scheduler: str = option(DEFAULT_SCHEDULER, "Sampler; only those compatible with the model are offered.")
     lora: str = option("", "Optional LoRA: a .safetensors file or a Fine-tune run folder.")
     lora_scale: float = option(1.0, "How strongly the LoRA applies (0 = not at all).")
+    workspace: str = option("", "Headless runs only: folder whose outputs/ receives the images (empty = ./runs). "
+                            "The app always uses its own workspace.")
+    device: str = option("auto", "Headless runs only: auto, cpu, cuda or mps. The app uses its launch device.")
 
     def __post_init__(self) -> None:
         for label, value in (("Width", self.width), ("Height", self.height)):
@@ -58,6 +61,8 @@ class GenerateConfig(ConfigBase):
         require(isinstance(self.batch_count, int) and 1 <= self.batch_count <= MAX_BATCH_COUNT,
                 f"Batch count must be between 1 and {MAX_BATCH_COUNT} (got {self.batch_count!r}).")
         require_choice(self.scheduler, SCHEDULER_NAMES, "Scheduler")
+        require(isinstance(self.device, str) and (self.device in ("auto", "cpu", "mps") or self.device.startswith("cuda")),
+                f"Device must be auto, cpu, cuda[:N] or mps (got {self.device!r}).")
         require(isinstance(self.lora_scale, (int, float)) and -2 <= self.lora_scale <= 2,
                 f"LoRA scale must be between -2 and 2 (got {self.lora_scale!r}).")
         self.guidance_scale = float(self.guidance_scale)
