@@ -143,8 +143,13 @@ def open_image(data: bytes | Path, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Ima
         raise DataError(f"Cannot use {name}: {skip.reason}.") from None
 
 
-def _decode(data: bytes | Path, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """``open_image`` raising ``_Skip`` (the loader turns those into skipped files)."""
+def _decode(data: bytes | Path, *, max_pixels: int = MAX_IMAGE_PIXELS,
+            draft: tuple[int, int] | None = None) -> Image.Image:
+    """``open_image`` raising ``_Skip`` (the loader turns those into skipped files).
+
+    ``draft`` lets JPEG decode at a reduced scale (1/2 .. 1/8) that stays at least
+    that size: much faster when the image is only needed small (the tensor cache).
+    """
     if isinstance(data, Path):
         try:
             data = data.read_bytes()
@@ -174,6 +179,8 @@ def _decode(data: bytes | Path, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.
             raise _Skip("image has no pixels")
         try:
             im.seek(0)  # first frame of an animated GIF/WebP/TIFF
+            if draft is not None and fmt in ("JPEG", "MPO"):
+                im.draft(None, draft)
             im.load()
             return to_rgb(im)
         except Image.DecompressionBombError:
@@ -321,7 +328,8 @@ def _scan(cfg: DataConfig, progress: Progress | None) -> _Scan:
 
 
 def _check(cfg: DataConfig, scan: _Scan, progress: Progress | None,
-           visit: Callable[[int, Image.Image], None] | None = None) -> ImageDataset:
+           visit: Callable[[int, Image.Image], None] | None = None,
+           draft: tuple[int, int] | None = None) -> ImageDataset:
     """Decode every scanned image once; keep the good ones. ``visit(k, image)`` sees the k-th good one."""
     names, readers, sizes, captions = [], [], [], []
     skipped = list(scan.skipped)
@@ -330,7 +338,7 @@ def _check(cfg: DataConfig, scan: _Scan, progress: Progress | None,
         if progress and (i % 64 == 0):
             progress(i / max(total, 1), f"Checking images {i}/{total}")
         try:
-            im = _decode(reader())
+            im = _decode(reader(), draft=draft)
         except _Skip as skip:
             skipped.append(SkippedFile(name, skip.reason))
             continue
@@ -801,12 +809,12 @@ def resize_to_square(im: Image.Image, resolution: int, *, center_crop: bool = Tr
     """
     r = int(resolution)
     if not center_crop:
-        return im.resize((r, r), Image.Resampling.LANCZOS)
+        return im.resize((r, r), Image.Resampling.LANCZOS, reducing_gap=3.0)
     w, h = im.size
     scale = r / min(w, h)
     nw, nh = max(r, round(w * scale)), max(r, round(h * scale))
     if (nw, nh) != (w, h):
-        im = im.resize((nw, nh), Image.Resampling.LANCZOS)
+        im = im.resize((nw, nh), Image.Resampling.LANCZOS, reducing_gap=3.0)
     left, top = (nw - r) // 2, (nh - r) // 2
     return im.crop((left, top, left + r, top + r))
 
@@ -857,7 +865,7 @@ def load_tensor_cache(cfg: DataConfig, resolution: int, cache_root: Path, *, cen
         small = resize_to_square(im, resolution, center_crop=center_crop)
         pixels[k] = torch.from_numpy(np.asarray(small, dtype=np.uint8).copy()).permute(2, 0, 1)
 
-    ds = _check(cfg, scan, progress, visit=store)
+    ds = _check(cfg, scan, progress, visit=store, draft=(resolution, resolution))
     if len(ds) < pixels.shape[0]:  # some files were skipped
         pixels = pixels[: len(ds)].clone()
     folder.mkdir(parents=True, exist_ok=True)

@@ -647,6 +647,21 @@ def test_tensor_cache_decodes_each_image_once_and_leaves_out_skipped(tmp_path: P
     assert cache.pixels[2, :, 4, 4].tolist() == [0, 0, 255]
 
 
+def test_tensor_cache_of_big_jpegs_matches_a_full_decode(tmp_path: Path):
+    """Big JPEGs decode at a reduced scale for the cache; the result stays close to full decode + resize."""
+    from studio.data import resize_to_square
+
+    root = tmp_path / "photos"
+    grid = np.indices((60, 80)).sum(axis=0) % 255
+    arr = np.stack([grid, 255 - grid, np.full_like(grid, 90)], axis=-1).astype(np.uint8)
+    save(root / "photo.jpg", Image.fromarray(arr).resize((800, 600), Image.Resampling.BILINEAR), quality=95)
+    cache = load_tensor_cache(folder_cfg(root), 32, tmp_path / "c")
+    reference = np.asarray(resize_to_square(load_image_dataset(folder_cfg(root)).image(0), 32))
+    got = cache.pixels[0].permute(1, 2, 0).numpy()
+    assert got.shape == reference.shape == (32, 32, 3)
+    assert np.abs(got.astype(int) - reference.astype(int)).mean() < 6
+
+
 def test_tensor_cache_key_depends_on_resolution_and_crop(tmp_path: Path):
     root = tmp_path / "wide"
     src = Image.new("RGB", (40, 20), (255, 0, 0))
