@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 #: How many images the preview gallery shows.
 PREVIEW_COUNT = 24
+#: Longest side of a preview thumbnail, in pixels.
+PREVIEW_SIDE = 256
 #: Labels of the sources in the radio, in DATA_SOURCES order.
 SOURCE_LABELS = {
     "emoji": "Bundled emoji set",
@@ -147,7 +149,9 @@ def preview_dataset(cfg: DataConfig, *, preview_count: int = PREVIEW_COUNT,
     gallery = []
     for i in range(min(preview_count, len(ds))):
         caption = ds.captions[i] if ds.captions is not None else ""
-        gallery.append((ds.image(i), caption or ds.names[i]))
+        image = ds.image(i)
+        image.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))  # the page needs thumbnails, not 12 MP photos
+        gallery.append((image, caption or ds.names[i]))
     summary = ds.summary()
     choice = DatasetChoice(cfg, summary, len(ds), ds.has_captions)
     status = (f"Loaded {summary}. This is now the training dataset for the Train and Fine-tune tabs.")

@@ -96,6 +96,15 @@ def test_preview_folder_with_bad_files(tmp_path: Path):
     assert not view.choice.has_captions
 
 
+def test_preview_sends_thumbnails_of_big_images(tmp_path: Path):
+    root = tmp_path / "big"
+    root.mkdir()
+    Image.new("RGB", (1200, 600), "purple").save(root / "wide.png")
+    view = tab.preview_dataset(tab.build_config("folder", folder=str(root)))
+    assert view.gallery[0][0].size == (tab.PREVIEW_SIDE, tab.PREVIEW_SIDE // 2)
+    assert "| width | 1200 / 1200 / 1200 px |" in view.sizes  # the real size is reported
+
+
 def test_preview_bad_folder_raises_clear_error(tmp_path: Path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="is empty"):
