@@ -15,7 +15,6 @@ Fixtures:
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import sys
 import tempfile
@@ -111,15 +110,13 @@ def browser():
         pytest.skip("chromium not installed (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
-    user_dir = tempfile.mkdtemp(prefix="studio-chromium-")
     with sync_playwright() as pw:
         b = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
-                               args=CHROMIUM_ARGS)  # Playwright makes its own temp profile
+                               args=CHROMIUM_ARGS)  # Playwright gives each launch a fresh temp profile
         try:
             yield b
         finally:
             b.close()
-            shutil.rmtree(user_dir, ignore_errors=True)
 
 
 @pytest.fixture
