@@ -1,12 +1,454 @@
-"""The finetune tab (being built: see its issue)."""
+"""The Fine-tune tab: fine-tune a Stable Diffusion pipeline (LoRA, full, DreamBooth) as a job.
+
+Layout and wiring live in ``build_finetune_tab``; the work is done by plain functions
+(``build_config``, ``start_finetune``, ``stop_finetune``, ``resume_latest``, ``render``,
+``cli_command``) that take and return plain values, so tests call them without Gradio
+running. Every widget is named after its ``FinetuneConfig`` field (``FIELDS``), and a
+handler receives the values as a dict built from those names: widget order never leaks
+into the engine.
+
+The job runs in ``ctx.jobs`` (one training job per device, shared with the Train tab).
+A ``gr.Timer`` polls ``job.snapshot()`` and re-renders only when it changed; a reload
+re-attaches to the running (or last) fine-tune. The trainer (which imports torch) is
+imported only when a run starts.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import shlex
+import shutil
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
 import gradio as gr
 
+from studio.config.finetune import (
+    LR_SCHEDULERS,
+    METHOD_HELP,
+    METHODS,
+    MIXED_PRECISION,
+    PREDICTION_TYPES,
+    FinetuneConfig,
+    bitsandbytes_available,
+)
 from studio.context import StudioContext
+from studio.errors import CheckpointError, ConfigError, JobError, StudioError, describe_exception
+from studio.jobs import Snapshot
+from studio.runs import RunDir, list_runs
+from tabs import GPU
+
+log = logging.getLogger(__name__)
+
+TASK = "finetune"
+
+#: Widgets of the tab, in layout order: (config field, kind, extra widget arguments).
+FIELDS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("pretrained_model_name_or_path", "text", {"label": "Base model", "placeholder":
+                                              "stable-diffusion-v1-5/stable-diffusion-v1-5, a folder, a .safetensors or a run"}),
+    ("method", "choice", {"label": "Method", "choices": list(METHODS)}),
+    ("instance_prompt", "text", {"label": "Instance prompt / trigger words"}),
+    ("validation_prompts", "lines", {"label": "Validation prompts (one per line)", "lines": 2}),
+    ("max_train_steps", "int", {"label": "Max train steps"}),
+    ("learning_rate", "float", {"label": "Learning rate"}),
+    ("resolution", "int", {"label": "Resolution"}),
+    ("train_batch_size", "int", {"label": "Batch size"}),
+    # LoRA
+    ("rank", "int", {"label": "LoRA rank"}),
+    ("lora_alpha", "int", {"label": "LoRA alpha"}),
+    ("lora_dropout", "float", {"label": "LoRA dropout"}),
+    ("lora_target_modules", "csv", {"label": "LoRA target modules"}),
+    ("train_text_encoder", "bool", {"label": "Train text encoder (LoRA)"}),
+    ("text_encoder_lr", "float", {"label": "Text-encoder learning rate"}),
+    # DreamBooth
+    ("class_prompt", "text", {"label": "Class prompt"}),
+    ("with_prior_preservation", "bool", {"label": "Prior preservation"}),
+    ("num_class_images", "int", {"label": "Class images"}),
+    ("prior_loss_weight", "float", {"label": "Prior loss weight"}),
+    # Data and schedule
+    ("center_crop", "bool", {"label": "Center crop"}),
+    ("random_flip", "bool", {"label": "Random flip"}),
+    ("caption_dropout", "float", {"label": "Caption dropout"}),
+    ("lr_scheduler", "choice", {"label": "LR schedule", "choices": list(LR_SCHEDULERS)}),
+    ("lr_warmup_steps", "int", {"label": "Warm-up steps"}),
+    ("gradient_accumulation_steps", "int", {"label": "Gradient accumulation"}),
+    ("seed", "int", {"label": "Seed"}),
+    # Advanced
+    ("mixed_precision", "choice", {"label": "Mixed precision", "choices": list(MIXED_PRECISION)}),
+    ("gradient_checkpointing", "bool", {"label": "Gradient checkpointing"}),
+    ("use_8bit_adam", "bool", {"label": "8-bit Adam"}),
+    ("snr_gamma", "float", {"label": "SNR gamma"}),
+    ("noise_offset", "float", {"label": "Noise offset"}),
+    ("prediction_type", "choice", {"label": "Prediction type",
+                                   "choices": [("from the base model", "")] + [(p, p) for p in PREDICTION_TYPES if p]}),
+    ("use_ema", "bool", {"label": "EMA (full only)"}),
+    ("cache_latents", "bool", {"label": "Cache latents and text embeddings"}),
+    # Validation, checkpoints, output
+    ("validation_every", "int", {"label": "Validation every N steps"}),
+    ("num_inference_steps", "int", {"label": "Validation denoising steps"}),
+    ("checkpoint_every", "int", {"label": "Checkpoint every N steps"}),
+    ("checkpoints_total_limit", "int", {"label": "Checkpoints to keep"}),
+    ("run_name", "text", {"label": "Run name", "placeholder": "finetune-<time>"}),
+    ("push_to_hub", "bool", {"label": "Push to the Hub when done"}),
+    ("hub_model_id", "text", {"label": "Hub repository", "placeholder": "user/my-lora"}),
+)
+
+#: The config field behind each input, in the order handlers receive them.
+INPUT_NAMES = tuple(name for name, _, _ in FIELDS)
+
+#: Groups of fields for the layout: (accordion title or "" for the top, open, fields).
+SECTIONS = (
+    ("", True, INPUT_NAMES[:8]),
+    ("LoRA", False, ("rank", "lora_alpha", "lora_dropout", "lora_target_modules", "train_text_encoder",
+                     "text_encoder_lr")),
+    ("DreamBooth", False, ("class_prompt", "with_prior_preservation", "num_class_images", "prior_loss_weight")),
+    ("Data and schedule", False, ("center_crop", "random_flip", "caption_dropout", "lr_scheduler", "lr_warmup_steps",
+                                  "gradient_accumulation_steps", "seed")),
+    ("Advanced", False, ("mixed_precision", "gradient_checkpointing", "use_8bit_adam", "snr_gamma", "noise_offset",
+                         "prediction_type", "use_ema", "cache_latents")),
+    ("Validation, checkpoints and output", False, ("validation_every", "num_inference_steps", "checkpoint_every",
+                                                   "checkpoints_total_limit", "run_name", "push_to_hub",
+                                                   "hub_model_id")),
+)
+
+EIGHT_BIT_NOTE = "8-bit Adam needs bitsandbytes (CUDA); it is not installed here, so this stays off."
 
 
-def build_finetune_tab(ctx: StudioContext) -> dict:
-    gr.Markdown("This tab is being built.")
-    return {}
+# --------------------------------------------------------------------------- plain functions
+def default_values() -> dict[str, Any]:
+    """The widget value of every field, from ``FinetuneConfig``'s defaults."""
+    defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+                for f in dataclasses.fields(FinetuneConfig)}
+    values = {name: _to_widget(kind, defaults[name]) for name, kind, _ in FIELDS}
+    values["validation_prompts"] = "a photo of sks, high quality"
+    return values
+
+
+def _to_widget(kind: str, value: Any) -> Any:
+    if kind == "csv":
+        return ", ".join(value)
+    if kind == "lines":
+        return "\n".join(value)
+    return value
+
+
+def build_config(values: dict[str, Any], ctx: StudioContext | None = None, **overrides: Any) -> FinetuneConfig:
+    """Turn named widget values into a validated ``FinetuneConfig``.
+
+    Args:
+        values: Field name -> widget value (missing fields keep their defaults).
+        ctx: Supplies the dataset chosen in the Dataset tab, the workspace and the device.
+        **overrides: Extra fields (``resume``...).
+
+    Raises:
+        ConfigError: with the message the tab shows.
+    """
+    kinds = {name: kind for name, kind, _ in FIELDS}
+    hints = typing.get_type_hints(FinetuneConfig)
+    data: dict[str, Any] = {}
+    for name, value in values.items():
+        if name not in kinds:
+            raise ConfigError(f"Unknown fine-tune setting {name!r}.")
+        kind = kinds[name]
+        if kind == "csv":
+            value = tuple(part.strip() for part in str(value or "").split(",") if part.strip())
+        elif kind == "lines":
+            value = tuple(line.strip() for line in str(value or "").splitlines() if line.strip())
+        elif kind in ("int", "float"):
+            if value is None or value == "":
+                raise ConfigError(f"{_label(name)} needs a number.")
+            number = float(value)
+            if hints[name] is int:
+                if number != int(number):
+                    raise ConfigError(f"{_label(name)} must be a whole number (got {value}).")
+                value = int(number)
+            else:
+                value = number
+        elif kind == "bool":
+            value = bool(value)
+        elif kind == "text":
+            value = str(value or "").strip()
+        data[name] = value
+    if ctx is not None:
+        data.update(data=ctx.dataset.get().config, workspace=str(ctx.workspace), device=ctx.settings.device)
+    data.update(overrides)
+    return FinetuneConfig(**data)
+
+
+def _label(name: str) -> str:
+    for field_name, _, extra in FIELDS:
+        if field_name == name:
+            return extra.get("label", name)
+    return name
+
+
+def start_finetune(ctx: StudioContext, values: dict[str, Any]) -> tuple[str, str, str]:
+    """Validate the settings, create the run folder and start the job.
+
+    Returns:
+        (status line, run folder, CLI command).
+
+    Raises:
+        StudioError: bad settings, a taken run name, or another job on the device.
+    """
+    cfg = build_config(values, ctx)
+    return _start(ctx, cfg, RunDir.create(cfg.workspace, TASK, cfg.run_name))
+
+
+def _start(ctx: StudioContext, cfg: FinetuneConfig, run: RunDir) -> tuple[str, str, str]:
+    def target(events, stop):
+        from studio.trainers.text_to_image import train
+
+        return train(cfg, events, stop, run)
+
+    try:
+        ctx.jobs.start(run.name, TASK, run.root, target, device=ctx.settings.device)
+    except JobError:
+        if not cfg.resume:  # do not leave the new, empty run folder behind
+            _remove_if_empty(run)
+        raise
+    verb = "Resuming" if cfg.resume else "Started"
+    return f"{verb} {run.name}: {cfg.method} on {cfg.pretrained_model_name_or_path}", str(run.root), cli_command(run)
+
+
+def _remove_if_empty(run: RunDir) -> None:
+    if all(p.is_dir() and not any(p.iterdir()) for p in run.root.iterdir()):
+        shutil.rmtree(run.root, ignore_errors=True)
+
+
+def resume_latest(ctx: StudioContext) -> tuple[str, str, str]:
+    """Resume the newest fine-tune run of the workspace from its latest intact checkpoint.
+
+    Raises:
+        CheckpointError: when there is no fine-tune run with a checkpoint.
+        JobError: when a job already runs on the device.
+    """
+    from studio.checkpoints import find_latest_valid
+
+    for info in list_runs(ctx.workspace):
+        if info.task != TASK:
+            continue
+        run = RunDir(info.path)
+        if find_latest_valid(run.checkpoints_dir) is None:
+            continue
+        data = run.read_config()
+        data.pop("task", None)
+        cfg = FinetuneConfig.from_dict(data).replace(resume="latest", workspace=str(ctx.workspace),
+                                                    run_name=run.name, device=ctx.settings.device)
+        return _start(ctx, cfg, run)
+    raise CheckpointError("No fine-tune run with a checkpoint to resume in this workspace.",
+                          "Start a new fine-tune; Stop saves a checkpoint you can resume.")
+
+
+def stop_finetune(ctx: StudioContext) -> str:
+    """Ask the running fine-tune to stop after its current step (it saves a checkpoint)."""
+    job = ctx.jobs.latest(TASK)
+    if job is None or not job.running:
+        return "No fine-tune is running."
+    job.stop()
+    return f"Stopping {job.snapshot().name} after the current step (a checkpoint will be saved)…"
+
+
+@dataclass
+class FinetuneView:
+    """What the tab shows of a fine-tune job, as plain values."""
+
+    status: str
+    losses: list[tuple[int, float, str]] = field(default_factory=list)
+    gallery: list[tuple[str, str]] = field(default_factory=list)
+    run_path: str = ""
+    running: bool = False
+
+
+def render(snapshot: Snapshot | None) -> FinetuneView:
+    """Turn a job snapshot into the status line, loss points, validation gallery and run path."""
+    if snapshot is None:
+        return FinetuneView("No fine-tune yet. Pick a base model and press Start.")
+    s = snapshot
+    parts = [f"{s.name}: {s.status}"]
+    if s.running:
+        parts.append(s.phase)
+    if s.total:
+        parts.append(f"step {s.step}/{s.total}")
+    if s.losses:
+        parts.append(f"loss {s.losses[-1][2]:.4f}")
+    if s.running and s.images_per_s:
+        parts.append(f"{s.images_per_s:.2f} img/s")
+    if s.running and s.eta_s:
+        parts.append(f"ETA {_duration(s.eta_s)}")
+    lines = [" · ".join(parts)]
+    if s.status == "failed" and s.error:
+        lines.append(f"Error: {s.error}")
+    if s.status == "stopped" and s.result_path:
+        lines.append(f"Checkpoint saved: {s.result_path}. Press Resume latest to go on.")
+    if s.status == "finished" and s.result_path:
+        lines.append(f"Saved to {s.result_path}. Open it in Generate.")
+    lines.extend(f"Note: {w}" for w in s.warnings[-3:])
+    losses = [(step, loss, "loss") for step, loss, _ in s.losses] + [(step, sm, "smoothed") for step, _, sm in s.losses]
+    gallery = [(path, f"step {step}" + (" (base model)" if step == 0 else "")) for step, path in s.samples
+               if Path(path).is_file()]
+    return FinetuneView("\n".join(lines), losses, list(reversed(gallery)), s.run_dir, s.running)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m {seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m"
+
+
+def cli_command(run: RunDir | str | None = None) -> str:
+    """The headless command that runs (or resumes) this fine-tune: ``python -m studio finetune ...``."""
+    if run is None:
+        return "python -m studio finetune --config finetune.json   # settings: the JSON below"
+    root = run.root if isinstance(run, RunDir) else Path(run)
+    return f"python -m studio finetune --config {shlex.quote(str(root / 'config.json'))} --resume latest"
+
+
+def config_json(values: dict[str, Any], ctx: StudioContext) -> str:
+    """The settings as the JSON file the CLI reads (or the validation error, as text)."""
+    try:
+        return build_config(values, ctx).to_json()
+    except StudioError as exc:
+        return f"// {exc.user_message}"
+
+
+# --------------------------------------------------------------------------- layout
+def _widget(name: str, kind: str, extra: dict[str, Any], value: Any) -> gr.components.Component:
+    kwargs = dict(extra, info=FinetuneConfig.help_for(name), elem_id=f"ft-{name.replace('_', '-')}", value=value)
+    if kind in ("text", "csv"):
+        return gr.Textbox(**kwargs)
+    if kind == "lines":
+        return gr.Textbox(**kwargs)
+    if kind == "choice":
+        return gr.Dropdown(**kwargs)
+    if kind == "bool":
+        if name == "use_8bit_adam" and not bitsandbytes_available():
+            kwargs.update(interactive=False, info=EIGHT_BIT_NOTE, value=False)
+        return gr.Checkbox(**kwargs)
+    if kind == "int":
+        return gr.Number(precision=0, **kwargs)
+    return gr.Number(**kwargs)
+
+
+def build_finetune_tab(ctx: StudioContext) -> dict[str, Any]:
+    """Lay out the Fine-tune tab and wire its events.
+
+    Returns:
+        ``{"open_in_generate": button, "run_path": textbox}`` for the cross-tab link.
+    """
+    defaults = default_values()
+    widgets: dict[str, gr.components.Component] = {}
+    gr.Markdown("Fine-tune a Stable Diffusion model on the dataset from the **Dataset** tab: LoRA (small, fast, "
+                "the default), the full UNet, or DreamBooth with a trigger word. Validation images from fixed "
+                "prompts and a fixed seed arrive as it trains; step 0 is the untouched base model.")
+    dataset_line = gr.Markdown(_dataset_line(ctx), elem_id="ft-dataset")
+    method_help = gr.Markdown(f"*{METHOD_HELP[defaults['method']]}*", elem_id="ft-method-help")
+    with gr.Row():
+        with gr.Column(scale=3):
+            for title, open_, names in SECTIONS:
+                container = gr.Accordion(title, open=open_) if title else gr.Group()
+                with container:
+                    for name in names:
+                        kind, extra = next((k, e) for n, k, e in FIELDS if n == name)
+                        widgets[name] = _widget(name, kind, extra, defaults[name])
+            with gr.Accordion("Headless (CLI)", open=False):
+                cli_box = gr.Textbox(label="Command", value=cli_command(), interactive=False, elem_id="ft-cli")
+                json_box = gr.Code(label="Settings JSON (save as finetune.json)", language="json",
+                                   value="", interactive=False, elem_id="ft-config-json")
+                show_json = gr.Button("Show settings as JSON", size="sm", elem_id="ft-show-json")
+        with gr.Column(scale=4):
+            with gr.Row():
+                start_button = gr.Button("Start", variant="primary", elem_id="ft-start")
+                stop_button = gr.Button("Stop", variant="stop", elem_id="ft-stop")
+                resume_button = gr.Button("Resume latest", elem_id="ft-resume")
+                open_button = gr.Button("Open in Generate", elem_id="ft-open-generate")
+            status = gr.Textbox(label="Status", lines=3, interactive=False, elem_id="ft-status",
+                                value=render(None).status)
+            loss_plot = gr.LinePlot(x="step", y="loss", color="curve", label="Loss", elem_id="ft-loss",
+                                    height=240)
+            gallery = gr.Gallery(label="Validation images (newest first)", columns=3, height=360,
+                                 elem_id="ft-gallery", show_label=True)
+            run_path = gr.Textbox(label="Run folder", interactive=False, elem_id="ft-run-path")
+    seen = gr.State(value=(-1, -1))
+    timer = gr.Timer(1.0)
+    inputs = [widgets[name] for name in INPUT_NAMES]
+
+    def view_outputs(view: FinetuneView) -> tuple:
+        import pandas as pd
+
+        frame = pd.DataFrame(view.losses, columns=["step", "loss", "curve"])
+        return view.status, frame, view.gallery, view.run_path
+
+    def current_view() -> FinetuneView:
+        job = ctx.jobs.latest(TASK)
+        return render(job.snapshot() if job is not None else None)
+
+    def on_start(*values: Any):
+        try:
+            message, path, command = start_finetune(ctx, dict(zip(INPUT_NAMES, values)))
+        except Exception as exc:  # noqa: BLE001 - shown to the person, never a traceback
+            return _failure(exc), gr.skip(), gr.skip()
+        return message, path, command
+
+    def on_resume():
+        try:
+            return resume_latest(ctx)
+        except Exception as exc:  # noqa: BLE001
+            return _failure(exc), gr.skip(), gr.skip()
+
+    def on_status():
+        return view_outputs(current_view())
+
+    def on_tick(last: tuple[int, int]):
+        job = ctx.jobs.latest(TASK)
+        key = (job.id, job.snapshot().version) if job is not None else (-1, -1)
+        if tuple(last) == key:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), last
+        return (*view_outputs(current_view()), key)
+
+    gpu = {"concurrency_id": GPU, "concurrency_limit": 1}
+    start_button.click(on_start, inputs=inputs, outputs=[status, run_path, cli_box], api_name="start_finetune", **gpu)
+    resume_button.click(on_resume, outputs=[status, run_path, cli_box], api_name="resume_finetune", **gpu)
+    stop_button.click(lambda: stop_finetune(ctx), outputs=status, api_name="stop_finetune", queue=False)
+    timer.tick(on_tick, inputs=seen, outputs=[status, loss_plot, gallery, run_path, seen], api_name="poll_finetune",
+               queue=False, show_progress="hidden")
+    status_refresh = gr.Button("Refresh", size="sm", elem_id="ft-refresh", visible=False)
+    status_refresh.click(on_status, outputs=[status, loss_plot, gallery, run_path], api_name="finetune_status",
+                         queue=False)
+    widgets["method"].change(lambda m: f"*{METHOD_HELP.get(m, '')}*", inputs=widgets["method"], outputs=method_help,
+                             api_name="finetune_method_help", queue=False)
+    show_json.click(lambda *values: config_json(dict(zip(INPUT_NAMES, values)), ctx), inputs=inputs,
+                    outputs=json_box, api_name="finetune_config_json", queue=False)
+    root = gr.context.Context.root_block
+    if root is not None:
+        root.load(lambda: (_dataset_line(ctx), *view_outputs(current_view())),
+                  outputs=[dataset_line, status, loss_plot, gallery, run_path], api_name="finetune_on_load",
+                  queue=False)
+    return {"open_in_generate": open_button, "run_path": run_path, "status": status, "gallery": gallery}
+
+
+def _dataset_line(ctx: StudioContext) -> str:
+    choice = ctx.dataset.get()
+    captions = "with captions" if choice.has_captions else "no captions (set an instance prompt)"
+    count = f"{choice.count} images, " if choice.count else ""
+    return f"**Dataset:** {choice.summary} ({count}{captions}). Change it in the Dataset tab."
+
+
+def _failure(exc: BaseException) -> str:
+    message = describe_exception(exc)
+    if not isinstance(exc, StudioError):
+        log.exception("Fine-tune action failed")
+    gr.Warning(message)
+    return f"Not started: {message}"
+
+
+__all__ = ["FIELDS", "INPUT_NAMES", "FinetuneView", "build_config", "build_finetune_tab", "cli_command",
+           "config_json", "default_values", "render", "resume_latest", "start_finetune", "stop_finetune"]

@@ -272,8 +272,9 @@ class _Trainer:
         # 1. resume point (before anything slow, so a bad path fails fast)
         self.checkpoint = resolve_resume(cfg.resume, self.run.checkpoints_dir,
                                          warn=lambda m: report("warning", message=m))
-        if acc.is_main_process:
-            self.run.write_config(TASK, cfg.to_dict())
+        if acc.is_main_process:  # names this run, so `python -m studio finetune --config <it> --resume latest` finds it
+            self.run.write_config(TASK, cfg.replace(workspace=str(self.run.root.parent), run_name=self.run.name,
+                                                    resume="").to_dict())
         self.seed_all(cfg.seed)
 
         # 2. the base model
