@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--size", type=int, default=32, help="image width and height (multiple of 8)")
     parser.add_argument("--scheduler", default="DPM++ 2M Karras")
     parser.add_argument("--device", default="cpu")
-X
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1 keeps timings steadier on shared 2-core machines; 0 = torch's default)")
     parser.add_argument("--generations", type=int, default=30, help="generations for the RSS measurement")
     args = parser.parse_args(argv)
 
