@@ -111,8 +111,9 @@ def latent_preview(latents: Any, kind: str) -> Any:
     first = latents[0].detach().float().cpu()
     if first.shape[0] == 4:
         weights, bias = _LATENT_RGB.get(kind, _LATENT_RGB["sd"])
-        rgb = torch.einsum("chw,cr->hwr", first, torch.tensor(weights)) + torch.tensor(bias)
-        rgb = (rgb + 1) / 2
+        rgb = (np.tensordot(first.numpy(), np.asarray(weights, dtype=np.float32), axes=([0], [0]))
+               + np.asarray(bias, dtype=np.float32))
+        rgb = torch.from_numpy((rgb + 1) / 2)
     elif first.shape[0] >= 3:
         rgb = first[:3].permute(1, 2, 0)
         rgb = (rgb - rgb.min()) / (rgb.max() - rgb.min() + 1e-6)
@@ -138,16 +139,6 @@ def is_unconditional_unet(pipe: Any) -> bool:
 
     return (not pipeline_capabilities(pipe)["prompt"] and getattr(pipe, "unet", None) is not None
             and getattr(pipe, "scheduler", None) is not None and getattr(pipe, "vae", None) is None)
-
-
-def denoising_iterations(pipe: Any, steps: int) -> int:
-    """How many UNet passes ``steps`` take with the current scheduler (Heun and DPM2 take ~2x)."""
-    scheduler = getattr(pipe, "scheduler", None)
-    try:
-        scheduler.set_timesteps(steps)
-        return max(1, len(scheduler.timesteps))
-    except Exception:  # schedulers that need pipeline-specific arguments (e.g. flow shift `mu`)
-        return steps
 
 
 def _generators(seeds: list[int]) -> list[Any]:
@@ -203,11 +194,12 @@ def run_unconditional(pipe: Any, steps: int, seeds: list[int],
     return [Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a) for a in arrays], stopped
 
 
-def build_call_kwargs(pipe: Any, cfg: GenerateConfig, seeds: list[int], size: tuple[int, int]) -> dict[str, Any]:
+def build_call_kwargs(pipe: Any, cfg: GenerateConfig, seeds: list[int], size: tuple[int, int],
+                      caps: dict[str, bool] | None = None) -> dict[str, Any]:
     """The keyword arguments of a text-to-image ``pipe(...)`` call for one batch."""
     from studio.models import pipeline_capabilities
 
-    caps = pipeline_capabilities(pipe)
+    caps = caps or pipeline_capabilities(pipe)
     kwargs: dict[str, Any] = {"num_inference_steps": cfg.num_inference_steps, "generator": _generators(seeds),
                               "output_type": "pil"}
     if caps["prompt"]:
@@ -284,8 +276,9 @@ def generate(manager: Any, cfg: GenerateConfig, on_progress: ProgressFn | None =
         base_seed = pick_seed(cfg.seed)
         sampler = describe_scheduler(pipe, cfg.scheduler)
         folder = output_dir(manager.workspace) if save else None
-        iterations = denoising_iterations(pipe, cfg.num_inference_steps)
-        total = iterations * cfg.batch_count
+        # UNet passes per batch: PLMS adds one, Heun/DPM2 nearly double them; read from the
+        # scheduler once the pipeline has set its timesteps (at the first step).
+        passes = {"n": cfg.num_inference_steps}
         started = time.perf_counter()
         images: list[GeneratedImage] = []
         stopped = False
@@ -294,21 +287,24 @@ def generate(manager: Any, cfg: GenerateConfig, on_progress: ProgressFn | None =
                 stopped = True
                 break
             seeds = [(base_seed + batch * cfg.batch_size + j) % (MAX_SEED + 1) for j in range(cfg.batch_size)]
-            done_before = batch * iterations
             label = f"Batch {batch + 1}/{cfg.batch_count}, step"
 
             def on_step(index: int, tensor: Any, preview_fn: Callable[[Any], Any]) -> bool:
-                step = index + 1
-                step = min(step, iterations)
+                timesteps = getattr(pipe.scheduler, "timesteps", None)
+                if index == 0 and batch == 0 and timesteps is not None:
+                    passes["n"] = max(1, len(timesteps))
+                iterations = passes["n"]
+                step = min(index + 1, iterations)
                 preview = preview_fn(tensor) if (step % every == 0 or step == iterations) else None
-                report(Progress(done_before + step, total, f"{label} {step}/{iterations}", preview, list(images)))
+                report(Progress(batch * iterations + step, iterations * cfg.batch_count,
+                                f"{label} {step}/{iterations}", preview, list(images)))
                 return stop.is_set()
 
             if unconditional:
                 pil_images, batch_stopped = run_unconditional(
                     pipe, cfg.num_inference_steps, seeds, lambda i, s: on_step(i, s, sample_preview))
             else:
-                pil_images, batch_stopped = _run_text_to_image(pipe, cfg, seeds, size, loaded.kind, on_step)
+                pil_images, batch_stopped = _run_text_to_image(pipe, cfg, seeds, size, loaded.kind, caps, on_step)
             if batch_stopped:
                 stopped = True
                 break
@@ -317,7 +313,7 @@ def generate(manager: Any, cfg: GenerateConfig, on_progress: ProgressFn | None =
                                               prompt=caps["prompt"])
                 path = save_image(image, folder, seed, parameters) if folder is not None else None
                 images.append(GeneratedImage(image=image, seed=seed, parameters=parameters, path=path))
-            report(Progress(done_before + iterations, total,
+            report(Progress((batch + 1) * passes["n"], passes["n"] * cfg.batch_count,
                             f"Batch {batch + 1}/{cfg.batch_count} done", None, list(images)))
         seconds = time.perf_counter() - started
         if stopped:
@@ -327,16 +323,15 @@ def generate(manager: Any, cfg: GenerateConfig, on_progress: ProgressFn | None =
 
 
 def _run_text_to_image(pipe: Any, cfg: GenerateConfig, seeds: list[int], size: tuple[int, int], kind: str,
+                       caps: dict[str, bool],
                        on_step: Callable[[int, Any, Callable[[Any], Any]], bool]) -> tuple[list[Any], bool]:
     """One ``pipe(...)`` call for a batch, with per-step progress, preview and interrupt."""
     import torch
 
-    from studio.models import pipeline_capabilities
-
-    kwargs = build_call_kwargs(pipe, cfg, seeds, size)
+    kwargs = build_call_kwargs(pipe, cfg, seeds, size, caps)
     _seed_sde(pipe, seeds[0])
     state = {"stopped": False}
-    if pipeline_capabilities(pipe)["callback"]:
+    if caps["callback"]:
         def callback(pipeline: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             if on_step(index, tensors.get("latents"), lambda latents: latent_preview(latents, kind)):
                 state["stopped"] = True
