@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 #: How often (seconds) the stream pushes a progress line without a new preview.
 UPDATE_INTERVAL = 0.25
+#: Live previews are enlarged to about this many pixels on the long side.
+PREVIEW_SIDE = 256
 
 
 @dataclass
@@ -135,6 +137,17 @@ def reuse_parameters(path: str | Path) -> tuple[dict[str, Any], list[str]]:
     return config_updates(parse_parameters(read_png_parameters(path)))
 
 
+def enlarge(image: Any, side: int = PREVIEW_SIDE) -> Any:
+    """Scale a small preview (latents are 1/8 of the image) up so the page shows it at a useful size."""
+    from PIL import Image
+
+    longest = max(image.size)
+    if longest >= side:
+        return image
+    factor = max(1, side // longest)
+    return image.resize((image.width * factor, image.height * factor), Image.Resampling.BILINEAR)
+
+
 def gallery_items(images: list[Any]) -> list[tuple[str, str]]:
     """(file, caption) pairs for the gallery: the saved PNG and its seed."""
     return [(str(img.path), f"seed {img.seed}") for img in images if img.path is not None]
@@ -177,7 +190,7 @@ def stream_generation(ctx: StudioContext, cfg: GenerateConfig) -> Iterator[dict[
         last = now
         update: dict[str, Any] = {"progress": f"{item.message} ({item.fraction:.0%})"}
         if item.preview is not None:
-            update["preview"] = item.preview
+            update["preview"] = enlarge(item.preview)
         if new_images:
             shown_images = len(item.images)
             update["images"] = item.images

@@ -59,7 +59,9 @@ def test_local_references_load_at_once(workspace, tiny_sd):
 def test_stream_generation_yields_progress_then_result(ctx, tiny_sd):
     cfg = build_config(*values(str(tiny_sd), num_inference_steps=4, batch_count=2))
     updates = list(stream_generation(ctx, cfg))
-    assert any("preview" in u for u in updates) and any("progress" in u for u in updates)
+    previews = [u["preview"] for u in updates if "preview" in u]
+    assert previews and any("progress" in u for u in updates)
+    assert max(previews[0].size) >= 128  # the 8x8 latent preview is enlarged for the page
     result = updates[-1]["result"]
     assert result.seeds == [11, 12]
     items = gallery_items(result.images)
