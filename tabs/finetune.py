@@ -51,7 +51,8 @@ FIELDS: tuple[tuple[str, str, dict[str, Any]], ...] = (
                                               "stable-diffusion-v1-5/stable-diffusion-v1-5, a folder, a .safetensors or a run"}),
     ("method", "choice", {"label": "Method", "choices": list(METHODS)}),
     ("instance_prompt", "text", {"label": "Instance prompt / trigger words"}),
-    ("validation_prompts", "lines", {"label": "Validation prompts (one per line)", "lines": 2}),
+    ("validation_prompts", "lines", {"label": "Validation prompts (one per line)", "lines": 2,
+                                          "placeholder": "empty: the instance prompt, or the first caption"}),
     ("max_train_steps", "int", {"label": "Max train steps"}),
     ("learning_rate", "float", {"label": "Learning rate"}),
     ("resolution", "int", {"label": "Resolution"}),
@@ -123,7 +124,6 @@ def default_values() -> dict[str, Any]:
     defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
                 for f in dataclasses.fields(FinetuneConfig)}
     values = {name: _to_widget(kind, defaults[name]) for name, kind, _ in FIELDS}
-    values["validation_prompts"] = "a photo of sks, high quality"
     return values
 
 

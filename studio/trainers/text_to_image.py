@@ -354,7 +354,7 @@ class _Trainer:
         self.count = count
 
     @torch.no_grad()
-    def make_class_images(self) -> torch.Tensor:
+    def make_class_images(self) -> torch.Tensor | None:
         """Generate (or reuse) ``num_class_images`` images of ``class_prompt`` under the run."""
         import numpy as np
         from PIL import Image
@@ -372,9 +372,12 @@ class _Trainer:
                 if self.stop.is_set():
                     break
                 gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 10_000 + i)
-                image = self.pipe(cfg.class_prompt, height=cfg.resolution, width=cfg.resolution,
-                                  num_inference_steps=cfg.num_inference_steps, generator=gen).images[0]
+                with self.accelerator.autocast():  # fp16 text encoder/VAE with an fp32 UNet on a GPU
+                    image = self.pipe(cfg.class_prompt, height=cfg.resolution, width=cfg.resolution,
+                                      num_inference_steps=cfg.num_inference_steps, generator=gen).images[0]
                 image.save(paths[i])
+        if self.stop.is_set():  # stopped while generating: the images made so far are kept for a rerun
+            return None
         arrays = [np.asarray(Image.open(p).convert("RGB"), dtype=np.uint8) for p in paths if p.is_file()]
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
@@ -683,7 +686,7 @@ class _Trainer:
                 text_encoder.train()
             if self.ema is not None:
                 self.ema.restore(unet.parameters())
-            if self.cache_images if hasattr(self, "cache_images") else False:
+            if getattr(self, "cache_images", False):  # the VAE is only needed here: back off the device
                 self.vae.to("cpu")
             if getattr(self, "cache_text", False):
                 text_encoder.to("cpu")
