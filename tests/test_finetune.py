@@ -14,7 +14,7 @@ from studio.config.data import DataConfig
 from studio.config.finetune import FinetuneConfig
 from studio.errors import ConfigError, DataError, ModelError, StudioError
 from studio.events import Event
-from tiny_pipelines import tiny_ddpm, tiny_sd  # noqa: F401  (fixtures)
+from tiny_pipelines import tiny_ddpm, tiny_sd, tiny_sd_v  # noqa: F401  (fixtures)
 
 
 def make_cfg(base: Path, workspace: Path, **changes) -> FinetuneConfig:
@@ -97,8 +97,10 @@ def test_lora_trains_validates_and_exports_both_layouts(tiny_sd, workspace):
     from diffusers import UNet2DConditionModel
 
     cfg = make_cfg(tiny_sd, workspace, rank=4, lora_alpha=8, random_flip=True, caption_dropout=0.2,
-                   snr_gamma=5.0, noise_offset=0.05, lr_scheduler="cosine", lr_warmup_steps=1)
+                   snr_gamma=5.0, noise_offset=0.05, lr_scheduler="cosine", lr_warmup_steps=1,
+                   prediction_type="v_prediction")
     run, events = run_train(cfg)
+    assert any(e.message == "training (v_prediction target)" for e in events)
     assert kinds(events)[-1] == "finished", events[-1]
     losses = [e.loss for e in events if e.kind == "step"]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
@@ -197,13 +199,15 @@ def test_second_run_reads_the_latent_cache_without_a_vae_encode(tiny_sd, workspa
 
 
 # ----------------------------------------------------------------------------- full, resume
-def test_full_finetune_with_ema_exports_a_pipeline(tiny_sd, workspace):
+def test_full_finetune_with_ema_exports_a_pipeline(tiny_sd_v, workspace):
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
+    tiny_sd = tiny_sd_v  # a v-prediction base: its scheduler's prediction_type is used
     cfg = make_cfg(tiny_sd, workspace, method="full", use_ema=True, learning_rate=1e-3, max_train_steps=2,
-                   validation_every=0, prediction_type="v_prediction")
+                   validation_every=0)
     run, events = run_train(cfg)
     assert kinds(events)[-1] == "finished"
+    assert any(e.message == "training (v_prediction target)" for e in events)
     pipe = StableDiffusionPipeline.from_pretrained(run.model_dir, use_safetensors=True)
     from studio.trainers.text_to_image import load_base_pipeline
 

@@ -587,7 +587,7 @@ class _Trainer:
         step, smoothed = self.start_step, None
         accum = cfg.gradient_accumulation_steps
         images_per_step = cfg.train_batch_size * accum * acc.num_processes
-        report("status", step=step, message="training")
+        report("status", step=step, message=f"training ({self.prediction_type} target)")
         tick, tick_step = time.perf_counter(), step
         while step < cfg.max_train_steps:
             # 1. forward/backward over the accumulated micro-batches
