@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from tiny_pipelines import tiny_sd  # noqa: F401  (fixture)
+from tiny_pipelines import tiny_ddpm, tiny_sd  # noqa: F401  (fixtures)
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration]
 
 
-def test_generate_an_image_with_dpm_2m_karras(page, tiny_sd, launched_app):
+def test_generate_an_image_with_dpm_2m_karras(page, tiny_sd, tiny_ddpm, launched_app):
     app, _ = launched_app
     page.get_by_role("tab", name="Generate").click()
     model = page.locator("#gen-model input")
@@ -51,3 +51,13 @@ def test_generate_an_image_with_dpm_2m_karras(page, tiny_sd, launched_app):
     assert "DPM++ 2M Karras" in info and "seed 31" in info
     saved = list((app.studio_context.workspace / "outputs").rglob("*-31.png"))
     assert len(saved) == 1
+
+    # An unconditional model (typed in and confirmed: local folders load at once) has no prompt box.
+    assert page.locator("#gen-prompt").is_visible()
+    model.click()
+    model.fill(str(tiny_ddpm))
+    model.press("Enter")
+    page.wait_for_function(
+        "() => document.querySelector('#gen-model-status textarea').value.includes('DDPMPipeline')", timeout=60_000)
+    page.locator("#gen-prompt").wait_for(state="hidden")
+    assert not page.locator("#gen-guidance").is_visible()

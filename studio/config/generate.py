@@ -26,7 +26,7 @@ MAX_SEED = 2**32 - 1
 class GenerateConfig(ConfigBase):
     """One generation request."""
 
-    model: str = option("", "Model: a Hub id (owner/name[@revision]), a diffusers folder, a .safetensors file or a run folder. Empty uses the loaded model.")
+    model: str = option("", "Model: a Hub id (owner/name[@revision][:variant]), a diffusers folder, a .safetensors file or a run folder. Empty uses the loaded model.")
     prompt: str = option("", "What the image should show (ignored by unconditional models).")
     negative_prompt: str = option("", "What the image should not show.")
     width: int = option(0, "Image width in pixels, a multiple of 8; 0 uses the model's native size.")
