@@ -268,3 +268,30 @@ def test_download_for_offline_use_when_online(monkeypatch, workspace):
     monkeypatch.setattr(diffusers.DiffusionPipeline, "download", staticmethod(failing))
     with pytest.raises(ModelError, match="Downloading org/model failed.*hf auth login"):
         manager.prefetch("org/model")
+
+
+@pytest.mark.parametrize("keys, pipeline_class", [
+    (["model.diffusion_model.input_blocks.0.0.weight"], "StableDiffusionPipeline"),
+    (["model.diffusion_model.input_blocks.0.0.weight",
+      "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias"], "StableDiffusionXLPipeline"),
+])
+def test_single_file_checkpoints_go_to_the_right_pipeline(monkeypatch, tmp_path, tiny_sd, keys, pipeline_class):
+    import diffusers
+    import torch
+    from safetensors.torch import save_file
+
+    path = tmp_path / "checkpoint.safetensors"
+    save_file({key: torch.zeros(2, 4, 1, 1) for key in keys}, str(path))
+    calls = []
+    tiny = diffusers.StableDiffusionPipeline.from_pretrained(str(tiny_sd), use_safetensors=True)
+
+    def fake_from_single_file(cls, location, **kwargs):
+        calls.append((cls.__name__, location, kwargs))
+        return tiny
+
+    monkeypatch.setattr(getattr(diffusers, pipeline_class), "from_single_file", classmethod(fake_from_single_file))
+    pipe = load_pipeline(str(path), "cpu", offline=True)
+    assert pipe is tiny
+    (name, location, kwargs), = calls
+    assert name == pipeline_class and location == str(path.resolve())
+    assert kwargs == {"local_files_only": True, "dtype": torch.float32}
