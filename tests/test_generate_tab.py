@@ -113,4 +113,13 @@ def test_generate_tab_through_gradio_client(client, launched_app, tiny_sd, tiny_
     assert selected[0].startswith("Loaded run ddpm-run") and "unconditional" in selected[0]
     out = client.predict(*values(str(run), scheduler="DDIM"), api_name="/generate")
     assert out[1] == "Done." and "DDIM" in out[3]
+    # Stop: a long request started from one client is stopped by the Stop button's event.
+    import time
+
+    job = client.submit(*values(str(tiny_sd), num_inference_steps=150, batch_count=20), api_name="/generate")
+    deadline = time.monotonic() + 60
+    while not any("step" in str(out[1]) for out in job.outputs()) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert client.predict(api_name="/stop_generate").startswith("Stopping")
+    final = job.result(timeout=60)
+    assert final[1] == "Stopped." and final[3].startswith("Stopped: kept")
