@@ -93,6 +93,7 @@ FIELDS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("checkpoint_every", "int", {"label": "Checkpoint every N steps"}),
     ("checkpoints_total_limit", "int", {"label": "Checkpoints to keep"}),
     ("run_name", "text", {"label": "Run name", "placeholder": "finetune-<time>"}),
+    ("save_single_file", "bool", {"label": "Also save a single-file checkpoint (full)"}),
     ("push_to_hub", "bool", {"label": "Push to the Hub when done"}),
     ("hub_model_id", "text", {"label": "Hub repository", "placeholder": "user/my-lora"}),
 )
@@ -111,7 +112,8 @@ SECTIONS = (
     ("Advanced", False, ("mixed_precision", "gradient_checkpointing", "use_8bit_adam", "snr_gamma", "noise_offset",
                          "prediction_type", "use_ema", "cache_latents")),
     ("Validation, checkpoints and output", False, ("validation_every", "num_inference_steps", "checkpoint_every",
-                                                   "checkpoints_total_limit", "run_name", "push_to_hub",
+                                                   "checkpoints_total_limit", "run_name", "save_single_file",
+                                                   "push_to_hub",
                                                    "hub_model_id")),
 )
 

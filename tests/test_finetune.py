@@ -57,6 +57,8 @@ def test_config_validates_with_actionable_messages(tmp_path):
         FinetuneConfig(**base, use_8bit_adam=True)
     with pytest.raises(ConfigError, match="full fine-tunes only"):
         FinetuneConfig(**base, use_ema=True)
+    with pytest.raises(ConfigError, match="kohya/A1111 file"):
+        FinetuneConfig(**base, save_single_file=True)
     with pytest.raises(ConfigError, match="LoRA methods"):
         FinetuneConfig(**base, method="full", train_text_encoder=True)
     with pytest.raises(ConfigError, match="base model"):
@@ -204,7 +206,7 @@ def test_full_finetune_with_ema_exports_a_pipeline(tiny_sd_v, workspace):
 
     tiny_sd = tiny_sd_v  # a v-prediction base: its scheduler's prediction_type is used
     cfg = make_cfg(tiny_sd, workspace, method="full", use_ema=True, learning_rate=1e-3, max_train_steps=2,
-                   validation_every=0)
+                   validation_every=0, save_single_file=True)
     run, events = run_train(cfg)
     assert kinds(events)[-1] == "finished"
     assert any(e.message == "training (v_prediction target)" for e in events)
@@ -216,6 +218,11 @@ def test_full_finetune_with_ema_exports_a_pipeline(tiny_sd_v, workspace):
     changed = [not torch.equal(a, b) for a, b in zip(before.parameters(), pipe.unet.parameters())]
     assert any(changed)
     assert (run.model_dir / "README.md").is_file()
+    # the single-file checkpoint (original SD layout, fp16) reads back through diffusers' own reader
+    single = StableDiffusionPipeline.from_single_file(str(run.model_dir / f"{run.name}.safetensors"),
+                                                      config=str(run.model_dir), local_files_only=True)
+    for a, b in zip(pipe.unet.state_dict().values(), single.unet.state_dict().values()):
+        assert torch.equal(a.half().float(), b.float())
 
 
 def test_stop_then_resume_latest_is_bit_exact(tiny_sd, workspace):

@@ -52,6 +52,10 @@ def test_widget_values_become_a_config(ctx, tiny_sd):
     values = tiny_values(tiny_sd, lora_target_modules="to_q, to_v ,", validation_prompts="a cat\n\n a dog ",
                          max_train_steps=7.0, learning_rate="0.0002")
     assert set(values) == set(INPUT_NAMES)
+    from tabs.finetune import SECTIONS
+
+    laid_out = [name for _, _, names in SECTIONS for name in names]
+    assert sorted(laid_out) == sorted(INPUT_NAMES)  # every setting has exactly one widget
     cfg = build_config(values, ctx)
     assert cfg.lora_target_modules == ("to_q", "to_v") and cfg.validation_prompts == ("a cat", "a dog")
     assert cfg.max_train_steps == 7 and isinstance(cfg.max_train_steps, int) and cfg.learning_rate == 2e-4

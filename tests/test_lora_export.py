@@ -93,3 +93,35 @@ def test_save_lora_writes_files_that_diffusers_loads_identically(pipe_with_lora,
         fresh.load_lora_weights(str(folder), weight_name=weight_name)
         assert torch.allclose(image(fresh), trained, atol=1e-5), weight_name
     assert "lora_unet_" not in " ".join(load_file(str(folder / DIFFUSERS_WEIGHT_NAME)))
+
+
+def test_single_file_export_uses_the_original_sd15_key_layout():
+    """An SD-1.5-sized UNet and VAE (built on the meta device: keys and shapes, no memory)."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from studio.single_file import unet_to_ldm, vae_to_ldm
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
+                                    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    keys = unet_to_ldm(unet.state_dict(), dict(unet.config))
+    assert len(keys) == len(unet.state_dict()) == 686
+    for key in ("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight",
+                "model.diffusion_model.input_blocks.3.0.op.weight",
+                "model.diffusion_model.input_blocks.11.0.out_layers.3.weight",
+                "model.diffusion_model.middle_block.1.proj_in.weight",
+                "model.diffusion_model.middle_block.2.emb_layers.1.weight",
+                "model.diffusion_model.output_blocks.2.1.conv.weight",
+                "model.diffusion_model.output_blocks.5.2.conv.weight",
+                "model.diffusion_model.output_blocks.8.0.skip_connection.weight",
+                "model.diffusion_model.time_embed.0.weight", "model.diffusion_model.out.2.bias"):
+        assert key in keys, key
+    vae_keys = vae_to_ldm(vae.state_dict(), dict(vae.config))
+    assert "first_stage_model.decoder.up.3.block.0.conv1.weight" in vae_keys
+    assert "first_stage_model.encoder.down.0.downsample.conv.weight" in vae_keys
+    assert "first_stage_model.encoder.down.1.block.0.nin_shortcut.weight" in vae_keys
+    assert vae_keys["first_stage_model.encoder.mid.attn_1.q.weight"].shape == (512, 512, 1, 1)
+    assert "first_stage_model.decoder.norm_out.weight" in vae_keys

@@ -98,6 +98,8 @@ class FinetuneConfig(ConfigBase):
     checkpoints_total_limit: int = option(2, "Keep at most this many checkpoints (older ones are deleted).")
     cache_latents: bool = option(
         True, "Encode images and captions once before training and free the VAE/text encoder (faster).")
+    save_single_file: bool = option(
+        False, "Full fine-tunes: also write one original-layout .safetensors (A1111/ComfyUI) of the pipeline.")
     push_to_hub: bool = option(False, "Upload the result to the Hugging Face Hub when done (needs a token).")
     hub_model_id: str = option("", "Hub repository to push to, e.g. user/my-lora.")
     resume: str = option("", "'' for a new run, 'latest', or a checkpoint folder to resume from.")
@@ -140,6 +142,8 @@ class FinetuneConfig(ConfigBase):
         else:
             require(not self.train_text_encoder,
                     "Text-encoder training is offered with the LoRA methods; pick lora or dreambooth-lora.")
+        require(not (self.save_single_file and self.is_lora),
+                "Single-file export is for full fine-tunes; a LoRA run already writes one kohya/A1111 file.")
         require(not (self.use_ema and self.is_lora),
                 "EMA applies to full fine-tunes only; turn it off for LoRA (LoRA weights are small and stable).")
         if self.use_8bit_adam:

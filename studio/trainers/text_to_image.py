@@ -792,6 +792,14 @@ class _Trainer:
                                            unet=unet, scheduler=self.pipe.scheduler, safety_checker=None,
                                            feature_extractor=None, requires_safety_checker=False)
             pipe.save_pretrained(out, safe_serialization=True)
+            if cfg.save_single_file:
+                from studio.single_file import save_single_file
+
+                try:
+                    path = save_single_file(pipe, out / f"{self.run.name}.safetensors")
+                    self.report("status", step=step, message=f"single-file checkpoint {path.name}")
+                except StudioError as exc:  # the diffusers folder is written either way
+                    self.report("warning", step=step, message=f"No single-file checkpoint: {exc.user_message}")
         write_model_card(out, cfg, self.run, step)
         if cfg.push_to_hub:
             message = push_to_hub(out, cfg.hub_model_id)
