@@ -24,6 +24,7 @@ import os
 import re
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -507,7 +508,9 @@ def load_lora(pipe: Any, lora: str | Path, adapter_name: str) -> None:
         raise ModelError(f"{type(pipe).__name__} does not take LoRA weights.",
                          "LoRA works with Stable Diffusion-type (text-to-image) models.")
     try:
-        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name=adapter_name)
+        with warnings.catch_warnings():  # a second adapter is intended here, not a mistake
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name=adapter_name)
     except Exception as exc:
         raise ModelError(f"The LoRA {lora.name} does not fit this model ({type(exc).__name__}: "
                          f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}).",
@@ -670,6 +673,9 @@ class PipelineManager:
                     loaded.adapters[name] = 0.0
                 wanted[name] = float(scale)
             active = {name: weight for name, weight in wanted.items() if weight != 0.0}
+            for name in [n for n in loaded.adapters if n not in wanted]:  # a LoRA no longer chosen: free it
+                pipe.delete_adapters([name])
+                del loaded.adapters[name]
             if not loaded.adapters:
                 return active
             if active:

@@ -139,6 +139,15 @@ def test_lora_changes_the_output_and_scale_zero_restores_it(manager, tiny_sd, tm
     after = pixels(generate(manager, cfg, save=False))
     assert np.abs(pixels(full) - base).max() > 0 and np.abs(half - base).max() > 0
     assert (off == base).all() and (after == base).all()
+    assert manager.loaded.adapters == {}  # the LoRA no longer chosen was unloaded
+    # Switching from one LoRA to another leaves nothing of the first behind.
+    other = make_tiny_lora(tiny_sd, tmp_path / "other", seed=1)
+    generate(manager, cfg.replace(lora=str(lora)), save=False)
+    switched = pixels(generate(manager, cfg.replace(lora=str(other)), save=False))
+    assert len(manager.loaded.adapters) == 1
+    manager.unload()
+    fresh = pixels(generate(manager, cfg.replace(lora=str(other)), save=False))
+    assert (switched == fresh).all() and np.abs(fresh - pixels(full)).max() > 0
     text = read_png_parameters(full.images[0].path)
     assert f"Lora: {lora}" in text and "Lora scale: 1.0" in text
     assert config_updates(parse_parameters(text))[0]["lora"] == str(lora)
