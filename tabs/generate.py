@@ -49,7 +49,7 @@ class ModelView:
     Attributes:
         status: One-line status.
         schedulers: Compatible scheduler names (the model's own first).
-        prompt, guidance, size, lora: Whether those controls apply to this pipeline.
+        prompt, negative, guidance, size, lora: Whether those controls apply to this pipeline.
         width, height: The model's native size.
         kind: "sd", "sdxl", "unconditional", ...
     """
@@ -57,6 +57,7 @@ class ModelView:
     status: str
     schedulers: list[str]
     prompt: bool
+    negative: bool
     guidance: bool
     size: bool
     lora: bool
@@ -115,7 +116,7 @@ def load_model(ctx: StudioContext, reference: str,
     status = (f"Loaded {loaded.label}: {type(loaded.pipe).__name__}, {what}, {width}x{height}, "
               f"on {manager.device} in {time.perf_counter() - started:.1f} s.")
     return ModelView(status=status, schedulers=manager.scheduler_names(), prompt=caps["prompt"],
-                     guidance=caps["guidance_scale"], size=caps["size"], lora=caps["lora"],
+                     negative=caps["negative_prompt"], guidance=caps["guidance_scale"], size=caps["size"], lora=caps["lora"],
                      width=width, height=height, kind=loaded.kind)
 
 
@@ -278,14 +279,15 @@ def build_generate_tab(ctx: StudioContext) -> dict:
                                   elem_id="gen-used-seed")
 
     gpu = {"concurrency_id": GPU, "concurrency_limit": 1}
-    model_outputs = [model_status, scheduler, prompt_box, guidance, size_row, lora_box, width, height]
+    model_outputs = [model_status, scheduler, prompt_box, negative_prompt, guidance, size_row, lora_box, width,
+                     height]
     config_inputs = [model, prompt, negative_prompt, width, height, steps, guidance, seed, batch_size,
                      batch_count, scheduler, lora, lora_scale]
 
     def view_updates(view: ModelView, current_scheduler: str | None) -> tuple:
         value = current_scheduler if current_scheduler in view.schedulers else DEFAULT_SCHEDULER
         return (view.status, gr.update(choices=view.schedulers, value=value), gr.update(visible=view.prompt),
-                gr.update(visible=view.guidance), gr.update(visible=view.size), gr.update(visible=view.lora),
+                gr.update(visible=view.negative), gr.update(visible=view.guidance), gr.update(visible=view.size), gr.update(visible=view.lora),
                 view.width, view.height)
 
     def load_failed(exc: Exception) -> tuple:

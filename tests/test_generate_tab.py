@@ -40,11 +40,12 @@ def test_build_config_from_widget_values():
 
 def test_load_model_adapts_controls(ctx, tiny_sd, tiny_ddpm):
     sd = load_model(ctx, str(tiny_sd))
-    assert sd.prompt and sd.guidance and sd.size and sd.lora and sd.kind == "sd"
+    assert sd.prompt and sd.negative and sd.guidance and sd.size and sd.lora and sd.kind == "sd"
     assert "DPM++ 2M Karras" in sd.schedulers and "LCM" not in sd.schedulers
     assert (sd.width, sd.height) == (16, 16) and "Loaded" in sd.status
     ddpm = load_model(ctx, str(tiny_ddpm))
-    assert not ddpm.prompt and not ddpm.guidance and not ddpm.lora and ddpm.kind == "unconditional"
+    assert not ddpm.prompt and not ddpm.negative and not ddpm.guidance and not ddpm.lora
+    assert ddpm.kind == "unconditional"
     with pytest.raises(ModelError):
         load_model(ctx, "a/b/c")
 
