@@ -169,3 +169,61 @@ def test_ema_update_is_bit_exact_to_diffusers_ema():
         assert torch.equal(s, r)
     with pytest.raises(ConfigError, match="EMA"):
         speed.ema_update_(shadow[:-1], params, 0.9)
+
+
+needs_kernel = pytest.mark.skipif(speed.attention_kernel() is None, reason="no C compiler to build the kernel")
+
+
+@needs_kernel
+@pytest.mark.parametrize("length", [36, 64])  # 6x6 (a tail of 4 columns after 2 blocks of 16) and 8x8
+def test_head_dim8_kernel_matches_sdpa_forward_and_backward(length):
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 4, length, 8, generator=g).mul_(2).requires_grad_() for _ in range(3))
+    grad = torch.randn(2, 4, length, 8, generator=g)
+    out = speed.attention_head_dim8(q, k, v)
+    expected = F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    mine = torch.autograd.grad(out, (q, k, v), grad)
+    theirs = torch.autograd.grad(expected, (q, k, v), grad)
+    for a, b in zip(mine, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def processors(unet) -> list:
+    from diffusers.models.attention_processor import Attention
+
+    return [m.processor for m in unet.modules() if isinstance(m, Attention)]
+
+
+@needs_kernel
+def test_fast_attention_unet_matches_the_plain_unet():
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    plain, fast = tiny_unet(), tiny_unet()
+    assert speed.use_fast_attention(fast) == 4  # 1 down, 2 up (layers_per_block + 1), 1 mid-block
+    procs = set(type(p).__name__ for p in processors(fast))
+    assert procs == {"HeadDim8AttnProcessor"}
+    x, noise, t = batch(n=3)
+    loss_a, grads_a = loss_and_grads(plain, x, noise, t)
+    loss_b, grads_b = loss_and_grads(fast, x, noise, t)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
+    for ga, gb in zip(grads_a, grads_b):
+        torch.testing.assert_close(gb, ga, rtol=1e-3, atol=1e-5)
+    # where the kernel does not apply (here: two torch threads) the processor is diffusers' own
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x, t).sample, plain(x, t).sample, rtol=1e-5, atol=1e-6)
+    finally:
+        torch.set_num_threads(threads)
+    assert isinstance(processors(fast)[0].fallback, AttnProcessor2_0)
+
+
+def test_prepare_installs_fast_attention_on_cpu_only():
+    cpu_unet, gpu_unet = tiny_unet(), tiny_unet()
+    speed.prepare_unet_for_training(cpu_unet, "cpu")
+    speed.prepare_unet_for_training(gpu_unet, "cuda")
+    expected = "HeadDim8AttnProcessor" if speed.attention_kernel() is not None else "AttnProcessor2_0"
+    assert {type(p).__name__ for p in processors(cpu_unet)} == {expected}
+    assert {type(p).__name__ for p in processors(gpu_unet)} == {"AttnProcessor2_0"}

@@ -24,9 +24,17 @@ no-op.
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
 import threading
 import types
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -200,6 +208,304 @@ def _can_shard(unet: torch.nn.Module) -> bool:
     return not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in unet.modules())
 
 
+# ----------------------------------------------------------------------------- attention, head_dim 8
+#: The self-attention of UNet2DModel's attention blocks (head_dim 8) in C, compiled on first use.
+#: Same math as ``F.scaled_dot_product_attention`` (softmax(q k^T / sqrt(8)) v, backward from the
+#: saved log-sum-exp like flash attention); float sums in another order. torch's CPU flash kernel
+#: spends most of its time in tiny K=8 matmul calls; these loops keep a query row (or, in the
+#: backward, a block of 16 key columns) in registers instead: 3x faster on the 2-core CPU.
+_ATTN8_C = r"""
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+#define D 8
+/* Attention softmax(q k^T * scale) v for head_dim 8. q,k,v,o: [N, L, 8] float32 contiguous; lse: [N, L]. */
+static void transpose_in(const float *x, float *xT, long L) {
+    for (long j = 0; j < L; j++)
+        for (int d = 0; d < D; d++) xT[d * L + j] = x[j * D + d];
+}
+void attn8_fwd(const float *q, const float *k, const float *v, float *o, float *lse, long N, long L, float scale) {
+    float *kT = malloc(sizeof(float) * D * L), *vT = malloc(sizeof(float) * D * L), *s = malloc(sizeof(float) * L);
+    for (long n = 0; n < N; n++) {
+        const float *qn = q + n * L * D;
+        float *on = o + n * L * D, *ln = lse + n * L;
+        transpose_in(k + n * L * D, kT, L);
+        transpose_in(v + n * L * D, vT, L);
+        for (long i = 0; i < L; i++) {
+            float qs[D];
+            for (int d = 0; d < D; d++) qs[d] = qn[i * D + d] * scale;
+            for (long j = 0; j < L; j++) {
+                float acc = 0.f;
+#pragma GCC unroll 8
+                for (int d = 0; d < D; d++) acc += qs[d] * kT[d * L + j];
+                s[j] = acc;
+            }
+            float m = s[0];
+            for (long j = 0; j < L; j++) m = s[j] > m ? s[j] : m;
+            float l = 0.f;
+            for (long j = 0; j < L; j++) { s[j] = expf(s[j] - m); l += s[j]; }
+            float acc[D] = {0};
+            for (long j = 0; j < L; j++) {
+#pragma GCC unroll 8
+                for (int d = 0; d < D; d++) acc[d] += s[j] * vT[d * L + j];
+            }
+            const float inv = 1.f / l;
+            for (int d = 0; d < D; d++) on[i * D + d] = acc[d] * inv;
+            ln[i] = m + logf(l);
+        }
+    }
+    free(kT); free(vT); free(s);
+}
+void attn8_bwd(const float *q, const float *k, const float *v, const float *o, const float *lse, const float *dout,
+               float *dq, float *dk, float *dv, long N, long L, float scale) {
+    float *kT = malloc(sizeof(float) * D * L), *vT = malloc(sizeof(float) * D * L);
+    float *restrict P = malloc(sizeof(float) * L * L), *restrict S = malloc(sizeof(float) * L * L);
+    for (long n = 0; n < N; n++) {
+        const float *qn = q + n * L * D, *on = o + n * L * D, *don = dout + n * L * D, *ln = lse + n * L;
+        float *dqn = dq + n * L * D, *dkn = dk + n * L * D, *dvn = dv + n * L * D;
+        transpose_in(k + n * L * D, kT, L);
+        transpose_in(v + n * L * D, vT, L);
+        /* pass 1, by rows: P = softmax rows (from the saved log-sum-exp), dS = P * (dP - delta), dQ = dS K */
+        for (long i = 0; i < L; i++) {
+            float qs[D], dod[D], delta = 0.f;
+            for (int d = 0; d < D; d++) { qs[d] = qn[i * D + d] * scale; dod[d] = don[i * D + d]; delta += dod[d] * on[i * D + d]; }
+            const float li = ln[i];
+            float *restrict p = P + i * L, *restrict ds = S + i * L;
+            for (long j = 0; j < L; j++) {
+                float sj = 0.f, dpj = 0.f;
+#pragma GCC unroll 8
+                for (int d = 0; d < D; d++) { sj += qs[d] * kT[d * L + j]; dpj += dod[d] * vT[d * L + j]; }
+                p[j] = sj - li; ds[j] = dpj;
+            }
+            for (long j = 0; j < L; j++) { p[j] = expf(p[j]); ds[j] = p[j] * (ds[j] - delta); }
+            float acc[D] = {0};
+            for (long j = 0; j < L; j++) {
+#pragma GCC unroll 8
+                for (int d = 0; d < D; d++) acc[d] += ds[j] * kT[d * L + j];
+            }
+            for (int d = 0; d < D; d++) dqn[i * D + d] = acc[d] * scale;
+        }
+        /* pass 2, by blocks of 16 columns held in registers: dK = dS^T Q * scale, dV = P^T dO */
+        long jb = 0;
+#ifdef __AVX512F__
+        for (; jb + 16 <= L; jb += 16) {
+            __m512 k0 = _mm512_setzero_ps(), k1 = k0, k2 = k0, k3 = k0, k4 = k0, k5 = k0, k6 = k0, k7 = k0;
+            __m512 v0 = k0, v1 = k0, v2 = k0, v3 = k0, v4 = k0, v5 = k0, v6 = k0, v7 = k0;
+            for (long i = 0; i < L; i++) {
+                const __m512 pv = _mm512_loadu_ps(P + i * L + jb), sv = _mm512_loadu_ps(S + i * L + jb);
+                const float *qi = qn + i * D, *gi = don + i * D;
+                k0 = _mm512_fmadd_ps(_mm512_set1_ps(qi[0]), sv, k0); v0 = _mm512_fmadd_ps(_mm512_set1_ps(gi[0]), pv, v0);
+                k1 = _mm512_fmadd_ps(_mm512_set1_ps(qi[1]), sv, k1); v1 = _mm512_fmadd_ps(_mm512_set1_ps(gi[1]), pv, v1);
+                k2 = _mm512_fmadd_ps(_mm512_set1_ps(qi[2]), sv, k2); v2 = _mm512_fmadd_ps(_mm512_set1_ps(gi[2]), pv, v2);
+                k3 = _mm512_fmadd_ps(_mm512_set1_ps(qi[3]), sv, k3); v3 = _mm512_fmadd_ps(_mm512_set1_ps(gi[3]), pv, v3);
+                k4 = _mm512_fmadd_ps(_mm512_set1_ps(qi[4]), sv, k4); v4 = _mm512_fmadd_ps(_mm512_set1_ps(gi[4]), pv, v4);
+                k5 = _mm512_fmadd_ps(_mm512_set1_ps(qi[5]), sv, k5); v5 = _mm512_fmadd_ps(_mm512_set1_ps(gi[5]), pv, v5);
+                k6 = _mm512_fmadd_ps(_mm512_set1_ps(qi[6]), sv, k6); v6 = _mm512_fmadd_ps(_mm512_set1_ps(gi[6]), pv, v6);
+                k7 = _mm512_fmadd_ps(_mm512_set1_ps(qi[7]), sv, k7); v7 = _mm512_fmadd_ps(_mm512_set1_ps(gi[7]), pv, v7);
+            }
+            float tk[D][16], tv[D][16];
+            _mm512_storeu_ps(tk[0], k0); _mm512_storeu_ps(tk[1], k1); _mm512_storeu_ps(tk[2], k2); _mm512_storeu_ps(tk[3], k3);
+            _mm512_storeu_ps(tk[4], k4); _mm512_storeu_ps(tk[5], k5); _mm512_storeu_ps(tk[6], k6); _mm512_storeu_ps(tk[7], k7);
+            _mm512_storeu_ps(tv[0], v0); _mm512_storeu_ps(tv[1], v1); _mm512_storeu_ps(tv[2], v2); _mm512_storeu_ps(tv[3], v3);
+            _mm512_storeu_ps(tv[4], v4); _mm512_storeu_ps(tv[5], v5); _mm512_storeu_ps(tv[6], v6); _mm512_storeu_ps(tv[7], v7);
+            for (int t = 0; t < 16; t++)
+                for (int d = 0; d < D; d++) { dkn[(jb + t) * D + d] = tk[d][t] * scale; dvn[(jb + t) * D + d] = tv[d][t]; }
+        }
+#endif
+        for (long j = jb; j < L; j++) {
+            float a[D] = {0}, b[D] = {0};
+            for (long i = 0; i < L; i++)
+                for (int d = 0; d < D; d++) { a[d] += qn[i * D + d] * S[i * L + j]; b[d] += don[i * D + d] * P[i * L + j]; }
+            for (int d = 0; d < D; d++) { dkn[j * D + d] = a[d] * scale; dvn[j * D + d] = b[d]; }
+        }
+    }
+    free(kT); free(vT); free(P); free(S);
+}
+"""
+_KERNEL_FLAGS = (["-O3", "-march=native", "-ffast-math", "-shared", "-fPIC"], ["-lmvec", "-lm"])
+_KERNEL: dict[str, Any] = {}
+_KERNEL_LOCK = threading.Lock()
+
+
+def _kernel_cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "diffusion-studio" / "kernels"
+
+
+def _cpu_fingerprint() -> str:
+    """A key for -march=native builds: the CPU model and flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+        lines = [line for line in text.splitlines() if line.startswith(("model name", "flags"))][:2]
+    except OSError:
+        lines = []
+    return "\n".join(lines + [platform.machine(), platform.processor()])
+
+
+def attention_kernel() -> Any | None:
+    """The compiled head_dim-8 attention library (ctypes), or None where it cannot be built.
+
+    Built once per machine with the system C compiler into
+    ``~/.cache/diffusion-studio/kernels/`` (atomic rename, so parallel processes are safe).
+    Without a compiler (or on a failed build) the callers use torch's SDPA.
+    """
+    with _KERNEL_LOCK:
+        if "lib" in _KERNEL:
+            return _KERNEL["lib"]
+        _KERNEL["lib"] = None
+        if os.environ.get("STUDIO_NO_C_KERNELS") or platform.system() != "Linux":
+            return None
+        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+        if not compiler:
+            return None
+        flags, libs = _KERNEL_FLAGS
+        key = hashlib.sha256("\0".join([_ATTN8_C, compiler, *flags, *libs, _cpu_fingerprint()]).encode()).hexdigest()
+        target = _kernel_cache_dir() / f"attn8-{key[:16]}.so"
+        if not target.exists():
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                    source = Path(tmp) / "attn8.c"
+                    source.write_text(_ATTN8_C)
+                    built = Path(tmp) / "attn8.so"
+                    for extra in (libs, ["-lm"]):  # libmvec gives the vectorised expf; else plain libm
+                        result = subprocess.run([compiler, *flags, str(source), "-o", str(built), *extra],
+                                                capture_output=True, text=True, timeout=120)
+                        if result.returncode == 0:
+                            break
+                    else:
+                        return None
+                    os.replace(built, target)
+            except (OSError, subprocess.SubprocessError):
+                return None
+        try:
+            lib = ctypes.CDLL(str(target))
+        except OSError:
+            return None
+        ptr, long_, float_ = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
+        lib.attn8_fwd.argtypes = [ptr] * 5 + [long_] * 2 + [float_]
+        lib.attn8_fwd.restype = None
+        lib.attn8_bwd.argtypes = [ptr] * 9 + [long_] * 2 + [float_]
+        lib.attn8_bwd.restype = None
+        _KERNEL["lib"] = lib
+        return lib
+
+
+class _Attention8Function(torch.autograd.Function):
+    """softmax(q k^T * scale) v on ``[N, L, 8]`` float32 CPU tensors with the C kernel."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        lib = attention_kernel()
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        n, length, _ = q.shape
+        out = torch.empty_like(q)
+        lse = torch.empty(n, length, dtype=q.dtype)
+        lib.attn8_fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), n, length, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        q, k, v, out, lse = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        n, length, _ = q.shape
+        attention_kernel().attn8_bwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
+                                     grad_out.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), n, length,
+                                     ctx.scale)
+        return dq, dk, dv, None
+
+
+def attention_head_dim8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``F.scaled_dot_product_attention(q, k, v)`` for ``[..., L, 8]`` float32 CPU tensors, with the C kernel.
+
+    Args:
+        q: Queries ``[..., L, 8]``.
+        k: Keys, same shape.
+        v: Values, same shape.
+
+    Returns:
+        The attention output, same shape; differentiable.
+    """
+    shape = q.shape
+    flat = [t.reshape(-1, shape[-2], 8) for t in (q, k, v)]
+    return _Attention8Function.apply(*flat, 8 ** -0.5).view(shape)
+
+
+def _kernel_applies(attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: Any, attention_mask: Any) -> bool:
+    if encoder_hidden_states is not None or attention_mask is not None or hidden_states.ndim != 4:
+        return False
+    if hidden_states.device.type != "cpu" or hidden_states.dtype != torch.float32:
+        return False
+    if attn.spatial_norm is not None or attn.norm_q is not None or attn.norm_k is not None:
+        return False
+    if attn.heads * 8 != attn.to_q.out_features or attn.scale != 8 ** -0.5 or not attn.scale_qk:
+        return False
+    # the kernel is single-threaded: used in one-thread runs and in the shard workers
+    return torch.get_num_threads() == 1 and attention_kernel() is not None
+
+
+class HeadDim8AttnProcessor:
+    """diffusers' ``AttnProcessor2_0`` for UNet self-attention, with the C kernel for head_dim 8.
+
+    The same steps in the same order (group norm, q/k/v projections, attention, output
+    projection, residual, rescale); only the attention itself runs in the C kernel, when
+    it applies (CPU float32, head_dim 8, no mask, one torch thread in the calling thread).
+    Anything else goes to ``AttnProcessor2_0`` unchanged.
+    """
+
+    def __init__(self) -> None:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.fallback = AttnProcessor2_0()
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args: Any,
+                 **kwargs: Any) -> torch.Tensor:
+        if not _kernel_applies(attn, hidden_states, encoder_hidden_states, attention_mask):
+            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        residual = hidden_states
+        batch, channel, height, width = hidden_states.shape
+        hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+        heads = attn.heads
+        query, key, value = (t.view(batch, -1, heads, 8).transpose(1, 2) for t in (query, key, value))
+        hidden_states = attention_head_dim8(query, key, value)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, heads * 8).to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def use_fast_attention(unet: torch.nn.Module) -> int:
+    """Give every attention module of ``unet`` the ``HeadDim8AttnProcessor``; returns how many.
+
+    Does nothing (returns 0) where the C kernel cannot be built.
+    """
+    from diffusers.models.attention_processor import Attention
+
+    if attention_kernel() is None:
+        return 0
+    count = 0
+    for module in unet.modules():
+        if isinstance(module, Attention):
+            module.set_processor(HeadDim8AttnProcessor())
+            count += 1
+    return count
+
+
 # ----------------------------------------------------------------------------- public API
 def prepare_unet_for_training(unet: torch.nn.Module, device_or_cfg: Any = "cpu", *, compile: bool | None = None,
                               shards: int | None = None) -> torch.nn.Module:
@@ -225,12 +531,15 @@ def prepare_unet_for_training(unet: torch.nn.Module, device_or_cfg: Any = "cpu",
     """
     if compile:
         return torch.compile(unet, dynamic=False)
-    if _device_type(device_or_cfg) != "cpu" or not _can_shard(unet):
-        return unet
     if shards is not None and shards < 1:
         from studio.errors import ConfigError
 
         raise ConfigError(f"shards must be at least 1, got {shards}.")
+    if _device_type(device_or_cfg) != "cpu":
+        return unet
+    use_fast_attention(unet)
+    if not _can_shard(unet):
+        return unet
     unet._studio_shards = shards  # None: decided at each forward from the thread count
     unet.forward = types.MethodType(_sharded_forward, unet)
     return unet
