@@ -19,7 +19,7 @@ from studio.jobs import JobManager
 from studio.runs import RunDir
 
 
-def synthetic_images(cfg: TrainConfig) -> torch.Tensor:
+def synthetic_images(cfg: TrainConfig, progress=None) -> torch.Tensor:
     """Stand-in for the emoji cache while ``studio.data`` is not there: smooth colour gradients."""
     n = max(cfg.data.max_rows, 1)
     r = cfg.resolution

@@ -58,12 +58,17 @@ class NonFiniteLossError(JobError):
 
 
 # ----------------------------------------------------------------------------- data
-def load_images(cfg: TrainConfig) -> torch.Tensor:
-    """The dataset as a uint8 tensor ``[N, 3, R, R]`` from the decode-once tensor cache."""
+def load_images(cfg: TrainConfig, progress: Callable[[float, str], None] | None = None) -> torch.Tensor:
+    """The dataset as a uint8 tensor ``[N, 3, R, R]`` from the decode-once tensor cache.
+
+    Args:
+        cfg: The run's settings (dataset, resolution, crop, workspace holding ``.cache``).
+        progress: Optional ``progress(fraction, message)`` while images are decoded.
+    """
     from studio.data import load_tensor_cache
 
     cache = load_tensor_cache(cfg.data, cfg.resolution, Path(cfg.workspace).expanduser() / ".cache",
-                              center_crop=cfg.center_crop)
+                              center_crop=cfg.center_crop, progress=progress)
     return cache.pixels
 
 
@@ -477,7 +482,15 @@ def _train(cfg, report, stop, run, accelerator, resume_from, warnings, DDPMSched
 
     # -- data ----------------------------------------------------------------------------
     report("status", message=f"loading {cfg.data.label} at {cfg.resolution} px")
-    pixels = load_images(cfg)
+    shown = [-1.0]
+
+    def progress(fraction: float, message: str) -> None:
+        if fraction >= 1.0 or fraction - shown[0] >= 0.1:
+            shown[0] = fraction
+            report("status", message=message)
+
+    with accelerator.main_process_first():  # one process decodes and caches, the others read the cache
+        pixels = load_images(cfg, progress)
     if pixels.dtype != torch.uint8 or pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, cfg.resolution, cfg.resolution):
         raise ConfigError(f"The image cache has shape {tuple(pixels.shape)} {pixels.dtype}; "
                           f"expected uint8 [N, 3, {cfg.resolution}, {cfg.resolution}].")

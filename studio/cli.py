@@ -1,0 +1,192 @@
+"""Headless entry: ``python -m studio <command> --config run.json``, the same engine as the UI.
+
+Each command is one row of ``COMMANDS``: the import path of its config dataclass and
+of its runner, a function ``runner(cfg, events, stop)`` like the trainers. Adding a
+command is one line. The config file is the ``config.json`` a run folder holds (or
+one written by hand / by the UI's "CLI command" box); ``--resume``, ``--workspace``
+and ``--device`` override its fields of the same name.
+
+Under ``torchrun`` / ``accelerate launch`` every process runs this; only the main
+process (rank 0) shows progress and writes the run folder. Ctrl-C (or SIGTERM) asks
+the job to stop after the current step and save a resumable checkpoint; a second
+Ctrl-C aborts at once.
+
+Exit codes: 0 finished or stopped, 1 the job failed, 2 bad command line or config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import signal
+import sys
+import threading
+from typing import Any, Callable
+
+from studio.errors import ConfigError, StudioError
+
+#: command -> (config class "module:Class", runner "module:function").
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("studio.config.train:TrainConfig", "studio.trainers.ddpm:train"),
+    "generate": ("studio.config.generate:GenerateConfig", "studio.generate:run_cli"),
+}
+
+#: Command-line flags that override config fields of the same name.
+OVERRIDES = (
+    ("--resume", "resume", "Continue from 'latest' or a checkpoint folder."),
+    ("--workspace", "workspace", "Folder holding the run folders."),
+    ("--device", "device", "auto, cpu, cuda or mps."),
+)
+
+
+def _load(path: str) -> Any:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser: one sub-command per row of ``COMMANDS``."""
+    parser = argparse.ArgumentParser(prog="python -m studio", description="Diffusion Studio, headless.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (config_path, _) in COMMANDS.items():
+        p = sub.add_parser(name, help=f"run '{name}' from a JSON config ({config_path.split(':')[1]})")
+        p.add_argument("--config", required=True, help="JSON file with the settings (e.g. a run's config.json).")
+        for flag, _field, help_text in OVERRIDES:
+            p.add_argument(flag, default=None, help=help_text)
+        p.add_argument("--quiet", action="store_true", help="No progress bar, only the final line.")
+    return parser
+
+
+def load_config(command: str, path: str, overrides: dict[str, Any]) -> Any:
+    """Read the config of ``command`` from ``path`` and apply the command-line overrides.
+
+    A ``config.json`` written by a run carries ``"task"``; it must match the command.
+
+    Raises:
+        ConfigError: missing/malformed file, wrong task, unknown or invalid setting.
+    """
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    config_cls = _load(COMMANDS[command][0])
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"Config file not found: {file}")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{file} is not valid JSON (line {exc.lineno}: {exc.msg}).") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file} must hold a JSON object of settings.")
+    task = data.pop("task", command)
+    if task != command:
+        raise ConfigError(f"{file} is a '{task}' config; run it with `python -m studio {task}`.")
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    for name, value in overrides.items():
+        if value is None:
+            continue
+        if name not in fields:
+            raise ConfigError(f"--{name} does not apply to '{command}'.")
+        data[name] = value
+    return config_cls.from_dict(data)
+
+
+class ProgressPrinter:
+    """An event sink drawing a tqdm bar, with one line per status, sample, checkpoint or warning."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        from tqdm.auto import tqdm
+
+        self._tqdm = tqdm
+        self.bar = None
+        self.quiet = quiet
+        self.final = None
+
+    def _write(self, text: str) -> None:
+        if not self.quiet:
+            (self.bar.write if self.bar is not None else self._tqdm.write)(text, file=sys.stderr)
+
+    def __call__(self, event: Any) -> None:
+        if event.kind == "step":
+            if self.quiet:
+                return
+            if self.bar is None:
+                self.bar = self._tqdm(total=event.total or None, initial=event.step - 1, unit="step",
+                                      dynamic_ncols=True, file=sys.stderr)
+            if event.total and self.bar.total != event.total:
+                self.bar.total = event.total
+            self.bar.update(event.step - self.bar.n)
+            postfix = {"loss": f"{event.smoothed_loss:.4f}", "lr": f"{event.lr:.2e}"}
+            if event.images_per_s:
+                postfix["img/s"] = f"{event.images_per_s:.1f}"
+            self.bar.set_postfix(postfix, refresh=event.step >= (event.total or event.step + 1))
+            if event.total and event.step >= event.total:
+                self.bar.close()
+                self.bar = None
+        elif event.kind in ("finished", "stopped", "failed"):
+            self.final = event
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+        elif event.kind == "warning":
+            self._write(f"warning: {event.message}")
+        elif event.kind in ("samples", "checkpoint"):
+            self._write(f"{event.kind}: {event.path}")
+        elif event.kind == "status" and event.message != "training":
+            self._write(event.message)
+
+
+def _install_stop_handlers(stop: threading.Event) -> Callable[[], None]:
+    """Ctrl-C / SIGTERM set ``stop`` once; a second Ctrl-C raises KeyboardInterrupt."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum, frame):  # noqa: ARG001
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.set()
+        print("\nstopping after this step (saving a checkpoint); Ctrl-C again to abort", file=sys.stderr)
+
+    for sig in previous:
+        signal.signal(sig, handler)
+    return lambda: [signal.signal(sig, h) for sig, h in previous.items()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the process exit code (see the module docstring)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse already printed the usage
+        return int(exc.code or 0)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    try:
+        cfg = load_config(args.command, args.config,
+                          {name: getattr(args, name) for _flag, name, _ in OVERRIDES})
+    except StudioError as exc:
+        print(f"error: {exc.user_message}", file=sys.stderr)
+        return 2
+    runner = _load(COMMANDS[args.command][1])
+    stop = threading.Event()
+    printer = ProgressPrinter(quiet=args.quiet or not is_main)
+    restore = _install_stop_handlers(stop)
+    try:
+        result = runner(cfg, printer, stop)
+    except ConfigError as exc:
+        print(f"error: {exc.user_message}", file=sys.stderr)
+        return 2
+    except StudioError as exc:
+        print(f"error: {exc.user_message}", file=sys.stderr)
+        return 1
+    finally:
+        restore()
+    final = printer.final
+    if is_main:
+        if final is not None:
+            print(f"{final.kind}: {final.message}")
+        elif result is not None:
+            print(f"done: {getattr(result, 'root', result)}")
+    return 1 if final is not None and final.kind == "failed" else 0
