@@ -256,7 +256,7 @@ def generate(manager: Any, cfg: GenerateConfig, on_progress: ProgressFn | None =
         ConfigError: settings the model cannot take (e.g. a LoRA on an unconditional model).
     """
     from studio.models import free_memory
-    from studio.schedulers import current_scheduler_name, describe_scheduler
+    from studio.schedulers import DEFAULT_SCHEDULER, current_scheduler_name, describe_scheduler
 
     stop = stop or threading.Event()
     report = on_progress or (lambda progress: None)
@@ -300,11 +300,21 @@ def generate(manager: Any, cfg: GenerateConfig, on_progress: ProgressFn | None =
                                 f"{label} {step}/{iterations}", preview, list(images)))
                 return stop.is_set()
 
-            if unconditional:
-                pil_images, batch_stopped = run_unconditional(
-                    pipe, cfg.num_inference_steps, seeds, lambda i, s: on_step(i, s, sample_preview))
-            else:
-                pil_images, batch_stopped = _run_text_to_image(pipe, cfg, seeds, size, loaded.kind, caps, on_step)
+            try:
+                if unconditional:
+                    pil_images, batch_stopped = run_unconditional(
+                        pipe, cfg.num_inference_steps, seeds, lambda i, s: on_step(i, s, sample_preview))
+                else:
+                    pil_images, batch_stopped = _run_text_to_image(pipe, cfg, seeds, size, loaded.kind, caps,
+                                                                   on_step)
+            except (ValueError, TypeError, NotImplementedError) as exc:
+                if cfg.scheduler == DEFAULT_SCHEDULER:
+                    raise
+                # A scheduler diffusers calls compatible can still refuse what this pipeline
+                # passes it (e.g. custom sigmas): say which choice failed and what works.
+                first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+                raise ConfigError(f"The {cfg.scheduler} scheduler failed with {loaded.label}: {first}",
+                                  "Pick another scheduler; the model's own default always works.") from None
             if batch_stopped:
                 stopped = True
                 break

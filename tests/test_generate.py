@@ -227,3 +227,15 @@ def test_run_cli_reports_each_image(tiny_ddpm, tmp_path):
     kinds = [e.kind for e in events]
     assert kinds == ["status", "samples", "samples", "finished"]
     assert all(Path(e.path).parent == folder for e in events if e.kind == "samples")
+
+
+def test_a_scheduler_that_fails_with_the_pipeline_is_named(manager, tiny_sd, monkeypatch):
+    import diffusers
+
+    def refuse(self, *args, **kwargs):
+        raise ValueError("The current scheduler class does not support custom sigmas schedules.")
+
+    monkeypatch.setattr(diffusers.UniPCMultistepScheduler, "set_timesteps", refuse)
+    with pytest.raises(ConfigError, match="The UniPC scheduler failed with .*custom sigmas.*Pick another"):
+        generate(manager, GenerateConfig(model=str(tiny_sd), scheduler="UniPC", num_inference_steps=2), save=False)
+    assert generate(manager, GenerateConfig(model=str(tiny_sd), num_inference_steps=2), save=False).images
