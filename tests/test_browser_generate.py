@@ -52,6 +52,18 @@ def test_generate_an_image_with_dpm_2m_karras(page, tiny_sd, tiny_ddpm, launched
     saved = list((app.studio_context.workspace / "outputs").rglob("*-31.png"))
     assert len(saved) == 1
 
+    # Reuse parameters: change the fields, upload the saved PNG, get them back.
+    page.locator("#gen-prompt textarea").fill("something else")
+    seed.fill("-1")
+    seed.press("Enter")
+    page.get_by_text("Reuse parameters from a PNG").click()
+    page.locator("#gen-reuse-file input[type=file]").set_input_files(str(saved[0]))
+    page.wait_for_function(
+        "() => document.querySelector('#gen-prompt textarea').value === 'a blue bird'", timeout=30_000)
+    assert seed.input_value() == "31"
+    assert page.locator("#gen-scheduler input").input_value() == "DPM++ 2M Karras"
+    assert page.locator("#gen-steps input[type=number]").input_value() == "3"
+
     # An unconditional model (typed in and confirmed: local folders load at once) has no prompt box.
     assert page.locator("#gen-prompt").is_visible()
     model.click()
