@@ -1,12 +1,549 @@
-"""The train tab (being built: see its issue)."""
+"""The Train tab: train an unconditional DDPM from scratch and watch it learn.
+
+Layout and event wiring live in ``build_train_tab``; the work is done by plain
+functions (``build_config``, ``model_summary``, ``start_training``, ``resume_latest``,
+``stop_training``, ``render``, ``loss_frame``, ``cli_command``) that take and return
+plain values, so tests call them without Gradio running. Training runs in a job of
+``ctx.jobs`` (``studio.trainers.ddpm.train``); a ``gr.Timer`` polls the job's
+snapshot once a second and re-renders only when its version changed, so a reload
+re-attaches to the running (or last) job and a slow browser never slows training.
+
+Presets, block types and LR schedules come from ``studio.unet_presets`` and
+``studio.config.train``: the same tables the CLI and the tests read. Nothing here
+imports torch at import time (the parameter count builds the UNet on torch's meta
+device inside a handler).
+"""
 
 from __future__ import annotations
 
+import logging
+import math
+import shlex
+import shutil
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
 import gradio as gr
 
+from studio.config.train import BETA_SCHEDULES, LR_SCHEDULERS, MIXED_PRECISIONS, PREDICTION_TYPES, TrainConfig
 from studio.context import StudioContext
+from studio.errors import CheckpointError, ConfigError, JobError, StudioError, describe_exception
+from studio.jobs import Snapshot
+from studio.runs import RunDir, list_runs
+from tabs import GPU
+from studio.unet_presets import (CUSTOM, PRESETS, attention_levels_of, block_types, human_bytes, human_count,
+                                 memory_estimate, parameter_count)
+
+log = logging.getLogger(__name__)
+
+TASK = "train"
+
+#: (field, widget kind, widget options). Kinds: text, int, float, bool, choice, csv (comma list), levels.
+FIELDS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("run_name", "text", {"label": "Run name", "placeholder": "empty: train-<date>-<time>"}),
+    ("preset", "choice", {"label": "UNet preset", "choices": [*PRESETS, CUSTOM]}),
+    ("resolution", "int", {"label": "Resolution (px)", "minimum": 8}),
+    ("train_batch_size", "int", {"label": "Batch size", "minimum": 1}),
+    ("max_train_steps", "int", {"label": "Training steps", "minimum": 0}),
+    ("num_epochs", "int", {"label": "Epochs (used when steps is 0)", "minimum": 0}),
+    ("learning_rate", "float", {"label": "Learning rate"}),
+    ("lr_scheduler", "choice", {"label": "LR schedule", "choices": list(LR_SCHEDULERS)}),
+    ("lr_warmup_steps", "int", {"label": "Warm-up steps", "minimum": 0}),
+    ("gradient_accumulation_steps", "int", {"label": "Gradient accumulation", "minimum": 1}),
+    ("adam_beta1", "float", {"label": "AdamW beta1"}),
+    ("adam_beta2", "float", {"label": "AdamW beta2"}),
+    ("adam_weight_decay", "float", {"label": "AdamW weight decay"}),
+    ("adam_epsilon", "float", {"label": "AdamW epsilon"}),
+    ("max_grad_norm", "float", {"label": "Gradient clipping"}),
+    ("mixed_precision", "choice", {"label": "Mixed precision", "choices": list(MIXED_PRECISIONS)}),
+    ("num_train_timesteps", "int", {"label": "num_train_timesteps", "minimum": 2}),
+    ("beta_schedule", "choice", {"label": "beta_schedule", "choices": list(BETA_SCHEDULES)}),
+    ("prediction_type", "choice", {"label": "prediction_type", "choices": list(PREDICTION_TYPES)}),
+    ("snr_gamma", "float", {"label": "Min-SNR gamma (0 = off)"}),
+    ("noise_offset", "float", {"label": "Noise offset"}),
+    ("random_flip", "bool", {"label": "Random horizontal flip"}),
+    ("center_crop", "bool", {"label": "Center crop"}),
+    ("use_ema", "bool", {"label": "EMA weights"}),
+    ("ema_max_decay", "float", {"label": "EMA max decay"}),
+    ("ema_power", "float", {"label": "EMA power"}),
+    ("ema_inv_gamma", "float", {"label": "EMA inverse gamma"}),
+    ("ema_update_after_step", "int", {"label": "EMA starts after step", "minimum": 0}),
+    ("seed", "int", {"label": "Seed", "minimum": 0}),
+    ("sample_every", "int", {"label": "Sample grid every N steps", "minimum": 0}),
+    ("num_samples", "int", {"label": "Images per sample grid", "minimum": 1, "maximum": 64}),
+    ("sample_inference_steps", "int", {"label": "Sampling steps (DDIM)", "minimum": 1}),
+    ("save_every", "int", {"label": "Checkpoint every N steps", "minimum": 0}),
+    ("checkpoints_total_limit", "int", {"label": "Checkpoints kept", "minimum": 1}),
+    ("block_out_channels", "csv", {"label": "block_out_channels", "placeholder": "32, 64, 64"}),
+    ("layers_per_block", "int", {"label": "layers_per_block", "minimum": 1}),
+    ("attention_levels", "csv", {"label": "Attention at levels (1 = highest resolution)", "placeholder": "2"}),
+)
+#: Widget names in the order the event handlers receive them.
+INPUT_NAMES = tuple(name for name, _, _ in FIELDS)
+#: Layout: (accordion title or "" for always visible, open?, fields).
+SECTIONS = (
+    ("", True, ("run_name", "preset", "resolution", "train_batch_size", "max_train_steps", "learning_rate")),
+    ("Schedule and optimizer", False, ("num_epochs", "lr_scheduler", "lr_warmup_steps", "gradient_accumulation_steps",
+                                       "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
+                                       "max_grad_norm", "mixed_precision")),
+    ("Diffusion", False, ("num_train_timesteps", "beta_schedule", "prediction_type", "snr_gamma", "noise_offset",
+                          "random_flip", "center_crop")),
+    ("EMA", False, ("use_ema", "ema_max_decay", "ema_power", "ema_inv_gamma", "ema_update_after_step")),
+    ("Samples and checkpoints", False, ("seed", "sample_every", "num_samples", "sample_inference_steps",
+                                        "save_every", "checkpoints_total_limit")),
+    ("Architecture (advanced)", False, ("block_out_channels", "layers_per_block", "attention_levels")),
+)
+ATTENTION_HELP = ("Levels whose down and up blocks use self-attention (AttnDownBlock2D / AttnUpBlock2D), "
+                  "comma-separated; empty = none.")
+#: Fields of the architecture that the preset dropdown fills in.
+ARCHITECTURE = ("block_out_channels", "layers_per_block", "attention_levels")
 
 
-def build_train_tab(ctx: StudioContext) -> dict:
-    gr.Markdown("This tab is being built.")
-    return {}
+def default_values() -> dict[str, Any]:
+    """The widget values of a fresh tab (TrainConfig's defaults, architecture as text)."""
+    cfg = TrainConfig()
+    values = {name: getattr(cfg, name) for name in INPUT_NAMES if name not in ARCHITECTURE}
+    values.update(preset_values(cfg.preset))
+    return values
+
+
+def preset_values(preset: str) -> dict[str, Any]:
+    """The architecture widgets' values for ``preset`` (nothing changes for 'custom')."""
+    p = PRESETS.get(preset)
+    if p is None:
+        return {}
+    return {"block_out_channels": ", ".join(str(c) for c in p.block_out_channels),
+            "layers_per_block": p.layers_per_block,
+            "attention_levels": ", ".join(str(i + 1) for i in p.attention_levels)}
+
+
+def _ints(text: Any, label: str) -> tuple[int, ...]:
+    if isinstance(text, (list, tuple)):
+        parts = [str(t) for t in text]
+    else:
+        parts = [part for part in str(text or "").replace(";", ",").split(",")]
+    out = []
+    for part in (p.strip() for p in parts):
+        if not part:
+            continue
+        try:
+            out.append(int(part))
+        except ValueError:
+            raise ConfigError(f"{label} must be whole numbers separated by commas (got {part!r}).") from None
+    return tuple(out)
+
+
+def build_config(values: dict[str, Any], ctx: StudioContext | None = None, **overrides: Any) -> TrainConfig:
+    """Turn named widget values into a validated ``TrainConfig``.
+
+    Args:
+        values: Widget values by field name (``INPUT_NAMES``); missing ones keep defaults.
+        ctx: The app context: supplies the dataset, workspace and device.
+        **overrides: Fields set last (``resume``, ...).
+
+    Raises:
+        ConfigError: with the widget's label in the message.
+    """
+    kinds = {name: kind for name, kind, _ in FIELDS}
+    hints = typing.get_type_hints(TrainConfig)
+    data: dict[str, Any] = {}
+    for name, value in values.items():
+        if name not in kinds:
+            raise ConfigError(f"Unknown training setting {name!r}.")
+        kind = kinds[name]
+        if kind == "csv":
+            value = _ints(value, _label(name))
+        elif kind in ("int", "float"):
+            if value is None or value == "":
+                raise ConfigError(f"{_label(name)} needs a number.")
+            number = float(value)
+            if hints.get(name) is int:
+                if not math.isfinite(number) or number != int(number):
+                    raise ConfigError(f"{_label(name)} must be a whole number (got {value}).")
+                value = int(number)
+            else:
+                value = number
+        elif kind == "bool":
+            value = bool(value)
+        elif kind == "text":
+            value = str(value or "").strip()
+        data[name] = value
+    levels = data.pop("attention_levels", None)
+    if "block_out_channels" in data:
+        channels = data["block_out_channels"]
+        attention = tuple(i - 1 for i in (levels or ()))
+        bad = [i + 1 for i in attention if not 0 <= i < len(channels)]
+        if bad:
+            raise ConfigError(f"Attention level {bad[0]} does not exist: the UNet has {len(channels)} levels "
+                              f"(1 = highest resolution).")
+        data["down_block_types"], data["up_block_types"] = block_types(len(channels), attention)
+        data["preset"] = CUSTOM if channels else data.get("preset", CUSTOM)
+    if ctx is not None:
+        data.update(data=ctx.dataset.get().config, workspace=str(ctx.workspace), device=ctx.settings.device)
+    data.update(overrides)
+    return TrainConfig(**data)
+
+
+def _label(name: str) -> str:
+    for field_name, _, extra in FIELDS:
+        if field_name == name:
+            return extra.get("label", name)
+    return name
+
+
+def model_summary(values: dict[str, Any]) -> str:
+    """Markdown: the preset the architecture matches, parameter count and a memory estimate."""
+    try:
+        cfg = build_config(values)
+    except StudioError as exc:
+        return f"⚠️ {exc.user_message}"
+    params = parameter_count(cfg.block_out_channels, cfg.layers_per_block, cfg.down_block_types, cfg.up_block_types)
+    mem = memory_estimate(params, cfg.resolution, cfg.train_batch_size, cfg.block_out_channels,
+                          cfg.layers_per_block, cfg.down_block_types, cfg.use_ema, cfg.mixed_precision)
+    attention = ", ".join(str(i + 1) for i in attention_levels_of(cfg.down_block_types)) or "none"
+    return (f"**{cfg.preset}** · **{human_count(params)} parameters** · attention at level(s) {attention} · "
+            f"estimated training memory **{human_bytes(mem.total)}** (weights {human_bytes(mem.weights)}, "
+            f"AdamW + gradients {human_bytes(mem.optimizer_and_grads)}, EMA {human_bytes(mem.ema)}, "
+            f"activations ≈ {human_bytes(mem.activations)} at batch {cfg.train_batch_size}, {cfg.resolution} px)")
+
+
+# --------------------------------------------------------------------------- actions
+def start_training(ctx: StudioContext, values: dict[str, Any]) -> tuple[str, str, str]:
+    """Validate the settings, create the run folder and start the training job.
+
+    Returns:
+        (status line, run folder, CLI command).
+
+    Raises:
+        StudioError: bad settings, a taken run name, or a job already running on the device.
+    """
+    cfg = build_config(values, ctx)
+    run = RunDir.create(cfg.workspace, TASK, cfg.run_name)
+    cfg = cfg.replace(run_name=run.name)
+    run.write_config(TASK, cfg.to_dict())
+    return _start(ctx, cfg, run)
+
+
+def _start(ctx: StudioContext, cfg: TrainConfig, run: RunDir) -> tuple[str, str, str]:
+    def target(events, stop):
+        from studio.trainers.ddpm import train
+
+        return train(cfg, events, stop, run)
+
+    try:
+        ctx.jobs.start(run.name, TASK, run.root, target, device=ctx.settings.device)
+    except JobError:
+        if not cfg.resume:  # do not leave an empty run folder behind
+            _remove_if_unused(run)
+        raise
+    verb = "Resuming" if cfg.resume else "Started"
+    return (f"{verb} {run.name}: {cfg.preset}, {cfg.resolution} px, batch {cfg.train_batch_size}, "
+            f"{cfg.max_train_steps or str(cfg.num_epochs) + ' epochs'} steps on {cfg.data.label}",
+            str(run.root), cli_command(run))
+
+
+def _remove_if_unused(run: RunDir) -> None:
+    if all(p.name == "config.json" or (p.is_dir() and not any(p.iterdir())) for p in run.root.iterdir()):
+        shutil.rmtree(run.root, ignore_errors=True)
+
+
+def resume_latest(ctx: StudioContext, max_train_steps: int | None = None) -> tuple[str, str, str]:
+    """Resume the newest training run that has an intact checkpoint, with its own settings.
+
+    Args:
+        ctx: The app context.
+        max_train_steps: Train to this many steps in total (the Training steps box); None or 0
+            keeps the run's own.
+
+    Raises:
+        CheckpointError: when no training run has a checkpoint.
+        JobError: when a job already runs on the device.
+    """
+    from studio.checkpoints import find_latest_valid
+
+    for info in list_runs(ctx.workspace):
+        if info.task != TASK:
+            continue
+        run = RunDir(info.path)
+        if find_latest_valid(run.checkpoints_dir) is None:
+            continue
+        data = run.read_config()
+        data.pop("task", None)
+        cfg = TrainConfig.from_dict(data).replace(resume="latest", workspace=str(ctx.workspace), run_name=run.name,
+                                                 device=ctx.settings.device)
+        if max_train_steps and int(max_train_steps) > 0:
+            cfg = cfg.replace(max_train_steps=int(max_train_steps))
+        return _start(ctx, cfg, run)
+    raise CheckpointError("No training run with a checkpoint to resume in this workspace.",
+                          "Start a new run; Stop saves a checkpoint you can resume.")
+
+
+def stop_training(ctx: StudioContext) -> str:
+    """Ask the running training job to stop after its current step (it saves a checkpoint)."""
+    job = ctx.jobs.latest(TASK)
+    if job is None or not job.running:
+        return "No training is running."
+    job.stop()
+    return f"Stopping {job.snapshot().name} after the current step (a checkpoint will be saved)…"
+
+
+# --------------------------------------------------------------------------- rendering
+@dataclass
+class TrainView:
+    """What the tab shows of a training job, as plain values."""
+
+    status: str
+    progress: str = ""
+    losses: list[tuple[int, float, str]] = field(default_factory=list)
+    latest_sample: str | None = None
+    gallery: list[tuple[str, str]] = field(default_factory=list)
+    run_path: str = ""
+    model_path: str = ""
+    running: bool = False
+
+
+def render(snapshot: Snapshot | None) -> TrainView:
+    """Turn a job snapshot into status, progress line, loss points, samples and paths."""
+    if snapshot is None:
+        return TrainView("No training yet. Pick settings and press Start.")
+    s = snapshot
+    lines = [f"{s.name}: {s.status}" + (f" — {s.phase}" if s.running and s.phase else "")]
+    if s.status == "failed" and s.error:
+        lines.append(f"Error: {s.error}")
+    if s.status == "stopped" and s.result_path:
+        lines.append(f"Checkpoint saved: {s.result_path}. Press Resume latest to go on.")
+    if s.status == "finished" and s.result_path:
+        lines.append(f"Model saved to {s.result_path}. Open it in Generate.")
+    lines.extend(f"Warning: {w}" for w in s.warnings[-3:])
+    progress = []
+    if s.total:
+        progress.append(f"step {s.step}/{s.total} ({100 * s.step / s.total:.0f}%)")
+    if s.losses:
+        progress.append(f"loss {s.losses[-1][2]:.4f} (last {s.losses[-1][1]:.4f})")
+    if s.lr is not None:
+        progress.append(f"lr {s.lr:.2e}")
+    if s.running and s.images_per_s:
+        progress.append(f"{s.images_per_s:.1f} img/s")
+    if s.running and s.eta_s:
+        progress.append(f"ETA {_duration(s.eta_s)}")
+    losses = [(step, loss, "loss") for step, loss, _ in s.losses] + [(step, sm, "smoothed") for step, _, sm in s.losses]
+    samples = [(path, f"step {step}") for step, path in s.samples if Path(path).is_file()]
+    model = str(Path(s.run_dir) / "model")
+    return TrainView("\n".join(lines), " · ".join(progress), losses, samples[-1][0] if samples else None,
+                     list(reversed(samples)), s.run_dir,
+                     model if (Path(model) / "model_index.json").is_file() else "", s.running)
+
+
+def loss_frame(losses: list[tuple[int, float, str]], log_scale: bool = False):
+    """A pandas DataFrame for the loss plot (``log10`` of the loss when ``log_scale``)."""
+    import pandas as pd
+
+    if log_scale:
+        rows = [(step, math.log10(value), curve) for step, value, curve in losses if value > 0]
+        return pd.DataFrame(rows, columns=["step", "log10 loss", "curve"])
+    return pd.DataFrame(losses, columns=["step", "loss", "curve"])
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m {seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m"
+
+
+def cli_command(run: RunDir | str | None = None) -> str:
+    """The headless command for this configuration: ``python -m studio train --config ...``."""
+    if run is None:
+        return "python -m studio train --config train.json   # train.json: the settings JSON below"
+    root = run.root if isinstance(run, RunDir) else Path(run)
+    return (f"python -m studio train --config {shlex.quote(str(root / 'config.json'))} --resume latest\n"
+            f"# on 2 GPUs: torchrun --nproc_per_node 2 -m studio train --config "
+            f"{shlex.quote(str(root / 'config.json'))} --resume latest")
+
+
+def config_json(values: dict[str, Any], ctx: StudioContext) -> str:
+    """The settings as the JSON file the CLI reads (or the validation error, as a comment)."""
+    try:
+        return build_config(values, ctx).to_json()
+    except StudioError as exc:
+        return f"// {exc.user_message}"
+
+
+def dataset_line(ctx: StudioContext) -> str:
+    """Markdown naming the dataset the run will use."""
+    choice = ctx.dataset.get()
+    count = f" ({choice.count} images)" if choice.count else ""
+    return f"**Dataset:** {choice.summary}{count}. Change it in the Dataset tab."
+
+
+# --------------------------------------------------------------------------- layout
+def _widget(name: str, kind: str, extra: dict[str, Any], value: Any) -> gr.components.Component:
+    info = ATTENTION_HELP if name == "attention_levels" else TrainConfig.help_for(name)
+    kwargs = dict(extra, info=info, elem_id=f"train-{name.replace('_', '-')}", value=value)
+    if kind in ("text", "csv"):
+        return gr.Textbox(**kwargs)
+    if kind == "choice":
+        return gr.Dropdown(**kwargs)
+    if kind == "bool":
+        return gr.Checkbox(**kwargs)
+    if kind == "int":
+        return gr.Number(precision=0, **kwargs)
+    return gr.Number(**kwargs)
+
+
+def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
+    """Lay out the Train tab and wire its events.
+
+    Returns:
+        ``{"open_in_generate": button, "run_path": textbox}``; the run path box holds the
+        run's ``model/`` folder once there is one, for the Generate tab.
+    """
+    defaults = default_values()
+    widgets: dict[str, gr.components.Component] = {}
+    gr.Markdown("Train an unconditional diffusion model (DDPM) from scratch on the dataset from the **Dataset** "
+                "tab. The sample grid uses the same starting noise every time, so you see the same images "
+                "sharpen as it learns; step 0 is pure noise.")
+    data_md = gr.Markdown(dataset_line(ctx), elem_id="train-dataset")
+    with gr.Row():
+        with gr.Column(scale=3):
+            for title, open_, names in SECTIONS:
+                container = gr.Accordion(title, open=open_) if title else gr.Group()
+                with container:
+                    for name in names:
+                        kind, extra = next((k, e) for n, k, e in FIELDS if n == name)
+                        widgets[name] = _widget(name, kind, extra, defaults[name])
+            summary = gr.Markdown("", elem_id="train-model-summary")
+            with gr.Accordion("Headless (CLI)", open=False):
+                cli_box = gr.Textbox(label="CLI command", value=cli_command(), interactive=False, lines=2,
+                                     elem_id="train-cli", buttons=["copy"])
+                json_box = gr.Code(label="Settings JSON (save as train.json)", language="json", value="",
+                                   interactive=False, elem_id="train-config-json")
+                show_json = gr.Button("Show settings as JSON", size="sm", elem_id="train-show-json")
+        with gr.Column(scale=4):
+            with gr.Row():
+                start_button = gr.Button("Start", variant="primary", elem_id="train-start")
+                stop_button = gr.Button("Stop", variant="stop", elem_id="train-stop")
+                resume_button = gr.Button("Resume latest", elem_id="train-resume")
+                open_button = gr.Button("Open in Generate", elem_id="train-open-generate")
+            status = gr.Textbox(label="Status", lines=3, interactive=False, elem_id="train-status",
+                                value=render(None).status)
+            progress = gr.Textbox(label="Progress", interactive=False, elem_id="train-progress")
+            log_scale = gr.Checkbox(label="Log-scale loss", value=False, elem_id="train-log-scale")
+            loss_plot = gr.LinePlot(x="step", y="loss", color="curve", label="Loss", elem_id="train-loss",
+                                    height=260)
+            with gr.Row():
+                sample = gr.Image(label="Latest sample grid", type="filepath", interactive=False,
+                                  elem_id="train-sample", height=320)
+                gallery = gr.Gallery(label="Earlier grids (newest first)", columns=3, height=320,
+                                     elem_id="train-gallery")
+            run_folder = gr.Textbox(label="Run folder", interactive=False, elem_id="train-run-folder")
+            run_path = gr.Textbox(label="Model folder (for Generate)", interactive=False, elem_id="train-run-path")
+    seen = gr.State(value=(-1, -1, False))
+    timer = gr.Timer(1.0)
+    inputs = [widgets[name] for name in INPUT_NAMES]
+    view_components = [status, progress, loss_plot, sample, gallery, run_folder, run_path]
+
+    def current_view() -> TrainView:
+        job = ctx.jobs.latest(TASK)
+        return render(job.snapshot() if job is not None else None)
+
+    def view_outputs(view: TrainView, log: bool) -> tuple:
+        frame = loss_frame(view.losses, log)
+        plot = gr.LinePlot(value=frame, y=frame.columns[1], y_title=frame.columns[1])
+        return (view.status, view.progress, plot, view.latest_sample, view.gallery, view.run_path,
+                view.model_path)
+
+    def on_start(*values: Any):
+        try:
+            message, folder, command = start_training(ctx, dict(zip(INPUT_NAMES, values)))
+        except Exception as exc:  # noqa: BLE001 - shown to the person, never a traceback
+            return _failure(exc), gr.skip(), gr.skip()
+        return message, folder, command
+
+    def on_resume(steps: Any):
+        try:
+            return resume_latest(ctx, int(steps) if steps not in (None, "") else None)
+        except Exception as exc:  # noqa: BLE001
+            return _failure(exc), gr.skip(), gr.skip()
+
+    def on_status(log: bool):
+        return view_outputs(current_view(), bool(log))
+
+    def on_tick(last: tuple, log: bool):
+        job = ctx.jobs.latest(TASK)
+        key = (job.id, job.snapshot().version, bool(log)) if job is not None else (-1, -1, bool(log))
+        if tuple(last) == key:
+            return (*(gr.skip() for _ in view_components), last)
+        return (*view_outputs(current_view(), bool(log)), key)
+
+    def on_preset(preset: str):
+        values = preset_values(preset)
+        if not values:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return (values["block_out_channels"], values["layers_per_block"], values["attention_levels"],
+                PRESETS[preset].resolution)
+
+    def on_summary(*values: Any):
+        try:
+            return model_summary(dict(zip(INPUT_NAMES, values)))
+        except Exception as exc:  # noqa: BLE001
+            return f"⚠️ {describe_exception(exc)}"
+
+    def on_architecture_edit(*values: Any):
+        """Editing the architecture by hand shows which preset (or 'custom') it now is."""
+        try:
+            return build_config(dict(zip(INPUT_NAMES, values))).preset
+        except StudioError:
+            return CUSTOM
+
+    gpu = {"concurrency_id": GPU, "concurrency_limit": 1}
+    start_button.click(on_start, inputs=inputs, outputs=[status, run_folder, cli_box], api_name="start_training",
+                       **gpu)
+    resume_button.click(on_resume, inputs=widgets["max_train_steps"], outputs=[status, run_folder, cli_box],
+                        api_name="resume_training", **gpu)
+    stop_button.click(lambda: stop_training(ctx), outputs=status, api_name="stop_training", queue=False)
+    timer.tick(on_tick, inputs=[seen, log_scale], outputs=[*view_components, seen], api_name="poll_training",
+               queue=False, show_progress="hidden")
+    status_button = gr.Button("Refresh", size="sm", elem_id="train-refresh", visible=False)
+    status_button.click(on_status, inputs=log_scale, outputs=view_components, api_name="train_status", queue=False)
+    widgets["preset"].input(on_preset, inputs=widgets["preset"],
+                            outputs=[widgets["block_out_channels"], widgets["layers_per_block"],
+                                     widgets["attention_levels"], widgets["resolution"]],
+                            api_name="train_preset", queue=False)
+    for name in ARCHITECTURE:
+        widgets[name].input(on_architecture_edit, inputs=inputs, outputs=widgets["preset"], queue=False,
+                            api_name=False)
+    summary_triggers = [widgets[n].change for n in ("preset", "resolution", "train_batch_size", "use_ema",
+                                                     "mixed_precision", *ARCHITECTURE)]
+    gr.on(summary_triggers, on_summary, inputs=inputs, outputs=summary, api_name="train_model_summary",
+          queue=False, show_progress="hidden")
+    show_json.click(lambda *values: (config_json(dict(zip(INPUT_NAMES, values)), ctx), cli_command()),
+                    inputs=inputs, outputs=[json_box, cli_box], api_name="train_config_json", queue=False)
+    tab = gr.context.Context.block
+    if isinstance(tab, gr.Tab):  # refresh the dataset line whenever the tab is opened
+        tab.select(lambda: dataset_line(ctx), outputs=data_md, api_name="train_dataset", queue=False)
+    root = gr.context.Context.root_block
+    if root is not None:
+        root.load(lambda *values: (dataset_line(ctx), on_summary(*values), *on_status(False)),
+                  inputs=inputs, outputs=[data_md, summary, *view_components], api_name="train_on_load",
+                  queue=False)
+    return {"open_in_generate": open_button, "run_path": run_path, "status": status}
+
+
+def _failure(exc: BaseException) -> str:
+    message = describe_exception(exc)
+    if not isinstance(exc, StudioError):
+        log.exception("Train action failed")
+    gr.Warning(message)
+    return f"Not started: {message}"
+
+
+__all__ = ["FIELDS", "INPUT_NAMES", "TrainView", "build_config", "build_train_tab", "cli_command", "config_json",
+           "default_values", "loss_frame", "model_summary", "preset_values", "render", "resume_latest",
+           "start_training", "stop_training"]
