@@ -163,10 +163,11 @@ def _resolve_local(text: str, path: Path, workspace: str | Path | None, offline:
                              "Give a diffusers folder (with model_index.json) or a .safetensors checkpoint.")
         return ModelRef(text=text, kind="file", location=str(path), label=path.stem)
     # A run folder of the workspace (Train / Fine-tune output).
-    if (path / "config.json").is_file() and ((path / "model").is_dir() or (path / "lora").is_dir()):
+    if (path / "config.json").is_file() and any((path / sub).is_dir()
+                                                for sub in ("model", "lora", "checkpoints", "samples")):
         if (path / "model" / "model_index.json").is_file():
             return ModelRef(text=text, kind="folder", location=str(path / "model"), label=f"run {path.name}")
-        if (path / "lora").is_dir():
+        if (path / "lora").is_dir() and any((path / "lora").glob("*.safetensors")):
             lora = find_lora_file(path / "lora")
             base_text = _run_base_model(path)
             base = resolve_reference(base_text, workspace, offline)

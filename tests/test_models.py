@@ -176,10 +176,11 @@ def test_lora_run_without_base_model_is_explained(workspace, tiny_sd):
         resolve_reference(str(run), workspace, offline=True)
 
 
-def test_unfinished_run_is_explained(workspace):
+@pytest.mark.parametrize("folder", ["model", "samples", "lora"])
+def test_unfinished_run_is_explained(workspace, folder):
     run = make_run(workspace, "half", {"task": "train"})
-    (run / "model").mkdir()
-    with pytest.raises(ModelError, match="no exported model yet"):
+    (run / folder).mkdir()
+    with pytest.raises(ModelError, match="Run half has no exported model yet"):
         resolve_reference(str(run), workspace, offline=True)
 
 
