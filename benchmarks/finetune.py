@@ -30,6 +30,7 @@ where a ratio is the median over rounds of reference s/step divided by studio s/
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -377,6 +378,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--mixed-precision", default=None, help="no, fp16, bf16 (default: no on CPU, fp16 on CUDA)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--methods", default="lora,full", help="which of lora,full to measure")
     parser.add_argument("--peak-memory", default="", help=argparse.SUPPRESS)
     parser.add_argument("--base", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -402,8 +404,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"Fine-tune step throughput: {args.size} SD pipeline, {args.rows} emoji at {args.resolution} px, "
           f"batch {args.batch}, {args.device} ({args.mixed_precision}), {args.warmup} warm-up + {args.steps} "
           f"timed steps, {args.rounds} alternating rounds")
-    results: dict[str, float] = {}
-    for method in ("lora", "full"):
+    results: dict[str, float | None] = {"lora_ratio": None, "full_ratio": None, "lora_peak_mb": None,
+                                        "full_peak_mb": None}
+    methods = [m for m in ("lora", "full") if m in args.methods.split(",")]
+    for method in methods:
         studio_run(base, method, workspace, args, 1)  # builds the latent/text cache (one-time cost)
         ratios, studio_times, reference_times = [], [], []
         for round_ in range(args.rounds):
@@ -413,6 +417,7 @@ def main(argv: list[str] | None = None) -> dict:
             else:
                 r = reference_run(base, method, pixels, captions, args, args.steps)
                 s = studio_run(base, method, workspace, args, args.steps)
+            gc.collect()  # the other loop's models must be gone before the next run
             studio_times.append(s)
             reference_times.append(r)
             ratios.append(r / s)
@@ -425,10 +430,10 @@ def main(argv: list[str] | None = None) -> dict:
         reference_run(base, method, pixels, captions, args, args.steps, split=ref_split)
         print_split("reference (diffusers)", ref_split)
         print_split("studio", studio_split(base, method, workspace, args, args.steps))
-    for method in ("lora", "full"):
+    for method in methods:
         results[f"{method}_peak_mb"] = round(peak_memory(base, method, args), 1)
     print(f"peak memory while training ({'CUDA allocated' if args.device.startswith('cuda') else 'RSS growth'}): "
-          f"LoRA {results['lora_peak_mb']:.1f} MB, full {results['full_peak_mb']:.1f} MB")
+          + ", ".join(f"{m} {results[m + '_peak_mb']:.1f} MB" for m in methods))
     summary = {k: results[k] for k in ("lora_ratio", "full_ratio", "lora_peak_mb", "full_peak_mb")}
     print(json.dumps(summary))
     return summary
