@@ -180,22 +180,26 @@ def stream_generation(ctx: StudioContext, cfg: GenerateConfig) -> Iterator[dict[
     worker.start()
     shown_images = 0
     last = 0.0
-    while True:
-        item = updates.get()
-        if item is None:
-            break
-        now = time.monotonic()
-        new_images = len(item.images) != shown_images
-        if item.preview is None and not new_images and now - last < UPDATE_INTERVAL:
-            continue
-        last = now
-        update: dict[str, Any] = {"progress": f"{item.message} ({item.fraction:.0%})"}
-        if item.preview is not None:
-            update["preview"] = enlarge(item.preview)
-        if new_images:
-            shown_images = len(item.images)
-            update["images"] = item.images
-        yield update
+    try:
+        while True:
+            item = updates.get()
+            if item is None:
+                break
+            now = time.monotonic()
+            new_images = len(item.images) != shown_images
+            if item.preview is None and not new_images and now - last < UPDATE_INTERVAL:
+                continue
+            last = now
+            update: dict[str, Any] = {"progress": f"{item.message} ({item.fraction:.0%})"}
+            if item.preview is not None:
+                update["preview"] = enlarge(item.preview)
+            if new_images:
+                shown_images = len(item.images)
+                update["images"] = item.images
+            yield update
+    finally:
+        if worker.is_alive():  # nobody is watching any more (page closed): stop after this step
+            manager.stop_event.set()
     worker.join()
     if "error" in outcome:
         exc = outcome["error"]

@@ -71,6 +71,16 @@ def test_stream_generation_yields_progress_then_result(ctx, tiny_sd):
     assert "Model path not found" in bad[-1]["error"]
 
 
+def test_closing_the_stream_stops_the_generation(ctx, tiny_sd):
+    cfg = build_config(*values(str(tiny_sd), num_inference_steps=100, batch_count=50))
+    stream = stream_generation(ctx, cfg)
+    next(stream)
+    stream.close()  # what Gradio does when the page goes away
+    assert ctx.pipelines.stop_event.is_set()
+    assert ctx.pipelines.lock.acquire(timeout=30)  # the worker let go of the pipeline
+    ctx.pipelines.lock.release()
+
+
 def test_reuse_parameters_from_a_saved_png(ctx, tiny_sd):
     cfg = build_config(*values(str(tiny_sd), prompt="fox, snow", scheduler="UniPC", seed=77))
     result = list(stream_generation(ctx, cfg))[-1]["result"]
