@@ -29,6 +29,7 @@ from studio.errors import ConfigError, StudioError
 #: command -> (config class "module:Class", runner "module:function").
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("studio.config.train:TrainConfig", "studio.trainers.ddpm:train"),
+    "finetune": ("studio.config.finetune:FinetuneConfig", "studio.trainers.text_to_image:train"),
     "generate": ("studio.config.generate:GenerateConfig", "studio.generate:run_cli"),
 }
 

@@ -292,3 +292,56 @@ def test_push_to_hub_offline_says_so(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     message = push_to_hub(tmp_path, "me/my-lora")
     assert message.startswith("Not pushed to the Hub: the studio is offline") and "hf upload me/my-lora" in message
+
+
+# ----------------------------------------------------------------------------- headless
+def test_cli_finetune_resumes_a_run_from_its_config_json(tiny_sd, workspace, tmp_path, capsys):
+    from studio import cli
+
+    cfg = make_cfg(tiny_sd, workspace, max_train_steps=2, validation_every=0, checkpoint_every=1, run_name="cli")
+    config = tmp_path / "finetune.json"
+    cfg.to_json(config)
+    assert cli.main(["finetune", "--config", str(config), "--quiet"]) == 0
+    assert capsys.readouterr().out.startswith("finished: finished 2 steps")
+    # the run's own config.json names the run: with --resume latest it continues there
+    saved = json.loads((workspace / "cli" / "config.json").read_text())
+    assert saved["run_name"] == "cli" and saved["task"] == "finetune" and saved["resume"] == ""
+    longer = tmp_path / "longer.json"
+    longer.write_text(json.dumps({**saved, "max_train_steps": 3}))
+    assert cli.main(["finetune", "--config", str(longer), "--resume", "latest", "--quiet"]) == 0
+    assert capsys.readouterr().out.startswith("finished: finished 3 steps")
+    events = [json.loads(line) for line in (workspace / "cli" / "events.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["kind"] == "step"] == [1, 2, 3]
+    assert any(e["kind"] == "status" and e["message"].startswith("resumed from step-00000002") for e in events)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**cfg.to_dict(), "resolution": 12}))
+    assert cli.main(["finetune", "--config", str(bad)]) == 2
+    assert "multiple of 8" in capsys.readouterr().err
+
+
+def test_two_processes_train_one_lora_on_different_shards(tiny_sd, workspace, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import free_port
+
+    cfg = make_cfg(tiny_sd, workspace, max_train_steps=3, validation_every=0, run_name="ddp", train_batch_size=2)
+    config = tmp_path / "finetune.json"
+    cfg.to_json(config)
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=str(Path(__file__).resolve().parent.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         "-m", "studio", "finetune", "--config", str(config), "--quiet"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("finished: finished 3 steps") == 1, proc.stdout
+    run = workspace / "ddp"
+    ranks = [json.loads((run / "logs" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]  # gradients were averaged
+    assert not set(ranks[0]["first_batch"]) & set(ranks[1]["first_batch"])  # each saw its own images
+    assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    steps = [json.loads(line)["step"] for line in (run / "events.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "step"]
+    assert steps == [1, 2, 3]

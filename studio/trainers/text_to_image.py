@@ -568,6 +568,8 @@ class _Trainer:
         acc = self.accelerator
         rows = _batch_indices(micro, cfg.train_batch_size, self.count, cfg.seed, acc.process_index,
                               acc.num_processes, self._perms)
+        if micro == 0:
+            self.first_batch = rows.tolist()
         loss = self.loss_on(self.image_latents(rows), self.text_embeddings(rows)).mean()
         if self.class_pixels is not None:
             class_rows = _batch_indices(micro, cfg.train_batch_size, len(self.class_pixels), cfg.seed + 7,
@@ -635,10 +637,26 @@ class _Trainer:
                 self.save(step)
         self.validate(step)
         self.save(step)
+        if acc.num_processes > 1:
+            self.record_process()
         out = self.export(step)
         if writer is not None:
             writer.close()
         report("finished", step=step, path=str(out), message=f"finished {step} steps; saved to {out.name}/")
+
+    def record_process(self) -> None:
+        """Each process writes ``logs/rank-N.json``: its first batch and a hash of its trained weights
+        (equal hashes show the gradients were synchronised; disjoint batches, that the data was sharded)."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.trainable_state().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())
+        acc = self.accelerator
+        record = {"rank": acc.process_index, "world_size": acc.num_processes,
+                  "first_batch": getattr(self, "first_batch", []), "weights_sha256": digest.hexdigest()}
+        (self.run.logs_dir / f"rank-{acc.process_index}.json").write_text(json.dumps(record), encoding="utf-8")
 
     def tensorboard(self):
         if not self.accelerator.is_main_process:
