@@ -138,7 +138,8 @@ def is_unconditional_unet(pipe: Any) -> bool:
     from studio.models import pipeline_capabilities
 
     return (not pipeline_capabilities(pipe)["prompt"] and getattr(pipe, "unet", None) is not None
-            and getattr(pipe, "scheduler", None) is not None and getattr(pipe, "vae", None) is None)
+            and getattr(pipe, "scheduler", None) is not None and getattr(pipe, "vae", None) is None
+            and getattr(pipe, "vqvae", None) is None)
 
 
 def _generators(seeds: list[int]) -> list[Any]:
@@ -205,6 +206,8 @@ def build_call_kwargs(pipe: Any, cfg: GenerateConfig, seeds: list[int], size: tu
     if caps["prompt"]:
         kwargs["prompt"] = cfg.prompt
         kwargs["num_images_per_prompt"] = len(seeds)
+    elif caps["batch_size"]:
+        kwargs["batch_size"] = len(seeds)
     if caps["negative_prompt"] and cfg.negative_prompt:
         kwargs["negative_prompt"] = cfg.negative_prompt
     if caps["guidance_scale"]:
@@ -267,11 +270,10 @@ def generate(manager: Any, cfg: GenerateConfig, on_progress: ProgressFn | None =
             manager.set_scheduler(cfg.scheduler)
         adapters = manager.sync_lora(cfg.lora, cfg.lora_scale)
         caps = loaded.capabilities
+        # DDPM/DDIM-style models run the studio's own loop (every compatible scheduler works);
+        # everything else, text-to-image or not, is called as diffusers defines it.
         unconditional = is_unconditional_unet(pipe)
-        if not unconditional and not caps["prompt"]:
-            raise ConfigError(f"{loaded.label} ({type(pipe).__name__}) is neither a text-to-image nor a "
-                              "DDPM/DDIM-style model; the Generate tab cannot drive it.")
-        size = loaded.size if unconditional else (cfg.width or loaded.size[0], cfg.height or loaded.size[1])
+        size = (cfg.width or loaded.size[0], cfg.height or loaded.size[1]) if caps["size"] else loaded.size
         every = preview_every or max(1, cfg.num_inference_steps // 4)
         base_seed = pick_seed(cfg.seed)
         sampler = describe_scheduler(pipe, cfg.scheduler)

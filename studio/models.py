@@ -349,7 +349,7 @@ def pipeline_capabilities(pipe: Any) -> dict[str, bool]:
     """Which Generate controls this pipeline takes, read from its ``__call__`` signature.
 
     Returns:
-        {"prompt", "negative_prompt", "guidance_scale", "size", "lora", "callback"} -> bool.
+        {"prompt", "negative_prompt", "guidance_scale", "size", "lora", "callback", "batch_size"} -> bool.
     """
     import inspect
 
@@ -361,16 +361,21 @@ def pipeline_capabilities(pipe: Any) -> dict[str, bool]:
         "size": "height" in params and "width" in params,
         "lora": hasattr(pipe, "load_lora_weights") and "prompt" in params,
         "callback": "callback_on_step_end" in params,
+        "batch_size": "batch_size" in params,
     }
 
 
 def native_size(pipe: Any) -> tuple[int, int]:
     """(width, height) the model was trained at, from its config."""
-    scale = int(getattr(pipe, "vae_scale_factor", 1) or 1)
+    autoencoder = getattr(pipe, "vae", None) or getattr(pipe, "vqvae", None)
+    scale = int(getattr(pipe, "vae_scale_factor", 0) or 0)
+    if not scale:
+        channels = getattr(getattr(autoencoder, "config", None), "block_out_channels", None)
+        scale = 2 ** (len(channels) - 1) if channels else 1
     unet = getattr(pipe, "unet", None)
     if unet is not None:
         size = unet.config.sample_size
-        if getattr(pipe, "vae", None) is None:
+        if autoencoder is None:
             scale = 1
     elif getattr(pipe, "default_sample_size", None):
         size = pipe.default_sample_size

@@ -239,3 +239,24 @@ def test_a_scheduler_that_fails_with_the_pipeline_is_named(manager, tiny_sd, mon
     with pytest.raises(ConfigError, match="The UniPC scheduler failed with .*custom sigmas.*Pick another"):
         generate(manager, GenerateConfig(model=str(tiny_sd), scheduler="UniPC", num_inference_steps=2), save=False)
     assert generate(manager, GenerateConfig(model=str(tiny_sd), num_inference_steps=2), save=False).images
+
+
+def test_other_unconditional_pipelines_are_called_as_diffusers_defines_them(manager, tiny_ddpm, tmp_path):
+    import torch
+    from diffusers import DDIMScheduler, LDMPipeline, UNet2DModel, VQModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=4, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=8)
+    vqvae = VQModel(in_channels=3, out_channels=3, latent_channels=3, block_out_channels=(8, 16),
+                    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=8, layers_per_block=1)
+    LDMPipeline(vqvae=vqvae, unet=unet, scheduler=DDIMScheduler()).save_pretrained(tmp_path / "ldm")
+    cfg = GenerateConfig(model=str(tmp_path / "ldm"), num_inference_steps=2, seed=3, batch_size=2)
+    result = generate(manager, cfg, save=False)
+    assert manager.loaded.kind == "unconditional" and result.seeds == [3, 4]
+    assert manager.loaded.size == (8, 8)
+    assert result.images[0].image.size == (8, 8)  # decoded by the VQ-VAE, not raw latents
+    again = generate(manager, cfg.replace(batch_size=1, seed=4), save=False)
+    assert (pixels(again) == pixels(result, 1)).all()
