@@ -1,25 +1,34 @@
 """Training speed levers for the trainers: the same math, done in less time.
 
-Every function here is numerically the plain path (same loss, same update rule; at
-most float rounding differs, and ``ema_update_`` is bit-exact). What each lever gave
-on the 2-core CPU is measured by ``benchmarks/train_ddpm.py`` and written up in
-``benchmarks/README.md``. The API the trainers call:
+Every function here computes what the plain path computes (same loss formula, same
+update rule): only float rounding differs, and ``ema_update_`` is bit-exact. What each
+lever gave on the 2-core CPU is measured by ``benchmarks/train_ddpm.py`` and written up
+in ``benchmarks/README.md``. The API the trainers call:
 
     prepare_unet_for_training(unet, device_or_cfg, *, compile=None, shards=None) -> nn.Module
     make_optimizer(params, *, lr, betas, weight_decay, eps, device) -> torch.optim.AdamW
     ema_update_(ema_params, params, decay) -> None
     cpu_shards(device, batch_size) -> int
 
-The one lever that moves the needle on a 2-core CPU is **batch sharding over
-threads** (``prepare_unet_for_training`` installs it on CPU): with two torch threads,
-intra-op parallelism on these small convolutions and attentions keeps the second
-core half idle, so the forward and the backward of the batch are instead cut in two
-halves that run at the same time, one per thread with one intra-op thread each.
-Every sample sees exactly the same computation (a ``UNet2DModel`` has no batch
-statistics), the output is the concatenation, and the parameter gradients are the
-sum of the two halves' gradients added in a fixed order, so runs stay deterministic
-(bit-exact resume holds for a fixed thread count). With one torch thread it is a
-no-op.
+``prepare_unet_for_training`` applies, on CPU, the two levers that move the needle:
+
+* **A head_dim-8 attention kernel** (``HeadDim8AttnProcessor``): UNet2DModel's attention
+  blocks use 8-wide heads, where torch's CPU flash-attention kernel spends its time in
+  tiny K=8 matmul calls. A small C kernel (compiled on first use with the system C
+  compiler, cached under ``~/.cache/diffusion-studio/kernels``; torch's SDPA where that
+  is impossible) does the same softmax(q k^T / sqrt(8)) v and its backward about 3x
+  faster. It runs wherever the calling thread has one torch thread.
+* **Batch sharding over threads** (``shard_batches``): with two torch threads, intra-op
+  parallelism on these small convolutions keeps the second core half idle, so the
+  forward and backward of the batch are instead cut in slices that run at the same time,
+  one per thread with one intra-op thread each (and the attention kernel). Every sample
+  sees exactly the same computation (a ``UNet2DModel`` has no batch statistics), the
+  output is the concatenation, and the parameter gradients are the slices' gradients
+  added in a fixed order, so runs stay deterministic (bit-exact resume holds for a fixed
+  thread count). With one torch thread it is a no-op.
+
+Both act on the UNet instance itself: its parameters, ``state_dict``, config and
+``save_pretrained`` output are unchanged.
 """
 
 from __future__ import annotations
@@ -39,7 +48,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-__all__ = ["prepare_unet_for_training", "make_optimizer", "ema_update_", "cpu_shards", "unshard_unet"]
+__all__ = ["prepare_unet_for_training", "make_optimizer", "ema_update_", "cpu_shards", "shard_batches",
+           "unshard_unet", "use_fast_attention", "attention_head_dim8", "attention_kernel", "HeadDim8AttnProcessor"]
 
 
 # ----------------------------------------------------------------------------- device
@@ -511,23 +521,28 @@ def prepare_unet_for_training(unet: torch.nn.Module, device_or_cfg: Any = "cpu",
                               shards: int | None = None) -> torch.nn.Module:
     """Apply the speed levers that measurably help on the device; the math stays the same.
 
-    On CPU this installs batch sharding over threads on this UNet instance (its
-    parameters, ``state_dict``, config and ``save_pretrained`` are unchanged; only
-    ``forward`` runs the batch in slices in parallel). It is a no-op with one torch
-    thread, on accelerators, under autocast, and for models with active dropout.
+    On CPU: the head_dim-8 attention kernel on every attention module
+    (``use_fast_attention``) and batch sharding over threads (``shard_batches``); both
+    act on this instance, whose parameters, ``state_dict``, config and
+    ``save_pretrained`` output are unchanged. Sharding is a no-op with one torch thread,
+    under autocast and with active dropout. On CUDA/MPS nothing is changed (no GPU was
+    available to measure a lever there).
 
     Args:
         unet: A diffusers ``UNet2DModel`` (other modules are returned unchanged).
         device_or_cfg: Where it trains: ``"cpu"``, ``"cuda"``, a ``torch.device`` or a
             config with a ``device`` field (``"auto"`` is resolved).
-        compile: ``True`` wraps the model in ``torch.compile(dynamic=False)`` (then no
-            sharding); ``None``/``False`` does not compile: on the 2-core CPU it changed
-            the step by under 2 % after a 20-60 s compile.
+        compile: ``True`` returns ``torch.compile(unet, dynamic=False)`` and nothing else;
+            ``None``/``False`` does not compile: on the 2-core CPU compiling changed the
+            step by under 1 % after a one- to four-minute compile.
         shards: Threads to split each batch over; ``None`` uses ``torch.get_num_threads()``
             of the calling thread at every forward.
 
     Returns:
         The module to train (the same object unless ``compile`` is True).
+
+    Raises:
+        ConfigError: ``shards`` below 1.
     """
     if compile:
         return torch.compile(unet, dynamic=False)
@@ -538,11 +553,29 @@ def prepare_unet_for_training(unet: torch.nn.Module, device_or_cfg: Any = "cpu",
     if _device_type(device_or_cfg) != "cpu":
         return unet
     use_fast_attention(unet)
+    shard_batches(unet, shards)
+    return unet
+
+
+def shard_batches(unet: torch.nn.Module, shards: int | None = None) -> bool:
+    """Install batch sharding over threads on this ``UNet2DModel`` instance (CPU; see module doc).
+
+    Args:
+        unet: The UNet; its parameters, ``state_dict``, config and ``save_pretrained`` stay as they are.
+        shards: Threads per batch; ``None`` uses ``torch.get_num_threads()`` at every forward.
+
+    Returns:
+        Whether sharding was installed (not for other modules or with active dropout).
+    """
+    if shards is not None and shards < 1:
+        from studio.errors import ConfigError
+
+        raise ConfigError(f"shards must be at least 1, got {shards}.")
     if not _can_shard(unet):
-        return unet
+        return False
     unet._studio_shards = shards  # None: decided at each forward from the thread count
     unet.forward = types.MethodType(_sharded_forward, unet)
-    return unet
+    return True
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], *, lr: float, betas: tuple[float, float] = (0.9, 0.999),
