@@ -34,7 +34,7 @@ from studio.jobs import Snapshot
 from studio.runs import RunDir, list_runs
 from tabs import GPU
 from studio.unet_presets import (CUSTOM, PRESETS, attention_levels_of, block_types, human_bytes, human_count,
-                                 memory_estimate, parameter_count)
+                                 memory_estimate, parameter_count, preset_matching)
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +191,17 @@ def _label(name: str) -> str:
         if field_name == name:
             return extra.get("label", name)
     return name
+
+
+def architecture_preset(values: dict[str, Any]) -> str:
+    """The preset whose architecture the architecture widgets hold, or 'custom'."""
+    try:
+        channels = _ints(values.get("block_out_channels"), "block_out_channels")
+        levels = tuple(i - 1 for i in _ints(values.get("attention_levels"), "attention levels"))
+        down, up = block_types(len(channels), levels)
+        return preset_matching(channels, int(values.get("layers_per_block") or 0), down, up)
+    except (StudioError, TypeError, ValueError):
+        return CUSTOM
 
 
 def model_summary(values: dict[str, Any]) -> str:
@@ -497,10 +508,7 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
 
     def on_architecture_edit(*values: Any):
         """Editing the architecture by hand shows which preset (or 'custom') it now is."""
-        try:
-            return build_config(dict(zip(INPUT_NAMES, values))).preset
-        except StudioError:
-            return CUSTOM
+        return architecture_preset(dict(zip(INPUT_NAMES, values)))
 
     gpu = {"concurrency_id": GPU, "concurrency_limit": 1}
     start_button.click(on_start, inputs=inputs, outputs=[status, run_folder, cli_box], api_name="start_training",
@@ -517,8 +525,8 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
                                      widgets["attention_levels"], widgets["resolution"]],
                             api_name="train_preset", queue=False)
     for name in ARCHITECTURE:
-        widgets[name].input(on_architecture_edit, inputs=inputs, outputs=widgets["preset"], queue=False,
-                            api_name=False)
+        widgets[name].change(on_architecture_edit, inputs=inputs, outputs=widgets["preset"], queue=False,
+                             api_name=False)
     summary_triggers = [widgets[n].change for n in ("preset", "resolution", "train_batch_size", "use_ema",
                                                      "mixed_precision", *ARCHITECTURE)]
     gr.on(summary_triggers, on_summary, inputs=inputs, outputs=summary, api_name="train_model_summary",

@@ -62,6 +62,14 @@ def test_each_preset_fills_the_architecture_widgets():
         assert cfg.preset == name and cfg.block_out_channels == preset.block_out_channels
 
 
+def test_architecture_widgets_name_their_preset():
+    for name in PRESETS:
+        assert tab.architecture_preset(tab.preset_values(name)) == name
+    assert tab.architecture_preset({"block_out_channels": "8, 16", "layers_per_block": 1,
+                                    "attention_levels": "2"}) == "custom"
+    assert tab.architecture_preset({"block_out_channels": "x"}) == "custom"
+
+
 def test_architecture_text_becomes_block_types():
     cfg = tab.build_config(tiny_values(block_out_channels="16, 32, 32", attention_levels="1, 3", resolution=16))
     assert cfg.down_block_types == ("AttnDownBlock2D", "DownBlock2D", "AttnDownBlock2D")
