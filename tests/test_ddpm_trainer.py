@@ -244,3 +244,22 @@ def test_sampler_shards_differ_per_process_and_restore_exactly():
     a.load_state_dict(state)
     assert [a.next()[0].tolist() for _ in range(4)] == ahead
     assert a.epoch >= 1
+
+
+def test_ema_step_matches_diffusers_ema_model():
+    from diffusers.training_utils import EMAModel
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    ours = EMAModel(params, decay=0.999, use_ema_warmup=True, inv_gamma=1.0, power=0.75, update_after_step=1)
+    theirs = EMAModel(params, decay=0.999, use_ema_warmup=True, inv_gamma=1.0, power=0.75, update_after_step=1)
+    for _ in range(5):
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn_like(p))
+        ddpm.ema_step(ours, params)
+        theirs.step(params)
+    assert ours.optimization_step == theirs.optimization_step == 5
+    assert ours.cur_decay_value == theirs.cur_decay_value
+    for a, b in zip(ours.shadow_params, theirs.shadow_params):
+        assert torch.equal(a, b)
