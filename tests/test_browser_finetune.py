@@ -17,6 +17,19 @@ def set_number(page, elem_id: str, value: int) -> None:
     box.press("Tab")
 
 
+def wait_for_status(page, text: str, timeout: int) -> None:
+    page.wait_for_function(
+        "text => { const box = document.querySelector('#ft-status textarea'); return !!box && box.value.includes(text); }",
+        arg=text, timeout=timeout)
+
+
+def wait_for_image(page) -> None:
+    """A validation image is shown and has really loaded (not just an empty <img>)."""
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#ft-gallery img')].some(img => img.complete && img.naturalWidth > 0)",
+        timeout=60_000)
+
+
 def test_finetune_a_lora_and_see_a_validation_image(page, tiny_sd, launched_app):
     app, _ = launched_app
     # the Dataset tab's hand-off: four bundled emoji
@@ -32,16 +45,19 @@ def test_finetune_a_lora_and_see_a_validation_image(page, tiny_sd, launched_app)
     page.locator("#ft-run-name textarea").fill("browser-lora")
     page.locator("#ft-start").click()
 
-    page.wait_for_function(
-        "() => document.querySelector('#ft-status textarea').value.includes('browser-lora: finished')",
-        timeout=120_000)
-    image = page.locator("#ft-gallery img").first
-    image.wait_for(state="visible")
-    assert image.evaluate("img => img.complete && img.naturalWidth") > 0
+    wait_for_status(page, "browser-lora: finished", 120_000)
+    wait_for_image(page)
     assert page.locator("#ft-run-path textarea").input_value().endswith("browser-lora")
     assert (app.studio_context.workspace / "browser-lora" / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
-    # the run goes to the Generate tab as a model
+    # a reload re-attaches to the (finished) job: status, loss and images come back
+    page.reload()
+    page.wait_for_selector("#studio-tabs", timeout=60_000)
+    page.get_by_role("tab", name="Fine-tune").click()
+    wait_for_status(page, "browser-lora: finished", 60_000)
+    wait_for_image(page)
+
+    # the run goes to the Generate tab as a model (shown by path, or as "run: browser-lora (LoRA)" once listed)
     page.locator("#ft-open-generate").click()
     page.wait_for_function(
-        "() => (document.querySelector('#gen-model input') || {}).value?.endsWith('browser-lora')", timeout=30_000)
+        "() => (document.querySelector('#gen-model input') || {}).value?.includes('browser-lora')", timeout=30_000)

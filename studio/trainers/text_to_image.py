@@ -20,6 +20,7 @@ images in ``samples/`` (step 0 is the untouched base model), atomic checkpoints,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -596,7 +597,7 @@ class _Trainer:
             total = None
             for m in range(accum):
                 sync = m == accum - 1
-                with (acc.no_sync(self.unet) if not sync and acc.num_processes > 1 else _nullcontext()):
+                with (acc.no_sync(self.unet) if not sync and acc.num_processes > 1 else contextlib.nullcontext()):
                     loss = self.micro_batch_loss(step * accum + m) / accum
                     acc.backward(loss)
                 total = loss.detach() if total is None else total + loss.detach()
@@ -749,8 +750,7 @@ class _Trainer:
             if torch.cuda.is_available():
                 rng["cuda"] = torch.cuda.get_rng_state_all()
             torch.save(rng, folder / "rng.pt")
-            (folder / "state.json").write_text(json.dumps({"step": step, "python_random": None,
-                                                           "config": self.cfg.to_dict()}, indent=1))
+            (folder / "state.json").write_text(json.dumps({"step": step, "config": self.cfg.to_dict()}, indent=1))
 
         path = save_checkpoint(self.run.checkpoints_dir, step, write, keep=self.cfg.checkpoints_total_limit)
         self.report("checkpoint", step=step, path=str(path), message=f"checkpoint {path.name}")
@@ -831,14 +831,6 @@ def _to(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> No
         module.to(device, dtype)
     else:
         module.to(device)
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 # --------------------------------------------------------------------------- outputs
