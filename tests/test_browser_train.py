@@ -57,6 +57,17 @@ def test_start_training_see_loss_and_samples_then_stop(page, launched_app):
     assert page.locator("#train-preset input").first.input_value() == "custom"
     assert page.locator("#train-gallery img").count() >= 1
 
+    # a reload re-attaches to the running job: progress and the sample grid come back
+    page.reload()
+    page.wait_for_selector("#studio-tabs", timeout=60_000)
+    page.get_by_role("tab", name="Train").click()
+    page.wait_for_function(
+        "() => { const t = document.querySelector('#train-status textarea');"
+        " return t && t.value.startsWith('browser: running'); }", timeout=60_000)
+    page.wait_for_function(
+        "() => { const i = document.querySelector('#train-sample img');"
+        " return i && i.complete && i.naturalWidth > 0; }", timeout=60_000)
+
     page.locator("#train-stop").click()
     page.wait_for_function(
         "() => { const t = document.querySelector('#train-status textarea');"

@@ -14,28 +14,8 @@ from studio.checkpoints import list_checkpoints
 from studio.config.data import DataConfig
 from studio.config.train import TrainConfig
 from studio.errors import CheckpointError, JobError
-from studio.events import FINAL_KINDS
 from studio.jobs import JobManager
 from studio.runs import RunDir
-
-
-def synthetic_images(cfg: TrainConfig, progress=None) -> torch.Tensor:
-    """Stand-in for the emoji cache while ``studio.data`` is not there: smooth colour gradients."""
-    n = max(cfg.data.max_rows, 1)
-    r = cfg.resolution
-    ramp = torch.linspace(0, 1, r)
-    images = torch.stack([torch.stack([ramp[None, :].expand(r, r) * (i + 1) / n, ramp[:, None].expand(r, r),
-                                       torch.full((r, r), (i % 3) / 2)]) for i in range(n)])
-    return (images * 255).round().to(torch.uint8)
-
-
-@pytest.fixture(autouse=True)
-def images(monkeypatch):
-    """Use the real tensor cache when studio.data provides it, else synthetic images."""
-    try:
-        from studio.data import load_tensor_cache  # noqa: F401
-    except ImportError:
-        monkeypatch.setattr(ddpm, "load_images", synthetic_images)
 
 
 def tiny_config(workspace: Path, **changes) -> TrainConfig:
