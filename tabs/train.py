@@ -231,6 +231,11 @@ def start_training(ctx: StudioContext, values: dict[str, Any]) -> tuple[str, str
         StudioError: bad settings, a taken run name, or a job already running on the device.
     """
     cfg = build_config(values, ctx)
+    if cfg.mixed_precision == "fp16":  # 'auto' may be a CPU: refuse before making a run folder
+        from studio.config.train import check_precision_for_device
+        from studio.devices import resolve_device
+
+        check_precision_for_device(cfg.mixed_precision, resolve_device(cfg.device))
     run = RunDir.create(cfg.workspace, TASK, cfg.run_name)
     cfg = cfg.replace(run_name=run.name)
     run.write_config(TASK, cfg.to_dict())

@@ -134,6 +134,17 @@ def test_start_refuse_stop_resume_through_the_pure_functions(ctx):
     assert final.step == snap.step + 2 and tab.render(final).model_path.endswith("first/model")
 
 
+def test_fp16_on_an_auto_device_that_is_a_cpu_is_refused_before_any_folder(workspace):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    auto = StudioContext(LaunchSettings(workspace=workspace, device="auto"))
+    with pytest.raises(ConfigError, match="fp16 mixed precision needs a GPU"):
+        tab.start_training(auto, tiny_values(run_name="half", mixed_precision="fp16"))
+    assert not (workspace / "half").exists()
+
+
 def test_resume_without_a_checkpoint_is_an_error(ctx):
     with pytest.raises(CheckpointError, match="No training run with a checkpoint"):
         tab.resume_latest(ctx)
