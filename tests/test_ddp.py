@@ -41,3 +41,17 @@ def test_two_processes_share_gradients_on_different_shards(tmp_path, workspace):
     assert (run.model_dir / "model_index.json").is_file()
     assert Path(run.sample_path(3)).is_file()
     assert os.environ.get("RANK") is None  # the test process itself is not part of the group
+
+    # resume the 2-process run from its latest checkpoint (each process gets its own RNG state back)
+    data = json.loads(run.config_path.read_text())
+    data["max_train_steps"] = 5
+    longer = tmp_path / "longer.json"
+    longer.write_text(json.dumps(data))
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         "-m", "studio", "train", "--config", str(longer), "--resume", "latest"],
+        cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [e.step for e in run.read_events() if e.kind == "step"] == [1, 2, 3, 4, 5]
+    ranks = json.loads((run.logs_dir / "processes.json").read_text())
+    assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]

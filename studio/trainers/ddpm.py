@@ -718,7 +718,7 @@ def _load_checkpoint(folder: Path, unet, ema, optimizer, lr_scheduler, accelerat
     from safetensors.torch import load_file
 
     try:
-        weights = load_file(str(folder / "unet.safetensors"), device=str(device))
+        weights = load_file(str(folder / "unet.safetensors"))  # load_state_dict copies onto the device
         missing, unexpected = unet.load_state_dict(weights, strict=False)
         if missing or unexpected:
             raise CheckpointError(
