@@ -27,7 +27,7 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -72,15 +72,18 @@ class TextCache:
 
     Attributes:
         prompts: The distinct prompts; ``prompts[0]`` is always "" (caption dropout).
-        embeds: [P, T, D] last hidden states, one per prompt.
+        embeds: [P, T, D] hidden states, one per prompt (SDXL: both encoders' penultimate
+            layers side by side, as its pipeline builds them).
         key: The cache key.
         hit: True when it was read from disk.
+        pooled: [P, D2] pooled text embeddings of SDXL's second encoder (None for SD 1.x/2.x).
     """
 
     prompts: list[str]
     embeds: torch.Tensor
     key: str
     hit: bool = False
+    pooled: torch.Tensor | None = None
 
     def index_of(self, prompts: Sequence[str]) -> torch.Tensor:
         """Indices into ``embeds`` for each prompt in ``prompts``."""
@@ -222,35 +225,67 @@ def tokenize(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
                      truncation=True, return_tensors="pt").input_ids
 
 
+def encode_tokens(text_encoders: Sequence[torch.nn.Module], token_ids: Sequence[torch.Tensor]
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Hidden states for token ids, the way the SD pipelines build ``prompt_embeds``.
+
+    One encoder (SD 1.x/2.x): its last hidden state, no pooled output. Two (SDXL): each
+    encoder's penultimate hidden state, concatenated, plus the second one's pooled
+    (projected) embedding.
+    """
+    if len(text_encoders) == 1:
+        return text_encoders[0](token_ids[0], return_dict=False)[0], None
+    states, pooled = [], None
+    for encoder, ids in zip(text_encoders, token_ids):
+        out = encoder(ids, output_hidden_states=True, return_dict=False)
+        pooled = out[0]
+        states.append(out[-1][-2])
+    return torch.cat(states, dim=-1), pooled
+
+
 @torch.no_grad()
-def encode_prompts(tokenizer, text_encoder: torch.nn.Module, prompts: Sequence[str],
-                   device: str | torch.device, batch_size: int = 32) -> torch.Tensor:
-    """Last hidden states [P, T, D] (float32, CPU) of ``prompts``."""
-    out = []
+def encode_prompts(tokenizers: Sequence[Any], text_encoders: Sequence[torch.nn.Module], prompts: Sequence[str],
+                   device: str | torch.device, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(hidden states [P, T, D], pooled [P, D2] or None), float32 on CPU, of ``prompts``."""
+    hidden, pooled = [], []
     for start in range(0, len(prompts), batch_size):
-        ids = tokenize(tokenizer, prompts[start:start + batch_size]).to(device)
-        out.append(text_encoder(ids, return_dict=False)[0].float().cpu())
-    return torch.cat(out)
+        chunk = prompts[start:start + batch_size]
+        ids = [tokenize(tok, chunk).to(device) for tok in tokenizers]
+        states, pool = encode_tokens(text_encoders, ids)
+        hidden.append(states.float().cpu())
+        if pool is not None:
+            pooled.append(pool.float().cpu())
+    return torch.cat(hidden), (torch.cat(pooled) if pooled else None)
 
 
-def build_text_cache(tokenizer, text_encoder: torch.nn.Module, prompts: Sequence[str], *,
+def build_text_cache(tokenizers: Any, text_encoders: Any, prompts: Sequence[str], *,
                      cache_root: str | Path, device: str | torch.device) -> TextCache:
-    """Embeddings of "" and every distinct prompt in ``prompts``, from disk when cached."""
+    """Embeddings of "" and every distinct prompt in ``prompts``, from disk when cached.
+
+    Args:
+        tokenizers: The tokenizer, or a list of them (SDXL has two).
+        text_encoders: The text encoder, or a list of them in the same order.
+        prompts: Prompts to encode (duplicates are encoded once).
+        cache_root: Folder of cache files.
+        device: Where the text encoders run.
+    """
+    tokenizers = list(tokenizers) if isinstance(tokenizers, (list, tuple)) else [tokenizers]
+    text_encoders = list(text_encoders) if isinstance(text_encoders, (list, tuple)) else [text_encoders]
     distinct = [""] + sorted({p for p in prompts if p})
-    fingerprint = module_fingerprint(text_encoder)
-    key = "text-" + _key(fingerprint, getattr(tokenizer, "model_max_length", 0), len(tokenizer), distinct)
+    fingerprint = [module_fingerprint(encoder) for encoder in text_encoders]
+    key = "text-" + _key(fingerprint, [(getattr(t, "model_max_length", 0), len(t)) for t in tokenizers], distinct)
     path = Path(cache_root) / f"{key}.safetensors"
     loaded = _load(path)
-    if loaded is not None:
-        tensors, metadata = loaded
-        if json.loads(metadata.get("prompts", "[]")) == distinct:
-            return TextCache(distinct, tensors["embeds"], key, hit=True)
-    embeds = encode_prompts(tokenizer, text_encoder, distinct, device)
-    _save_atomic(path, {"embeds": embeds}, {"prompts": json.dumps(distinct)})
-    loaded = _load(path)
-    if loaded is not None:
-        embeds = loaded[0]["embeds"]
-    return TextCache(distinct, embeds, key, hit=False)
+    if loaded is None or json.loads(loaded[1].get("prompts", "[]")) != distinct:
+        embeds, pooled = encode_prompts(tokenizers, text_encoders, distinct, device)
+        tensors = {"embeds": embeds, **({"pooled": pooled} if pooled is not None else {})}
+        _save_atomic(path, tensors, {"prompts": json.dumps(distinct)})
+        # train on the tensors as read back, so a first run and a cached run compute identically
+        reread = _load(path)
+        tensors = reread[0] if reread is not None else tensors
+        return TextCache(distinct, tensors["embeds"], key, hit=False, pooled=tensors.get("pooled"))
+    tensors = loaded[0]
+    return TextCache(distinct, tensors["embeds"], key, hit=True, pooled=tensors.get("pooled"))
 
 
 def free_module(module: torch.nn.Module | None) -> None:

@@ -25,6 +25,8 @@ _UNET_FIXED = {
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
+    "add_embedding.linear_1": "label_emb.0.0",  # SDXL
+    "add_embedding.linear_2": "label_emb.0.2",
 }
 _UNET_RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
                 ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection"))
@@ -76,6 +78,13 @@ def unet_to_ldm(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[
                              "Single-file export covers standard SD 1.x UNets.")
         out["model.diffusion_model." + new] = tensor
     return out
+
+
+def ldm_unet_module(path: str, config: dict[str, Any]) -> str:
+    """A diffusers UNet module path in the original layout ('down_blocks.1.attentions.0...' ->
+    'input_blocks.4.1...'), as kohya names SDXL LoRA modules."""
+    key = next(iter(unet_to_ldm({path + ".weight": None}, config)))
+    return key[len("model.diffusion_model."):-len(".weight")]
 
 
 def vae_to_ldm(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -249,8 +249,8 @@ def test_non_finite_loss_stops_before_anything_is_saved(tiny_sd, workspace, monk
 
     real = text_to_image._Trainer.loss_on
 
-    def broken(self, latents, hidden):
-        return real(self, latents, hidden) * float("nan")
+    def broken(self, *args):
+        return real(self, *args) * float("nan")
 
     monkeypatch.setattr(text_to_image._Trainer, "loss_on", broken)
     with pytest.raises(StudioError, match="loss became nan"):
@@ -345,3 +345,76 @@ def test_two_processes_train_one_lora_on_different_shards(tiny_sd, workspace, tm
     steps = [json.loads(line)["step"] for line in (run / "events.jsonl").read_text().splitlines()
              if json.loads(line)["kind"] == "step"]
     assert steps == [1, 2, 3]
+
+
+# ----------------------------------------------------------------------------- SDXL
+def make_tiny_sdxl(path: Path) -> Path:
+    """A tiny StableDiffusionXLPipeline (two CLIP encoders, text_time conditioning) saved to ``path``."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from tiny_pipelines import TINY_VOCAB_SIZE, make_tiny_tokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64, norm_num_groups=32)
+    vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=32, sample_size=16)
+    text = dict(vocab_size=TINY_VOCAB_SIZE, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=77, projection_dim=32, bos_token_id=0, eos_token_id=1,
+                pad_token_id=1)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**text)),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text)), tokenizer=make_tiny_tokenizer(),
+        tokenizer_2=make_tiny_tokenizer(), unet=unet,
+        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                         timestep_spacing="leading", steps_offset=1),
+        image_encoder=None, feature_extractor=None)
+    path.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def test_sdxl_lora_trains_and_both_exports_load_back(workspace, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    base = make_tiny_sdxl(tmp_path / "tiny-sdxl")
+    cfg = make_cfg(base, workspace, max_train_steps=2, validation_every=0, learning_rate=1e-2, random_flip=True,
+                   caption_dropout=0.5)
+    run, events = run_train(cfg)
+    assert kinds(events)[-1] == "finished", events[-1]
+    assert [e.step for e in events if e.kind == "samples"] == [0, 2]
+    kohya = load_file(str(run.lora_dir / f"{run.name}-kohya.safetensors"))
+    # kohya names SDXL UNet modules in the original layout
+    assert "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in kohya
+    assert not any(k.startswith("lora_unet_down_blocks") for k in kohya)
+
+    def image(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        return torch.from_numpy(pipe("a smiling face", height=16, width=16, num_inference_steps=2, output_type="np",
+                                     generator=torch.Generator().manual_seed(0)).images)
+
+    base_pipe = StableDiffusionXLPipeline.from_pretrained(base, use_safetensors=True)
+    before = image(base_pipe)
+    base_pipe.load_lora_weights(run.lora_dir)
+    trained = image(base_pipe)
+    assert not torch.allclose(before, trained, atol=1e-4)
+    other = StableDiffusionXLPipeline.from_pretrained(base, use_safetensors=True)
+    other.load_lora_weights(run.lora_dir, weight_name=f"{run.name}-kohya.safetensors")
+    assert torch.allclose(image(other), trained, atol=1e-5)
+    # and the kohya file converts back to the trained tensors
+    from peft.utils import get_peft_model_state_dict
+
+    from studio.lora_export import load_kohya
+
+    unet_back, _, _ = load_kohya(run.lora_dir / f"{run.name}-kohya.safetensors", base_pipe.unet, sdxl=True)
+    assert len(unet_back) == len(kohya) * 2 // 3
+    card = (run.lora_dir / "README.md").read_text()
+    assert "stable-diffusion-xl" in card and "StableDiffusionXLPipeline.from_pretrained" in card
+    with pytest.raises(ConfigError, match="only the UNet trains"):
+        run_train(cfg.replace(train_text_encoder=True))

@@ -125,3 +125,15 @@ def test_single_file_export_uses_the_original_sd15_key_layout():
     assert "first_stage_model.encoder.down.1.block.0.nin_shortcut.weight" in vae_keys
     assert vae_keys["first_stage_model.encoder.mid.attn_1.q.weight"].shape == (512, 512, 1, 1)
     assert "first_stage_model.decoder.norm_out.weight" in vae_keys
+
+
+def test_sdxl_kohya_names_follow_the_original_layout():
+    from studio.single_file import ldm_unet_module
+
+    sdxl = {"layers_per_block": 2, "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]}
+    assert ldm_unet_module("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", sdxl) == \
+        "input_blocks.4.1.transformer_blocks.0.attn1.to_q"
+    assert ldm_unet_module("up_blocks.0.attentions.2.transformer_blocks.9.attn2.to_out.0", sdxl) == \
+        "output_blocks.2.1.transformer_blocks.9.attn2.to_out.0"
+    assert ldm_unet_module("mid_block.attentions.0.transformer_blocks.0.ff.net.2", sdxl) == \
+        "middle_block.1.transformer_blocks.0.ff.net.2"

@@ -6,8 +6,8 @@ Field names follow diffusers' ``train_text_to_image(_lora).py`` and
 scripts recognises every option. The module is torch-free: the UI, the CLI and the
 tests build and validate a ``FinetuneConfig`` without loading a model.
 
-SDXL pipelines are refused by the trainer with a clear message: this trainer covers
-SD 1.x / 2.x (one text encoder, no added time ids).
+SD 1.x, 2.x and SDXL bases are covered; for SDXL only the UNet trains (no text-encoder
+LoRA), and the trainer warns up front when the UNet's training state will not fit the GPU.
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ class FinetuneConfig(ConfigBase):
     lora_dropout: float = option(0.0, "Dropout on the LoRA branch during training (0-0.5).")
     lora_target_modules: tuple[str, ...] = option(
         DEFAULT_LORA_TARGETS, "UNet modules that get LoRA adapters (attention projections by default).")
-    train_text_encoder: bool = option(False, "Also train LoRA adapters on the text encoder (disables the text cache).")
+    train_text_encoder: bool = option(
+        False, "Also train LoRA adapters on the text encoder (SD 1.x/2.x; disables the text cache).")
     learning_rate: float = option(1e-4, "Learning rate (1e-4 for LoRA; 1e-5 to 5e-6 for full fine-tunes).")
     text_encoder_lr: float = option(0.0, "Learning rate of the text-encoder LoRA; 0 uses learning_rate.")
     lr_scheduler: str = option("constant", "Learning-rate schedule: " + ", ".join(LR_SCHEDULERS) + ".")

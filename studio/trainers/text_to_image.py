@@ -96,7 +96,7 @@ def load_base_pipeline(reference: str, workspace: str | Path | None = None) -> A
 
     Raises:
         ModelError: when the reference cannot be loaded, is a LoRA run, is not a Stable
-            Diffusion pipeline, or is SDXL (not covered by this trainer).
+            Diffusion (1.x, 2.x or XL) pipeline.
     """
     from studio.models import is_offline, load_pipeline, resolve_reference
 
@@ -110,12 +110,11 @@ def load_base_pipeline(reference: str, workspace: str | Path | None = None) -> A
 
 
 def check_sd_pipeline(pipe: Any, reference: str) -> Any:
-    """Return ``pipe`` if it is an SD 1.x/2.x pipeline, else raise ``ModelError`` saying why."""
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        raise ModelError(f"{reference} is an SDXL pipeline; this fine-tuner covers SD 1.x and 2.x only.",
-                         "Pick an SD 1.5 or SD 2.x base model.")
-    missing = [name for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-               if getattr(pipe, name, None) is None]
+    """Return ``pipe`` if it is an SD 1.x/2.x or SDXL pipeline, else raise ``ModelError`` saying why."""
+    needed = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
+    if type(pipe).__name__.startswith("StableDiffusionXL"):
+        needed += ["text_encoder_2", "tokenizer_2"]
+    missing = [name for name in needed if getattr(pipe, name, None) is None]
     if missing or type(getattr(pipe, "unet", None)).__name__ != "UNet2DConditionModel":
         raise ModelError(f"{reference} is not a Stable Diffusion text-to-image pipeline "
                          f"({type(pipe).__name__}{', missing ' + ', '.join(missing) if missing else ''}).",
@@ -285,6 +284,16 @@ class _Trainer:
 
         self.pipe = pipe
         self.unet, self.vae, self.text_encoder, self.tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+        # SDXL has a second text encoder; its prompt embedding is both side by side, plus a pooled one
+        self.is_sdxl = getattr(pipe, "text_encoder_2", None) is not None
+        self.text_encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if self.is_sdxl else [])
+        self.tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if self.is_sdxl else [])
+        if self.is_sdxl and cfg.train_text_encoder:
+            raise ConfigError("Text-encoder training is offered for SD 1.x/2.x; for SDXL only the UNet trains.",
+                              "Turn off 'Train text encoder'.")
+        # SDXL's VAE overflows in fp16, so it stays fp32 (it runs once per image, to fill the cache)
+        self.vae_dtype = torch.float32 if self.is_sdxl else self.weight_dtype
+        self.warn_about_memory()
         sched_config = dict(pipe.scheduler.config)
         if cfg.prediction_type:
             sched_config["prediction_type"] = cfg.prediction_type
@@ -293,9 +302,10 @@ class _Trainer:
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ModelError(f"The base scheduler predicts {self.prediction_type!r}; fine-tuning supports "
                              "epsilon and v_prediction.", "Set prediction_type explicitly.")
-        for module in (self.vae, self.text_encoder, self.unet):
+        for module in (self.vae, *self.text_encoders, self.unet):
             module.requires_grad_(False)
-        for module in (self.vae, self.text_encoder):
+        _to(self.vae, self.device, self.vae_dtype)
+        for module in self.text_encoders:
             _to(module, self.device, self.weight_dtype)
 
         # 3. the data: one prompt per image
@@ -324,6 +334,24 @@ class _Trainer:
             report("status", step=self.start_step,
                    message=f"resumed from {self.checkpoint.name} (step {self.start_step})")
         self.loop()
+
+    def warn_about_memory(self) -> None:
+        """Say so up front when the UNet's training state alone will not fit the GPU (e.g. full SDXL)."""
+        cfg = self.cfg
+        params = sum(p.numel() for p in self.unet.parameters())
+        if cfg.is_lora:  # frozen weights in the training dtype; the adapters are tiny
+            need = params * (2 if self.weight_dtype != torch.float32 else 4)
+        else:  # fp32 weights, gradients and two Adam moments (+ an EMA copy)
+            need = params * 4 * (4 + (1 if cfg.use_ema else 0)) // (2 if cfg.use_8bit_adam else 1)
+        if self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            if need > 0.8 * total:
+                self.report("warning", message=(
+                    f"This {cfg.method} fine-tune keeps about {need / 2**30:.0f} GiB of UNet weights and optimizer "
+                    f"state, and this GPU has {total / 2**30:.0f} GiB: it will likely run out of memory. "
+                    + out_of_memory_error(cfg, MemoryError()).hint))
+        elif self.is_sdxl:
+            self.report("warning", message="SDXL on CPU trains very slowly; a GPU with 16+ GiB (LoRA) is advised.")
 
     def seed_all(self, seed: int) -> None:
         """Seed python, torch and the two step generators (data order and noise)."""
@@ -438,7 +466,7 @@ class _Trainer:
             report("status", message=f"caching latents of {self.count} images")
             self.latents = build_latent_cache(
                 self.vae, self.pixels, data_key=self.data_key, resolution=cfg.resolution,
-                random_flip=cfg.random_flip, cache_root=cache_root, device=self.device, dtype=self.weight_dtype,
+                random_flip=cfg.random_flip, cache_root=cache_root, device=self.device, dtype=self.vae_dtype,
                 progress=lambda done, total: report("status", message=f"caching latents {done}/{total}"))
             if self.latents.hit:
                 report("status", message="latents loaded from cache (no VAE encode)")
@@ -447,14 +475,14 @@ class _Trainer:
             self.class_latents = build_latent_cache(
                 self.vae, self.class_pixels, data_key=f"class-{self.run.name}-{len(self.class_pixels)}",
                 resolution=cfg.resolution, random_flip=cfg.random_flip, cache_root=self.run.root / "class_images",
-                device=self.device, dtype=self.weight_dtype)
+                device=self.device, dtype=self.vae_dtype)
         if self.cache_text:
-            self.text = build_text_cache(self.tokenizer, self.text_encoder, self.prompts + extra,
+            self.text = build_text_cache(self.tokenizers, self.text_encoders, self.prompts + extra,
                                          cache_root=cache_root, device=self.device)
             self.prompt_ids = self.text.index_of(self.prompts)
             self.class_prompt_id = self.text.index_of(extra)[0] if extra else None
         else:
-            self.token_ids = tokenize(self.tokenizer, [""] + self.prompts + extra)
+            self.token_ids = [tokenize(tok, [""] + self.prompts + extra) for tok in self.tokenizers]
         if self.latents is not None and self.device.type != "cpu":
             self.latents.mean = self.latents.mean.to(self.device)
             self.latents.std = self.latents.std.to(self.device)
@@ -462,7 +490,8 @@ class _Trainer:
         if self.cache_images or self.images is None:
             free_module(self.vae)
         if self.cache_text:
-            free_module(self.text_encoder)
+            for module in self.text_encoders:
+                free_module(module)
 
     def make_optimizer(self) -> None:
         """AdamW (fused where the device has it, or bitsandbytes 8-bit), LR schedule, EMA, accelerate."""
@@ -495,12 +524,13 @@ class _Trainer:
         if self.text_encoder_trains:
             self.unet, self.text_encoder, self.optimizer, self.lr_scheduler = acc.prepare(
                 self.unet, self.text_encoder, self.optimizer, self.lr_scheduler)
+            self.text_encoders[0] = self.text_encoder  # the wrapped one, so gradients synchronise
         else:
             self.unet, self.optimizer, self.lr_scheduler = acc.prepare(self.unet, self.optimizer, self.lr_scheduler)
 
     # ---------------------------------------------------------------- one step
-    def text_embeddings(self, rows: torch.Tensor, is_class: bool = False) -> torch.Tensor:
-        """Encoder hidden states for images ``rows``, with caption dropout to the empty prompt."""
+    def text_embeddings(self, rows: torch.Tensor, is_class: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Encoder hidden states (and SDXL's pooled embedding) for images ``rows``, with caption dropout."""
         cfg = self.cfg
         n = len(rows)
         drop = (torch.rand(n, generator=self.data_gen) < cfg.caption_dropout) if cfg.caption_dropout and not is_class \
@@ -508,11 +538,15 @@ class _Trainer:
         if self.cache_text:
             ids = torch.full((n,), int(self.class_prompt_id), dtype=torch.long) if is_class else self.prompt_ids[rows]
             ids = torch.where(drop, torch.zeros_like(ids), ids)
-            return self.text.embeds[ids].to(self.device, self.weight_dtype)
+            pooled = self.text.pooled[ids].to(self.device, self.weight_dtype) if self.text.pooled is not None else None
+            return self.text.embeds[ids].to(self.device, self.weight_dtype), pooled
         # token rows: 0 is "", 1..N the images, N+1 the class prompt
         ids = torch.full((n,), len(self.prompts) + 1, dtype=torch.long) if is_class else rows + 1
         ids = torch.where(drop, torch.zeros_like(ids), ids)
-        return self.text_encoder(self.token_ids[ids].to(self.device), return_dict=False)[0]
+        from studio.latent_cache import encode_tokens
+
+        with torch.no_grad() if not self.text_encoder_trains else contextlib.nullcontext():
+            return encode_tokens(self.text_encoders, [t[ids].to(self.device) for t in self.token_ids])
 
     def image_latents(self, rows: torch.Tensor, is_class: bool = False) -> torch.Tensor:
         """Scaled latents for images ``rows``: sampled from the cache, or encoded now."""
@@ -531,12 +565,13 @@ class _Trainer:
             pixels = self.pixels[rows].float() / 127.5 - 1.0
             pixels = torch.where(views.view(-1, 1, 1, 1).bool(), torch.flip(pixels, dims=[-1]), pixels)
         with torch.no_grad():
-            dist = self.vae.encode(pixels.to(self.device, self.weight_dtype)).latent_dist
+            dist = self.vae.encode(pixels.to(self.device, self.vae_dtype)).latent_dist
             return (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=self.noise_gen,
                                                        device=self.device, dtype=dist.mean.dtype)) \
                 * self.vae.config.scaling_factor
 
-    def loss_on(self, latents: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    def loss_on(self, latents: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                pooled: torch.Tensor | None = None) -> torch.Tensor:
         """Per-sample diffusion loss: noise, add at random timesteps, predict, (min-SNR) MSE."""
         from diffusers.training_utils import compute_snr
 
@@ -554,7 +589,8 @@ class _Trainer:
             self.noise_scheduler.get_velocity(latents, noise, timesteps)
         with self.accelerator.autocast():
             pred = self.unet(noisy.to(self.weight_dtype) if self.cfg.is_lora else noisy, timesteps,
-                             encoder_hidden_states, return_dict=False)[0]
+                             encoder_hidden_states, added_cond_kwargs=self.sdxl_conditioning(pooled, b),
+                             return_dict=False)[0]
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if cfg.snr_gamma:
             snr = compute_snr(self.noise_scheduler, timesteps)
@@ -562,6 +598,18 @@ class _Trainer:
             weights = weights / snr if self.prediction_type == "epsilon" else weights / (snr + 1)
             per_sample = per_sample * weights
         return per_sample
+
+    def sdxl_conditioning(self, pooled: torch.Tensor | None, batch: int) -> dict[str, torch.Tensor] | None:
+        """SDXL's extra UNet inputs: the pooled text embedding and the size/crop ids.
+
+        Images come center-cropped at the training resolution, so the ids say original
+        size = target size = (R, R) and crop = (0, 0), which is also what generation asks for.
+        """
+        if pooled is None:
+            return None
+        r = self.cfg.resolution
+        time_ids = torch.tensor([[r, r, 0, 0, r, r]], device=self.device, dtype=pooled.dtype).repeat(batch, 1)
+        return {"text_embeds": pooled, "time_ids": time_ids}
 
     def micro_batch_loss(self, micro: int) -> torch.Tensor:
         """The loss of one micro-batch (instance images, plus class images with prior preservation)."""
@@ -571,11 +619,11 @@ class _Trainer:
                               acc.num_processes, self._perms)
         if micro == 0:
             self.first_batch = rows.tolist()
-        loss = self.loss_on(self.image_latents(rows), self.text_embeddings(rows)).mean()
+        loss = self.loss_on(self.image_latents(rows), *self.text_embeddings(rows)).mean()
         if self.class_pixels is not None:
             class_rows = _batch_indices(micro, cfg.train_batch_size, len(self.class_pixels), cfg.seed + 7,
                                         acc.process_index, acc.num_processes, self._class_perms)
-            prior = self.loss_on(self.image_latents(class_rows, True), self.text_embeddings(class_rows, True)).mean()
+            prior = self.loss_on(self.image_latents(class_rows, True), *self.text_embeddings(class_rows, True)).mean()
             loss = loss + cfg.prior_loss_weight * prior
         return loss
 
@@ -672,7 +720,6 @@ class _Trainer:
     @torch.no_grad()
     def validate(self, step: int) -> Path | None:
         """Images of the validation prompts with a fixed seed, side by side in ``samples/step-N.png``."""
-        from diffusers import StableDiffusionPipeline
         from PIL import Image
 
         cfg, acc = self.cfg, self.accelerator
@@ -685,13 +732,12 @@ class _Trainer:
             self.ema.store(unet.parameters())
             self.ema.copy_to(unet.parameters())
         self.vae.to(self.device)
-        text_encoder.to(self.device)
+        for module in (text_encoder, *self.text_encoders[1:]):
+            module.to(self.device)
         unet.eval()
         text_encoder.eval()
         try:
-            pipe = StableDiffusionPipeline(vae=self.vae, text_encoder=text_encoder, tokenizer=self.tokenizer,
-                                           unet=unet, scheduler=self.pipe.scheduler, safety_checker=None,
-                                           feature_extractor=None, requires_safety_checker=False)
+            pipe = self.inference_pipeline(unet, text_encoder)
             pipe.set_progress_bar_config(disable=True)
             images = []
             for prompt in self.prompts_for_validation:
@@ -708,7 +754,8 @@ class _Trainer:
             if getattr(self, "cache_images", False):  # the VAE is only needed here: back off the device
                 self.vae.to("cpu")
             if getattr(self, "cache_text", False):
-                text_encoder.to("cpu")
+                for module in (text_encoder, *self.text_encoders[1:]):
+                    module.to("cpu")
         grid = Image.new("RGB", (cfg.resolution * len(images), cfg.resolution), "white")
         for i, image in enumerate(images):
             grid.paste(image, (i * cfg.resolution, 0))
@@ -718,6 +765,18 @@ class _Trainer:
         self.report("samples", step=step, path=str(path),
                     message=" | ".join(self.prompts_for_validation) + (" (base model)" if step == 0 else ""))
         return path
+
+    def inference_pipeline(self, unet: torch.nn.Module, text_encoder: torch.nn.Module) -> Any:
+        """An SD (or SDXL) pipeline around the training components, for validation and export."""
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        if self.is_sdxl:
+            return StableDiffusionXLPipeline(vae=self.vae, text_encoder=text_encoder,
+                                             text_encoder_2=self.text_encoders[1], tokenizer=self.tokenizer,
+                                             tokenizer_2=self.tokenizers[1], unet=unet, scheduler=self.pipe.scheduler)
+        return StableDiffusionPipeline(vae=self.vae, text_encoder=text_encoder, tokenizer=self.tokenizer, unet=unet,
+                                       scheduler=self.pipe.scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
 
     # ---------------------------------------------------------------- checkpoints
     def trainable_state(self) -> dict[str, torch.Tensor]:
@@ -799,16 +858,13 @@ class _Trainer:
 
             save_lora(out, unet, acc.unwrap_model(self.text_encoder) if self.text_encoder_trains else None,
                       kohya_name=f"{self.run.name}-kohya.safetensors",
-                      metadata={"base_model": cfg.pretrained_model_name_or_path, "trigger_words": cfg.trigger_words})
+                      metadata={"base_model": cfg.pretrained_model_name_or_path, "trigger_words": cfg.trigger_words},
+                      sdxl=self.is_sdxl)
         else:
             out = self.run.model_dir
             if self.ema is not None:
                 self.ema.copy_to(unet.parameters())
-            from diffusers import StableDiffusionPipeline
-
-            pipe = StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
-                                           unet=unet, scheduler=self.pipe.scheduler, safety_checker=None,
-                                           feature_extractor=None, requires_safety_checker=False)
+            pipe = self.inference_pipeline(unet, self.text_encoder)
             pipe.save_pretrained(out, safe_serialization=True)
             if cfg.save_single_file:
                 from studio.single_file import save_single_file
@@ -818,7 +874,7 @@ class _Trainer:
                     self.report("status", step=step, message=f"single-file checkpoint {path.name}")
                 except StudioError as exc:  # the diffusers folder is written either way
                     self.report("warning", step=step, message=f"No single-file checkpoint: {exc.user_message}")
-        write_model_card(out, cfg, self.run, step)
+        write_model_card(out, cfg, self.run, step, sdxl=self.is_sdxl)
         if cfg.push_to_hub:
             message = push_to_hub(out, cfg.hub_model_id)
             self.report("warning" if message.startswith("Not pushed") else "status", step=step, message=message)
@@ -834,7 +890,7 @@ def _to(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> No
 
 
 # --------------------------------------------------------------------------- outputs
-def write_model_card(folder: Path, cfg: FinetuneConfig, run: RunDir, step: int) -> Path:
+def write_model_card(folder: Path, cfg: FinetuneConfig, run: RunDir, step: int, sdxl: bool = False) -> Path:
     """README.md with the base model, trigger words, settings and the validation images."""
     samples = sorted(run.samples_dir.glob("step-*.png"))
     shown = [samples[0], samples[-1]] if len(samples) > 1 else samples
@@ -852,11 +908,14 @@ def write_model_card(folder: Path, cfg: FinetuneConfig, run: RunDir, step: int) 
              if cfg.is_lora else
              "```python\nfrom diffusers import StableDiffusionPipeline\n"
              "pipe = StableDiffusionPipeline.from_pretrained('path/to/this/folder')\n```")
+    if sdxl:
+        usage = usage.replace("StableDiffusionPipeline", "StableDiffusionXLPipeline")
     text = "\n".join([
         "---",
         f"base_model: {cfg.pretrained_model_name_or_path}",
         "library_name: diffusers",
-        "tags: [stable-diffusion, text-to-image, diffusers" + (", lora" if cfg.is_lora else "")
+        "tags: [stable-diffusion" + ("-xl" if sdxl else "") + ", text-to-image, diffusers"
+        + (", lora" if cfg.is_lora else "")
         + (", dreambooth" if cfg.is_dreambooth else "") + "]",
         "---",
         f"# {run.name}: {kind} of {cfg.pretrained_model_name_or_path}",
