@@ -147,6 +147,14 @@ def test_resume_with_another_architecture_is_an_error(workspace):
     assert run.read_events()[-1].kind == "failed"
 
 
+def test_resume_with_another_dataset_is_an_error(workspace):
+    ddpm.train(tiny_config(workspace, max_train_steps=1, run_name="data"))
+    other = tiny_config(workspace, run_name="data", resume="latest", max_train_steps=2,
+                        data=DataConfig(source="emoji", max_rows=6))
+    with pytest.raises(CheckpointError, match="trained on 8 images; the dataset now has 6"):
+        ddpm.train(other)
+
+
 def test_non_finite_loss_stops_and_saves_nothing(workspace, monkeypatch):
     real = ddpm.diffusion_loss
     calls = {"n": 0}

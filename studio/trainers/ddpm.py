@@ -432,10 +432,6 @@ def train(cfg: TrainConfig, events: EventSink = ignore_events, stop: threading.E
     Raises:
         StudioError: bad settings, unreadable data, an unusable checkpoint, a non-finite loss.
     """
-    from diffusers import DDPMScheduler, UNet2DModel
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
-
     stop = stop or threading.Event()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
@@ -446,7 +442,6 @@ def train(cfg: TrainConfig, events: EventSink = ignore_events, stop: threading.E
         device_name = resolve_device(cfg.device)
     check_precision_for_device(cfg.mixed_precision, device_name)
     accelerator = _fresh_accelerator(cfg, device_name)
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     is_main = accelerator.is_main_process
 
     # -- run folder (created by the main process; the others learn its path) -----------
@@ -466,8 +461,7 @@ def train(cfg: TrainConfig, events: EventSink = ignore_events, stop: threading.E
         resume_from = Path(shared[1]) if shared[1] else None
     report = _Reporter(events, run if is_main else None, cfg.max_train_steps)
     try:
-        return _train(cfg, report, stop, run, accelerator, resume_from, warnings,
-                      DDPMScheduler, UNet2DModel, get_scheduler, EMAModel, device, rank, world, is_main)
+        return _train(cfg, report, stop, run, accelerator, resume_from, warnings)
     except BaseException as exc:
         report("failed", message=describe_exception(exc))
         raise
@@ -475,8 +469,15 @@ def train(cfg: TrainConfig, events: EventSink = ignore_events, stop: threading.E
         report.close()
 
 
-def _train(cfg, report, stop, run, accelerator, resume_from, warnings, DDPMScheduler, UNet2DModel, get_scheduler,
-           EMAModel, device, rank, world, is_main) -> RunDir:
+def _train(cfg: TrainConfig, report: _Reporter, stop: threading.Event, run: RunDir, accelerator: Any,
+           resume_from: Path | None, warnings: list[str]) -> RunDir:
+    """The body of ``train`` once the accelerator and the run folder exist (every process runs it)."""
+    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    is_main = accelerator.is_main_process
     for text in warnings:
         report("warning", message=text)
     if cfg.mixed_precision == "bf16" and device.type == "cpu":
@@ -739,6 +740,10 @@ def _load_checkpoint(folder: Path, unet, ema, optimizer, lr_scheduler, accelerat
                                   "Resume with the run's own config.json.")
         ema.load_state_dict(state["ema"])
         ema.to(device)
+    if len(state["sampler"]["perm"]) != sampler.n:
+        raise CheckpointError(f"Checkpoint {folder} was trained on {len(state['sampler']['perm'])} images; "
+                              f"the dataset now has {sampler.n}.",
+                              "Resume with the same dataset (the run's config.json), or start a new run.")
     sampler.load_state_dict(state["sampler"])
     rngs = state["rng"]
     if rank >= len(rngs):
