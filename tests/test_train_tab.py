@@ -175,6 +175,10 @@ def test_train_tab_end_to_end_through_gradio_client(launched_app, client):
         time.sleep(0.3)
         status, *_ = client.predict(False, api_name="/train_status")
     assert "client: stopped" in status and "Checkpoint saved" in status
+    *_, model = client.predict(False, api_name="/train_status")
+    assert model.endswith("client/model") and Path(model, "model_index.json").is_file()
+    opened = client.predict(model, api_name="/train_open_in_generate")
+    assert model in str(opened)  # the Generate tab's model box now holds the run's model
     # a second start while nothing runs is fine; while running it is refused with the job's name
     refused = None
     status, *_ = client.predict(*[tiny_values(run_name="again")[n] for n in tab.INPUT_NAMES],
