@@ -33,6 +33,7 @@ Both act on the UNet instance itself: its parameters, ``state_dict``, config and
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -85,28 +86,51 @@ def cpu_shards(device: Any, batch_size: int) -> int:
 
 
 # ----------------------------------------------------------------------------- thread pool
+def _mkl_one_thread_here() -> None:
+    """One MKL thread in the calling (worker) thread, whatever the process-wide MKL setting."""
+    try:
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+        lib.MKL_Set_Num_Threads_Local(1)  # the C entry point (lower-case names are the Fortran ones)
+    except (OSError, AttributeError):  # another build of torch: MKL follows the OpenMP setting
+        pass
+
+
 class _ShardPool:
-    """``n`` worker threads with one intra-op torch thread each, created once per ``n``."""
+    """``n`` worker threads for batch slices, created once per ``n``."""
 
     def __init__(self, n: int) -> None:
         self.n = n
-        outer = torch.get_num_threads()
-        ready = threading.Barrier(n + 1)
-
-        def init() -> None:
-            torch.set_num_threads(1)  # per-thread OpenMP setting of this worker
-            ready.wait()
-
-        self.executor = ThreadPoolExecutor(n, thread_name_prefix="studio-shard", initializer=init)
-        for _ in range(n):  # start every worker now, so the setting below is the last word
-            self.executor.submit(lambda: None)
-        ready.wait()
-        # set_num_threads also sets process-wide defaults (new threads, MKL); put them back.
-        torch.set_num_threads(outer)
+        self.executor = ThreadPoolExecutor(n, thread_name_prefix="studio-shard", initializer=_mkl_one_thread_here)
 
     def map(self, fn, items: Sequence[Any]) -> list[Any]:
         futures = [self.executor.submit(fn, item) for item in items]
         return [f.result() for f in futures]
+
+
+_THREADS_LOCK = threading.Lock()
+_THREADS = {"depth": 0, "outer": 1}
+
+
+@contextlib.contextmanager
+def _one_intra_op_thread():
+    """One intra-op thread for every torch op while the shards run, then the setting as it was.
+
+    With libgomp the OpenMP thread count of threads that OpenMP did not start is one
+    process-wide value, so it cannot be set per worker: it is set to 1 for the duration
+    of the sharded forward (and of the sharded backward) only.
+    """
+    with _THREADS_LOCK:
+        if _THREADS["depth"] == 0:
+            _THREADS["outer"] = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _THREADS["depth"] += 1
+    try:
+        yield
+    finally:
+        with _THREADS_LOCK:
+            _THREADS["depth"] -= 1
+            if _THREADS["depth"] == 0:
+                torch.set_num_threads(_THREADS["outer"])
 
 
 _POOLS: dict[int, _ShardPool] = {}
@@ -138,7 +162,8 @@ class _ShardedUNetFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, state: dict[str, Any], sample: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:  # noqa: D401
         pool, run_shard, pieces = state["pool"], state["run_shard"], state["pieces"]
-        outs = pool.map(run_shard, pieces)
+        with _one_intra_op_thread():
+            outs = pool.map(run_shard, pieces)
         ctx.state = state
         ctx.outs = outs
         ctx.sample_grad = sample.requires_grad
@@ -154,7 +179,8 @@ class _ShardedUNetFunction(torch.autograd.Function):
             inputs = list(params) + ([state["pieces"][i][0]] if ctx.sample_grad else [])
             return torch.autograd.grad(outs[i], inputs, grads_out[i], allow_unused=True)
 
-        results = state["pool"].map(shard_backward, range(len(outs)))
+        with _one_intra_op_thread():
+            results = state["pool"].map(shard_backward, range(len(outs)))
         ctx.outs = None
         total = list(results[0])
         for res in results[1:]:  # fixed order: deterministic sums
@@ -197,7 +223,8 @@ def _sharded_forward(self, sample: torch.Tensor, timestep: Any, class_labels: to
         state = {"pool": pool, "run_shard": run_shard, "pieces": pieces, "params": params}
         out = _ShardedUNetFunction.apply(state, sample, *params)
     else:
-        out = torch.cat(pool.map(run_shard, pieces))
+        with _one_intra_op_thread():
+            out = torch.cat(pool.map(run_shard, pieces))
     return UNet2DOutput(sample=out) if return_dict else (out,)
 
 
@@ -232,6 +259,26 @@ _ATTN8_C = r"""
 #include <immintrin.h>
 #endif
 #define D 8
+
+#ifdef __AVX512F__
+/* exp on 16 floats: Cody-Waite reduction to r in [-ln2/2, ln2/2], Cephes' degree-6 polynomial
+   (about 1 ulp), 2^n applied with scalef (exact, handles underflow to 0). */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.f)), _mm512_set1_ps(88.72f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
 /* Attention softmax(q k^T * scale) v for head_dim 8. q,k,v,o: [N, L, 8] float32 contiguous; lse: [N, L]. */
 static void transpose_in(const float *x, float *xT, long L) {
     for (long j = 0; j < L; j++)
@@ -256,7 +303,20 @@ void attn8_fwd(const float *q, const float *k, const float *v, float *o, float *
             float m = s[0];
             for (long j = 0; j < L; j++) m = s[j] > m ? s[j] : m;
             float l = 0.f;
-            for (long j = 0; j < L; j++) { s[j] = expf(s[j] - m); l += s[j]; }
+            long je = 0;
+#ifdef __AVX512F__
+            {
+                const __m512 mv = _mm512_set1_ps(m);
+                __m512 lv = _mm512_setzero_ps();
+                for (; je + 16 <= L; je += 16) {
+                    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + je), mv));
+                    _mm512_storeu_ps(s + je, e);
+                    lv = _mm512_add_ps(lv, e);
+                }
+                l = _mm512_reduce_add_ps(lv);
+            }
+#endif
+            for (; je < L; je++) { s[je] = expf(s[je] - m); l += s[je]; }
             float acc[D] = {0};
             for (long j = 0; j < L; j++) {
 #pragma GCC unroll 8
@@ -290,7 +350,18 @@ void attn8_bwd(const float *q, const float *k, const float *v, const float *o, c
                 for (int d = 0; d < D; d++) { sj += qs[d] * kT[d * L + j]; dpj += dod[d] * vT[d * L + j]; }
                 p[j] = sj - li; ds[j] = dpj;
             }
-            for (long j = 0; j < L; j++) { p[j] = expf(p[j]); ds[j] = p[j] * (ds[j] - delta); }
+            long je = 0;
+#ifdef __AVX512F__
+            {
+                const __m512 dv = _mm512_set1_ps(delta);
+                for (; je + 16 <= L; je += 16) {
+                    const __m512 e = exp16(_mm512_loadu_ps(p + je));
+                    _mm512_storeu_ps(p + je, e);
+                    _mm512_storeu_ps(ds + je, _mm512_mul_ps(e, _mm512_sub_ps(_mm512_loadu_ps(ds + je), dv)));
+                }
+            }
+#endif
+            for (; je < L; je++) { p[je] = expf(p[je]); ds[je] = p[je] * (ds[je] - delta); }
             float acc[D] = {0};
             for (long j = 0; j < L; j++) {
 #pragma GCC unroll 8
