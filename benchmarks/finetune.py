@@ -1,7 +1,9 @@
 """Benchmark: the studio's fine-tune step against diffusers' train_text_to_image(_lora).py inner loop.
 
 The reference is a faithful re-implementation of the scripts' training step: every step
-encodes the batch through the frozen VAE (``latent_dist.sample()``) and the captions
+reads its batch the way their DataLoader does (``num_workers=0``: decode each image,
+resize, center crop, to tensor, normalise), encodes it through the frozen VAE
+(``latent_dist.sample()``) and the captions
 through the frozen text encoder, then noise, timesteps, UNet forward, MSE, the
 per-step ``accelerator.gather(loss).mean().item()`` log, backward, grad clipping,
 ``AdamW`` (the scripts' default, not fused), LR schedule step, ``zero_grad`` — inside
@@ -10,10 +12,12 @@ pipeline, data, batch size and optimizer settings: latents and text embeddings c
 from the one-time cache, AdamW is fused, the loss is read once per step.
 
 Both are timed on steps after a warm-up, in alternating runs in one process (machine
-noise hits both alike), for LoRA and full fine-tunes. An instrumented run of each
-prints the per-step split (VAE encode, text encode, UNet forward/backward, optimizer).
+noise hits both alike), for LoRA and full fine-tunes. On CPU with one torch thread the
+clock is the training thread's CPU time (``time.thread_time``): every op runs in that
+thread, and other processes on a shared machine then barely move the numbers. An instrumented run of each
+prints the per-step split (data, VAE encode, text encode, UNet forward/backward, optimizer).
 Peak memory of LoRA vs full is measured in a fresh subprocess each: on CUDA
-``max_memory_allocated``; on CPU the peak RSS growth over the loaded model while it trains.
+``max_memory_allocated``; on CPU the peak growth of the heap in use while ``train()`` runs.
 
     python benchmarks/finetune.py [--rounds 4] [--steps 12] [--resolution 32] [--batch 4] [--device cpu]
     python benchmarks/finetune.py --size sd15 --resolution 512 --batch 1 --device cuda   # on a GPU
@@ -86,13 +90,38 @@ def build_pipeline(size: str, path: Path) -> Path:
     return path
 
 
-def load_data(rows: int, resolution: int, cache_root: Path):
-    """The bundled emoji: uint8 pixels [N, 3, R, R] and captions, decoded once."""
+def load_data(rows: int):
+    """The bundled emoji as the scripts see them: a dataset that decodes each image when read, and captions."""
     from studio import data
     from studio.config.data import DataConfig
 
-    cache = data.load_tensor_cache(DataConfig(max_rows=rows), resolution, cache_root)
-    return cache.pixels, cache.captions
+    dataset = data.load_image_dataset(DataConfig(max_rows=rows))
+    return dataset, list(dataset.captions)
+
+
+def script_transform(image, resolution: int) -> torch.Tensor:
+    """The scripts' train_transforms without torchvision: Resize(resolution, bilinear), CenterCrop,
+    ToTensor, Normalize([0.5], [0.5])."""
+    import numpy as np
+    from PIL import Image
+
+    w, h = image.size
+    scale = resolution / min(w, h)
+    image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))),
+                         Image.Resampling.BILINEAR)
+    left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return (array - 0.5) / 0.5
+
+
+#: The clock every timing uses; ``main`` picks it (see ``--clock``).
+_CLOCK = {"fn": time.perf_counter}
+
+
+def clock() -> float:
+    """Seconds on the chosen clock: wall time, or this thread's CPU time."""
+    return _CLOCK["fn"]()
 
 
 def _sync(device: torch.device) -> None:
@@ -101,7 +130,7 @@ def _sync(device: torch.device) -> None:
 
 
 # --------------------------------------------------------------------------- the reference loop
-def reference_run(base: Path, method: str, pixels: torch.Tensor, captions: list[str], args, steps: int,
+def reference_run(base: Path, method: str, dataset, captions: list[str], args, steps: int,
                   split: dict[str, float] | None = None) -> float:
     """diffusers' train_text_to_image(_lora).py inner loop; returns seconds per step after warm-up.
 
@@ -148,8 +177,8 @@ def reference_run(base: Path, method: str, pixels: torch.Tensor, captions: list[
     lr_scheduler = get_scheduler("constant", optimizer=optimizer, num_warmup_steps=0,
                                  num_training_steps=args.warmup + steps)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-    # the scripts preprocess once: pixels normalised to [-1, 1], captions tokenised
-    pixel_values = pixels.float() / 127.5 - 1.0
+    # captions are tokenised once (the scripts' preprocess_train); images are decoded and transformed
+    # when the DataLoader (num_workers=0, the scripts' default) reads a batch
     input_ids = tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
                           return_tensors="pt").input_ids
     gen = torch.Generator().manual_seed(args.seed)
@@ -160,11 +189,13 @@ def reference_run(base: Path, method: str, pixels: torch.Tensor, captions: list[
     for step in range(args.warmup + steps):
         if step == args.warmup:
             _sync(device)
-            start = time.perf_counter()
+            start = clock()
             timer.active = split is not None
-        rows = torch.randint(0, len(pixel_values), (args.batch,), generator=gen)
-        batch_pixels = pixel_values[rows].to(device)
-        batch_ids = input_ids[rows].to(device)
+        rows = torch.randint(0, len(dataset), (args.batch,), generator=gen)
+        with timer("data (decode, transform)"):
+            batch_pixels = torch.stack([script_transform(dataset.image(int(i)), args.resolution)
+                                        for i in rows]).to(device)
+            batch_ids = input_ids[rows].to(device)
         with accelerator.accumulate(unet):
             with timer("vae_encode"):
                 latents = vae.encode(batch_pixels.to(weight_dtype)).latent_dist.sample()
@@ -192,7 +223,7 @@ def reference_run(base: Path, method: str, pixels: torch.Tensor, captions: list[
         if accelerator.sync_gradients:
             train_loss = 0.0
     _sync(device)
-    elapsed = time.perf_counter() - start
+    elapsed = clock() - start
     if split is not None:
         split["steps"] = split.get("steps", 0) + steps
     del pipe, unet, optimizer, vae, text_encoder
@@ -212,12 +243,12 @@ class _PhaseTimer:
             def __enter__(self):
                 if timer.active:
                     _sync(timer.device)
-                    self.t = time.perf_counter()
+                    self.t = clock()
 
             def __exit__(self, *exc):
                 if timer.active:
                     _sync(timer.device)
-                    timer.totals[name] = timer.totals.get(name, 0.0) + time.perf_counter() - self.t
+                    timer.totals[name] = timer.totals.get(name, 0.0) + clock() - self.t
 
         return _Phase()
 
@@ -252,7 +283,7 @@ def studio_run(base: Path, method: str, workspace: Path, args, steps: int) -> fl
     def sink(event) -> None:
         if event.kind == "step":
             _sync(torch.device(args.device if args.device != "cpu" else "cpu"))
-            times[event.step] = time.perf_counter()
+            times[event.step] = clock()
         elif event.kind == "failed":
             raise RuntimeError(event.message)
 
@@ -280,12 +311,12 @@ def studio_split(base: Path, method: str, workspace: Path, args, steps: int) -> 
             if state["step"] < args.warmup:
                 return original(*a, **k)
             _sync(device)
-            t = time.perf_counter()
+            t = clock()
             try:
                 return original(*a, **k)
             finally:
                 _sync(device)
-                totals[phase] = totals.get(phase, 0.0) + time.perf_counter() - t
+                totals[phase] = totals.get(phase, 0.0) + clock() - t
 
         setattr(owner, name, timed)
 
@@ -312,8 +343,31 @@ def studio_split(base: Path, method: str, workspace: Path, args, steps: int) -> 
 
 
 # --------------------------------------------------------------------------- peak memory
+def _heap_in_use() -> int | None:
+    """Bytes malloc has handed out and not taken back (glibc ``mallinfo2``), or None elsewhere."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in
+                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+                     "fordblks", "keepcost")]
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = MallInfo2
+    except (OSError, AttributeError):
+        return None
+    info = libc.mallinfo2()
+    return int(info.uordblks + info.hblkhd)
+
+
 def peak_memory_child(args) -> None:
-    """Run in a subprocess: train a few steps and print the peak memory growth in MB."""
+    """Run in a subprocess: train a few steps and print the peak memory growth in MB.
+
+    On CUDA: ``max_memory_allocated``. On CPU: the peak of the heap in use (glibc's
+    ``mallinfo2``; RSS where that is missing) above what it was just before ``train()``,
+    sampled every millisecond: model copy, caches, gradients, optimizer state, activations.
+    """
     import psutil
 
     _patch_trainer_outputs()
@@ -322,20 +376,21 @@ def peak_memory_child(args) -> None:
     from studio.trainers.text_to_image import train
 
     process = psutil.Process()
-    peak = {"rss": process.memory_info().rss}
+    measure = _heap_in_use if _heap_in_use() is not None else (lambda: process.memory_info().rss)
     done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak["rss"] = max(peak["rss"], process.memory_info().rss)
-            time.sleep(0.002)
-
-    # load once first so imports and the model files are not counted as training memory
+    # load once first so imports and lazily built tables are not counted as training memory
     from diffusers import StableDiffusionPipeline
 
     StableDiffusionPipeline.from_pretrained(base, use_safetensors=True)
-    before = process.memory_info().rss
-    peak["rss"] = before
+    gc.collect()
+    before = measure()
+    peak = {"bytes": before}
+
+    def sample() -> None:
+        while not done.is_set():
+            peak["bytes"] = max(peak["bytes"], measure())
+            time.sleep(0.001)
+
     watcher = threading.Thread(target=sample, daemon=True)
     watcher.start()
     if args.device.startswith("cuda"):
@@ -346,7 +401,7 @@ def peak_memory_child(args) -> None:
     if args.device.startswith("cuda"):
         print(json.dumps({"peak_mb": torch.cuda.max_memory_allocated() / 2**20}))
     else:
-        print(json.dumps({"peak_mb": (peak["rss"] - before) / 2**20}))
+        print(json.dumps({"peak_mb": (peak["bytes"] - before) / 2**20}))
 
 
 def peak_memory(base: Path, method: str, args) -> float:
@@ -379,6 +434,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", default="lora,full", help="which of lora,full to measure")
+    parser.add_argument("--clock", choices=("auto", "wall", "cpu"), default="auto",
+                        help="cpu: this thread's CPU time, robust to other processes on a shared machine (valid "
+                             "with one torch thread on CPU); auto: cpu there, wall time otherwise")
     parser.add_argument("--peak-memory", default="", help=argparse.SUPPRESS)
     parser.add_argument("--base", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -386,6 +444,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.mixed_precision = "no" if args.device == "cpu" else "fp16"
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
+    use_cpu_clock = args.clock == "cpu" or (args.clock == "auto" and args.device == "cpu" and args.threads == 1)
+    _CLOCK["fn"] = time.thread_time if use_cpu_clock else time.perf_counter
     if args.peak_memory:
         peak_memory_child(args)
         return {}
@@ -400,10 +460,11 @@ def main(argv: list[str] | None = None) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="ft-bench-"))
     base = build_pipeline(args.size, tmp / f"{args.size}-sd")
     workspace = tmp / "ws"
-    pixels, captions = load_data(args.rows, args.resolution, workspace / ".cache")
+    dataset, captions = load_data(args.rows)
     print(f"Fine-tune step throughput: {args.size} SD pipeline, {args.rows} emoji at {args.resolution} px, "
           f"batch {args.batch}, {args.device} ({args.mixed_precision}), {args.warmup} warm-up + {args.steps} "
-          f"timed steps, {args.rounds} alternating rounds")
+          f"timed steps, {args.rounds} alternating rounds, "
+          f"{'thread CPU time' if _CLOCK['fn'] is time.thread_time else 'wall time'}")
     results: dict[str, float | None] = {"lora_ratio": None, "full_ratio": None, "lora_peak_mb": None,
                                         "full_peak_mb": None}
     methods = [m for m in ("lora", "full") if m in args.methods.split(",")]
@@ -413,9 +474,9 @@ def main(argv: list[str] | None = None) -> dict:
         for round_ in range(args.rounds):
             if round_ % 2 == 0:
                 s = studio_run(base, method, workspace, args, args.steps)
-                r = reference_run(base, method, pixels, captions, args, args.steps)
+                r = reference_run(base, method, dataset, captions, args, args.steps)
             else:
-                r = reference_run(base, method, pixels, captions, args, args.steps)
+                r = reference_run(base, method, dataset, captions, args, args.steps)
                 s = studio_run(base, method, workspace, args, args.steps)
             gc.collect()  # the other loop's models must be gone before the next run
             studio_times.append(s)
@@ -427,12 +488,12 @@ def main(argv: list[str] | None = None) -> dict:
               f"{1000 * statistics.median(reference_times):.1f} ms/step -> {ratio:.2f}x "
               f"(per round: {', '.join(f'{x:.2f}' for x in ratios)})")
         ref_split: dict[str, float] = {}
-        reference_run(base, method, pixels, captions, args, args.steps, split=ref_split)
+        reference_run(base, method, dataset, captions, args, args.steps, split=ref_split)
         print_split("reference (diffusers)", ref_split)
         print_split("studio", studio_split(base, method, workspace, args, args.steps))
     for method in methods:
         results[f"{method}_peak_mb"] = round(peak_memory(base, method, args), 1)
-    print(f"peak memory while training ({'CUDA allocated' if args.device.startswith('cuda') else 'RSS growth'}): "
+    print(f"peak memory while training ({'CUDA allocated' if args.device.startswith('cuda') else 'heap growth'}): "
           + ", ".join(f"{m} {results[m + '_peak_mb']:.1f} MB" for m in methods))
     summary = {k: results[k] for k in ("lora_ratio", "full_ratio", "lora_peak_mb", "full_peak_mb")}
     print(json.dumps(summary))
