@@ -273,6 +273,27 @@ def test_dreambooth_with_prior_preservation(tiny_sd, workspace):
     assert "Trigger words: `a sks emoji`" in (run.lora_dir / "README.md").read_text()
 
 
+def test_without_the_cache_each_step_encodes_like_the_scripts(tiny_sd, workspace, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    calls = {"encode": 0}
+    original = AutoencoderKL.encode
+
+    def counting(self, *args, **kwargs):
+        calls["encode"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(AutoencoderKL, "encode", counting)
+    cfg = make_cfg(tiny_sd, workspace, method="dreambooth-full", instance_prompt="a sks emoji",
+                   class_prompt="an emoji", with_prior_preservation=True, num_class_images=2, cache_latents=False,
+                   max_train_steps=2, validation_every=0, learning_rate=1e-4)
+    run, events = run_train(cfg)
+    assert kinds(events)[-1] == "finished", events[-1]
+    # the two class images are encoded once (they never change); the instance images every step
+    assert calls["encode"] == 1 + 2
+    assert not any("loaded from cache" in e.message or "caching latents" in e.message for e in events)
+
+
 # ----------------------------------------------------------------------------- messages
 def test_out_of_memory_advice_fits_the_settings(tmp_path):
     from studio.trainers.text_to_image import _is_oom, out_of_memory_error

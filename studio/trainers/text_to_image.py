@@ -470,7 +470,7 @@ class _Trainer:
                 progress=lambda done, total: report("status", message=f"caching latents {done}/{total}"))
             if self.latents.hit:
                 report("status", message="latents loaded from cache (no VAE encode)")
-        if self.class_pixels is not None and (self.cache_images or self.images is not None):
+        if self.class_pixels is not None:
             # class images are exactly R x R: cropping is the identity, so they are always cacheable
             self.class_latents = build_latent_cache(
                 self.vae, self.class_pixels, data_key=f"class-{self.run.name}-{len(self.class_pixels)}",
@@ -487,7 +487,7 @@ class _Trainer:
             self.latents.mean = self.latents.mean.to(self.device)
             self.latents.std = self.latents.std.to(self.device)
         # the frozen parts leave the device while the UNet trains (back only for validation)
-        if self.cache_images or self.images is None:
+        if self.cache_images:
             free_module(self.vae)
         if self.cache_text:
             for module in self.text_encoders:
