@@ -435,6 +435,9 @@ def test_sdxl_lora_trains_and_both_exports_load_back(workspace, tmp_path):
 
     unet_back, _, _ = load_kohya(run.lora_dir / f"{run.name}-kohya.safetensors", base_pipe.unet, sdxl=True)
     assert len(unet_back) == len(kohya) * 2 // 3
+    from studio.models import load_pipeline  # the Generate tab's loader: SDXL base + the run's LoRA
+
+    assert torch.allclose(image(load_pipeline(str(run.root), "cpu", workspace=workspace)), trained, atol=1e-5)
     card = (run.lora_dir / "README.md").read_text()
     assert "stable-diffusion-xl" in card and "StableDiffusionXLPipeline.from_pretrained" in card
     with pytest.raises(ConfigError, match="only the UNet trains"):
