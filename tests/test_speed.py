@@ -227,3 +227,23 @@ def test_prepare_installs_fast_attention_on_cpu_only():
     expected = "HeadDim8AttnProcessor" if speed.attention_kernel() is not None else "AttnProcessor2_0"
     assert {type(p).__name__ for p in processors(cpu_unet)} == {expected}
     assert {type(p).__name__ for p in processors(gpu_unet)} == {"AttnProcessor2_0"}
+
+
+def test_shards_run_one_thread_each_in_workers_and_restore_the_setting():
+    import threading
+
+    unet = tiny_unet()
+    speed.shard_batches(unet)  # shards follow the thread count
+    seen = []
+    unet.conv_in.register_forward_hook(lambda *_: seen.append((threading.current_thread().name,
+                                                               torch.get_num_threads())))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x, noise, _ = batch(n=4)
+        F.mse_loss(unet(x, torch.tensor([1, 2, 3, 4])).sample, noise).backward()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert len(seen) == 2
+    assert all(name.startswith("studio-shard") and n == 1 for name, n in seen)
