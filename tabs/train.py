@@ -353,12 +353,19 @@ def render(snapshot: Snapshot | None) -> TrainView:
 
 
 def loss_frame(losses: list[tuple[int, float, str]], log_scale: bool = False):
-    """A pandas DataFrame for the loss plot (``log10`` of the loss when ``log_scale``)."""
+    """A pandas DataFrame (step, loss, curve) for the loss plot, or None while there are no points.
+
+    With ``log_scale`` the values are ``log10(loss)``. Column and curve names never
+    change, and an empty plot is None rather than an empty frame: Gradio's plot keeps
+    the field types and colour legend of what it first drew, so a typeless empty frame
+    or renamed series would leave it broken.
+    """
     import pandas as pd
 
     if log_scale:
-        rows = [(step, math.log10(value), curve) for step, value, curve in losses if value > 0]
-        return pd.DataFrame(rows, columns=["step", "log10 loss", "curve"])
+        losses = [(step, math.log10(value), curve) for step, value, curve in losses if value > 0]
+    if not losses:
+        return None
     return pd.DataFrame(losses, columns=["step", "loss", "curve"])
 
 
@@ -450,7 +457,7 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
             status = gr.Textbox(label="Status", lines=3, interactive=False, elem_id="train-status",
                                 value=render(None).status)
             progress = gr.Textbox(label="Progress", interactive=False, elem_id="train-progress")
-            log_scale = gr.Checkbox(label="Log-scale loss", value=False, elem_id="train-log-scale")
+            log_scale = gr.Checkbox(label="Plot log10(loss)", value=False, elem_id="train-log-scale")
             loss_plot = gr.LinePlot(x="step", y="loss", color="curve", label="Loss", elem_id="train-loss",
                                     height=260)
             with gr.Row():
@@ -470,10 +477,8 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
         return render(job.snapshot() if job is not None else None)
 
     def view_outputs(view: TrainView, log: bool) -> tuple:
-        frame = loss_frame(view.losses, log)
-        plot = gr.LinePlot(value=frame, y=frame.columns[1], y_title=frame.columns[1])
-        return (view.status, view.progress, plot, view.latest_sample, view.gallery, view.run_path,
-                view.model_path)
+        return (view.status, view.progress, loss_frame(view.losses, log), view.latest_sample, view.gallery,
+                view.run_path, view.model_path)
 
     def on_start(*values: Any):
         try:

@@ -91,6 +91,10 @@ def test_events_arrive_in_order_and_match_the_run_folder(workspace):
     assert sorted(p.name for p in run.samples_dir.iterdir()) == [
         "progress.gif", "step-000000.png", "step-000002.png", "step-000004.png"]
     assert any(run.logs_dir.glob("events.out.tfevents.*"))
+    from PIL import Image
+
+    grid = Image.open(run.sample_path(4))
+    assert grid.size == (256, 256)  # 2x2 grid of 8 px samples, enlarged 16x (nearest) for viewing
     assert (run.model_dir / "README.md").read_text().startswith("---\nlibrary_name: diffusers")
 
 

@@ -52,6 +52,8 @@ from studio.unet_presets import unet_kwargs
 TASK = "train"
 #: Smoothing of the reported loss (debiased exponential moving average).
 LOSS_SMOOTHING = 0.98
+#: Sample grids smaller than this (pixels, longer side) are enlarged for viewing.
+GRID_MIN_SIDE = 256
 
 
 class NonFiniteLossError(JobError):
@@ -163,6 +165,27 @@ def diffusion_loss(pred: torch.Tensor, clean: torch.Tensor, noise: torch.Tensor,
 
 
 # ----------------------------------------------------------------------------- helpers
+def _import_diffusers() -> tuple[Any, Any, Any, Any]:
+    """diffusers' training classes, also those used later (sampling, export), imported now.
+
+    The app imports diffusers from several threads (this job, the Generate tab...). When
+    two threads import interdependent submodules at once, Python breaks the lock cycle by
+    handing one of them a partly initialised module, and ``from diffusers import X`` fails
+    with ImportError; a moment later the other thread has finished, so we try again.
+    """
+    for attempt in range(40):
+        try:
+            from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: F401
+            from diffusers.optimization import get_scheduler
+            from diffusers.training_utils import EMAModel
+            return DDPMScheduler, UNet2DModel, get_scheduler, EMAModel
+        except ImportError:
+            if attempt == 39:
+                raise
+            time.sleep(0.25)
+    raise AssertionError("unreachable")
+
+
 def ema_step(ema: Any, parameters: Any) -> None:
     """``EMAModel.step`` with the same decay schedule and state, updated by foreach kernels.
 
@@ -228,7 +251,11 @@ def _params_sha(model: torch.nn.Module) -> str:
 
 
 def _grid(images: np.ndarray):
-    """uint8 [N, H, W, 3] -> one PIL image, as square as possible."""
+    """uint8 [N, H, W, 3] -> one PIL image, as square as possible.
+
+    Small grids are enlarged by a whole factor (nearest neighbour, pixels stay sharp) to
+    at least ``GRID_MIN_SIDE`` pixels, so a 16 px model's samples are visible in the UI.
+    """
     from PIL import Image
 
     n, h, w, _ = images.shape
@@ -238,7 +265,11 @@ def _grid(images: np.ndarray):
     for i, img in enumerate(images):
         r, c = divmod(i, cols)
         canvas[r * h:(r + 1) * h, c * w:(c + 1) * w] = img
-    return Image.fromarray(canvas)
+    grid = Image.fromarray(canvas)
+    factor = max(1, math.ceil(GRID_MIN_SIDE / max(grid.size)))
+    if factor > 1:
+        grid = grid.resize((grid.width * factor, grid.height * factor), Image.Resampling.NEAREST)
+    return grid
 
 
 @torch.no_grad()
@@ -472,10 +503,7 @@ def train(cfg: TrainConfig, events: EventSink = ignore_events, stop: threading.E
 def _train(cfg: TrainConfig, report: _Reporter, stop: threading.Event, run: RunDir, accelerator: Any,
            resume_from: Path | None, warnings: list[str]) -> RunDir:
     """The body of ``train`` once the accelerator and the run folder exist (every process runs it)."""
-    from diffusers import DDPMScheduler, UNet2DModel
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
-
+    DDPMScheduler, UNet2DModel, get_scheduler, EMAModel = _import_diffusers()
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     is_main = accelerator.is_main_process
     for text in warnings:
