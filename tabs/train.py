@@ -562,6 +562,6 @@ def _failure(exc: BaseException) -> str:
     return f"Not started: {message}"
 
 
-__all__ = ["FIELDS", "INPUT_NAMES", "TrainView", "build_config", "build_train_tab", "cli_command", "config_json",
+__all__ = ["FIELDS", "INPUT_NAMES", "TrainView", "architecture_preset", "build_config", "build_train_tab", "cli_command", "config_json",
            "default_values", "loss_frame", "model_summary", "preset_values", "render", "resume_latest",
            "start_training", "stop_training"]

@@ -12,12 +12,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import free_port
 from test_cli import env, write_config
 
 from studio.runs import RunDir
 
 
+@pytest.mark.slow
 def test_two_processes_share_gradients_on_different_shards(tmp_path, workspace):
     config = write_config(tmp_path / "run.json", workspace, run_name="ddp", max_train_steps=3, save_every=2)
     proc = subprocess.run(
