@@ -90,7 +90,12 @@ def test_events_arrive_in_order_and_match_the_run_folder(workspace):
     assert json.loads(run.config_path.read_text())["task"] == "train"
     assert sorted(p.name for p in run.samples_dir.iterdir()) == [
         "progress.gif", "step-000000.png", "step-000002.png", "step-000004.png"]
-    assert any(run.logs_dir.glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(run.logs_dir))
+    board.Reload()
+    assert [e.step for e in board.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert [e.step for e in board.Images("samples")] == [0, 2, 4]
     from PIL import Image
 
     grid = Image.open(run.sample_path(4))

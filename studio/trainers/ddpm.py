@@ -616,7 +616,10 @@ def _train(cfg: TrainConfig, report: _Reporter, stop: threading.Event, run: RunD
                 if ema is not None:
                     ema.restore(unet.parameters())
             path = run.sample_path(step)
-            _grid(images).save(path)
+            grid = _grid(images)
+            grid.save(path)
+            if report.writer is not None:
+                report.writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
             report("samples", step, path=str(path), message=f"samples at step {step}")
         accelerator.wait_for_everyone()
 
