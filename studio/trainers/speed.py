@@ -184,10 +184,14 @@ class _ShardedUNetFunction(torch.autograd.Function):
         ctx.outs = None
         total = list(results[0])
         for res in results[1:]:  # fixed order: deterministic sums
+            both = [j for j, g in enumerate(res) if g is not None and total[j] is not None]
+            if both:
+                summed = torch._foreach_add([total[j] for j in both], [res[j] for j in both])
+                for j, g in zip(both, summed):
+                    total[j] = g
             for j, g in enumerate(res):
-                if g is None:
-                    continue
-                total[j] = g if total[j] is None else total[j] + g
+                if g is not None and total[j] is None:
+                    total[j] = g
         n_params = len(params)
         param_grads = total[:n_params]
         sample_grad = torch.cat([res[n_params] for res in results]) if ctx.sample_grad else None
