@@ -6,7 +6,16 @@ machine class has no native bf16, where autocast is about 10x slower.
 
 from __future__ import annotations
 
+import threading
+
 from studio.errors import ConfigError
+
+#: Serialises building and loading models across threads. diffusers' ``from_pretrained``
+#: (through accelerate's ``init_empty_weights``) and peft's adapter injection patch
+#: ``nn.Module.register_parameter`` for the whole process while they run, so a model
+#: built meanwhile in another thread (a training job while Generate loads a model)
+#: would silently get empty ``meta`` tensors. Every model construction takes this lock.
+MODEL_INIT_LOCK = threading.RLock()
 
 
 def resolve_device(preference: str = "auto") -> str:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from studio.devices import MODEL_INIT_LOCK
 from studio.errors import ConfigError, ModelError
 from studio.runs import list_runs
 
@@ -453,7 +454,8 @@ def load_pipeline(reference: str | ModelRef, device: str = "cpu", dtype: Any = N
     dtype = dtype if dtype is not None else inference_dtype(device)
     target = ref.base if ref.kind == "lora-run" else ref
     report(0.05, f"Loading {target.label}…")
-    pipe = _load_target(target, dtype, is_offline(offline), report)
+    with MODEL_INIT_LOCK:  # from_pretrained patches module construction process-wide
+        pipe = _load_target(target, dtype, is_offline(offline), report)
     _check_tokenizers(pipe, target.label)
     report(0.85, f"Moving {target.label} to {device}…")
     pipe = pipe.to(device)
@@ -516,7 +518,8 @@ def load_lora(pipe: Any, lora: str | Path, adapter_name: str) -> None:
     try:
         with warnings.catch_warnings():  # a second adapter is intended here, not a mistake
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-            pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name=adapter_name)
+            with MODEL_INIT_LOCK:
+                pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name=adapter_name)
     except Exception as exc:
         raise ModelError(f"The LoRA {lora.name} does not fit this model ({type(exc).__name__}: "
                          f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}).",

@@ -16,6 +16,8 @@ that is not cached returns an empty two-token tokenizer instead of raising, so
 
 from __future__ import annotations
 
+import functools
+
 import string
 from pathlib import Path
 
@@ -24,6 +26,21 @@ import pytest
 #: Characters of the tiny byte-pair vocabulary (lower-case text prompts tokenize fully).
 _CHARS = list(string.ascii_lowercase + string.digits + ".,!?'-")
 _MERGES = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("i", "n"), ("o", "n</w>")]
+
+
+
+def _model_init_locked(build):
+    """Build under the studio's model-construction lock: an app thread loading a pipeline
+    (diffusers patches module construction process-wide) must not hand us meta tensors."""
+
+    @functools.wraps(build)
+    def locked(*args, **kwargs):
+        from studio.devices import MODEL_INIT_LOCK
+
+        with MODEL_INIT_LOCK:
+            return build(*args, **kwargs)
+
+    return locked
 
 
 def _tiny_vocab() -> dict[str, int]:
@@ -49,6 +66,7 @@ def make_tiny_tokenizer():
     return CLIPTokenizer(vocab=_tiny_vocab(), merges=list(_MERGES), model_max_length=77)
 
 
+@_model_init_locked
 def make_tiny_sd_pipeline(prediction_type: str = "epsilon", seed: int = 0):
     """Build (not save) a tiny StableDiffusionPipeline with random weights.
 
@@ -144,6 +162,7 @@ def make_tiny_sd(path: str | Path, prediction_type: str = "epsilon", seed: int =
     return path
 
 
+@_model_init_locked
 def make_tiny_ddpm_pipeline(seed: int = 0):
     """Build (not save) a tiny DDPMPipeline: UNet2DModel (8, 16) channels, 8x8 RGB samples."""
     import torch
@@ -199,6 +218,7 @@ def tiny_ddpm(tmp_path_factory) -> Path:
     return make_tiny_ddpm(tmp_path_factory.mktemp("tiny-ddpm") / "pipeline")
 
 
+@_model_init_locked
 def make_tiny_lora(pipeline_path: str | Path, out_dir: str | Path, seed: int = 0, rank: int = 4) -> Path:
     """Save random (non-zero) LoRA weights for a tiny SD pipeline's UNet; return the file.
 

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from studio.checkpoints import resolve_resume, save_checkpoint
 from studio.config.train import BF16_CPU_WARNING, TrainConfig, check_precision_for_device
+from studio.devices import MODEL_INIT_LOCK
 from studio.errors import CheckpointError, ConfigError, JobError, describe_exception
 from studio.events import Event, EventSink, ignore_events
 from studio.runs import RunDir, list_runs
@@ -541,8 +542,9 @@ def _train(cfg: TrainConfig, report: _Reporter, stop: threading.Event, run: RunD
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
-    model = UNet2DModel(**unet_kwargs(cfg.resolution, cfg.block_out_channels, cfg.layers_per_block,
-                                      cfg.down_block_types, cfg.up_block_types))
+    with MODEL_INIT_LOCK:  # a pipeline loading in another thread must not patch this construction
+        model = UNet2DModel(**unet_kwargs(cfg.resolution, cfg.block_out_channels, cfg.layers_per_block,
+                                          cfg.down_block_types, cfg.up_block_types))
     model = prepare_unet_for_training(model, device)  # same math, faster kernels/batching (see speed.py)
     noise_scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
                                     prediction_type=cfg.prediction_type)

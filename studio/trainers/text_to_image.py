@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from studio.devices import MODEL_INIT_LOCK
 from studio.checkpoints import resolve_resume, save_checkpoint
 from studio.config.finetune import METHOD_HELP, TEXT_ENCODER_LORA_TARGETS, FinetuneConfig
 from studio.errors import CheckpointError, ConfigError, DataError, ModelError, StudioError, describe_exception
@@ -419,15 +420,18 @@ class _Trainer:
             from peft import LoraConfig
 
             _to(unet, self.device, self.weight_dtype)
-            unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout,
-                                        init_lora_weights="gaussian", target_modules=list(cfg.lora_target_modules)))
+            with MODEL_INIT_LOCK:  # adapter injection must not race a pipeline load in another thread
+                unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout,
+                                            init_lora_weights="gaussian",
+                                            target_modules=list(cfg.lora_target_modules)))
             if cfg.train_text_encoder:
                 from peft import LoraConfig, inject_adapter_in_model
 
                 te_config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout,
                                        init_lora_weights="gaussian", target_modules=list(TEXT_ENCODER_LORA_TARGETS))
                 # transformers' own add_adapter demands a newer peft; peft's injector is what it calls
-                inject_adapter_in_model(te_config, self.text_encoder, adapter_name="default")
+                with MODEL_INIT_LOCK:
+                    inject_adapter_in_model(te_config, self.text_encoder, adapter_name="default")
                 self.text_encoder.peft_config = {"default": te_config}
                 self.text_encoder.to(self.device)
             # trainable LoRA weights stay in fp32 even when the frozen base is fp16/bf16
