@@ -14,6 +14,7 @@ from typing import Any
 
 import gradio as gr
 
+from studio import preload_engine
 from studio.context import StudioContext
 from studio.settings import LaunchSettings
 
@@ -41,6 +42,7 @@ def build_app(settings: LaunchSettings, ctx: StudioContext | None = None) -> gr.
     """
     ctx = ctx or StudioContext(settings)
     settings.workspace.mkdir(parents=True, exist_ok=True)
+    preload_engine()  # resolve diffusers' lazy imports here, not racing in worker threads
     with gr.Blocks(title="Diffusion Studio") as app:
         gr.Markdown("# Diffusion Studio\nPrepare a dataset, train or fine-tune a diffusion model, "
                     "and generate images — on this machine.", elem_id="studio-header")
