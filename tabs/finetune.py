@@ -386,7 +386,8 @@ def build_finetune_tab(ctx: StudioContext) -> dict[str, Any]:
     def view_outputs(view: FinetuneView) -> tuple:
         import pandas as pd
 
-        frame = pd.DataFrame(view.losses, columns=["step", "loss", "curve"])
+        # an empty frame as the plot's first value breaks gr.LinePlot for good: send None until points exist
+        frame = pd.DataFrame(view.losses, columns=["step", "loss", "curve"]) if view.losses else None
         return view.status, frame, view.gallery, view.run_path
 
     def current_view() -> FinetuneView:
