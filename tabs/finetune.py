@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shlex
-import shutil
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,10 +35,11 @@ from studio.config.finetune import (
     bitsandbytes_available,
 )
 from studio.context import StudioContext
-from studio.errors import CheckpointError, ConfigError, JobError, StudioError, describe_exception
+from studio.errors import CheckpointError, ConfigError, StudioError
 from studio.jobs import Snapshot
-from studio.runs import RunDir, list_runs
+from studio.runs import RunDir
 from tabs import GPU
+from tabs.jobtab import failure, field_label, format_duration, latest_resumable, start_job, stop_job
 
 log = logging.getLogger(__name__)
 
@@ -181,10 +181,7 @@ def build_config(values: dict[str, Any], ctx: StudioContext | None = None, **ove
 
 
 def _label(name: str) -> str:
-    for field_name, _, extra in FIELDS:
-        if field_name == name:
-            return extra.get("label", name)
-    return name
+    return field_label(FIELDS, name)
 
 
 def start_finetune(ctx: StudioContext, values: dict[str, Any]) -> tuple[str, str, str]:
@@ -206,19 +203,9 @@ def _start(ctx: StudioContext, cfg: FinetuneConfig, run: RunDir) -> tuple[str, s
 
         return train(cfg, events, stop, run)
 
-    try:
-        ctx.jobs.start(run.name, TASK, run.root, target, device=ctx.settings.device)
-    except JobError:
-        if not cfg.resume:  # do not leave the new, empty run folder behind
-            _remove_if_empty(run)
-        raise
+    start_job(ctx, TASK, run, target, resuming=bool(cfg.resume))
     verb = "Resuming" if cfg.resume else "Started"
     return f"{verb} {run.name}: {cfg.method} on {cfg.pretrained_model_name_or_path}", str(run.root), cli_command(run)
-
-
-def _remove_if_empty(run: RunDir) -> None:
-    if all(p.is_dir() and not any(p.iterdir()) for p in run.root.iterdir()):
-        shutil.rmtree(run.root, ignore_errors=True)
 
 
 def resume_latest(ctx: StudioContext) -> tuple[str, str, str]:
@@ -228,16 +215,9 @@ def resume_latest(ctx: StudioContext) -> tuple[str, str, str]:
         CheckpointError: when there is no fine-tune run with a checkpoint.
         JobError: when a job already runs on the device.
     """
-    from studio.checkpoints import find_latest_valid
-
-    for info in list_runs(ctx.workspace):
-        if info.task != TASK:
-            continue
-        run = RunDir(info.path)
-        if find_latest_valid(run.checkpoints_dir) is None:
-            continue
-        data = run.read_config()
-        data.pop("task", None)
+    found = latest_resumable(ctx, TASK)
+    if found is not None:
+        run, data = found
         cfg = FinetuneConfig.from_dict(data).replace(resume="latest", workspace=str(ctx.workspace),
                                                     run_name=run.name, device=ctx.settings.device)
         return _start(ctx, cfg, run)
@@ -247,11 +227,7 @@ def resume_latest(ctx: StudioContext) -> tuple[str, str, str]:
 
 def stop_finetune(ctx: StudioContext) -> str:
     """Ask the running fine-tune to stop after its current step (it saves a checkpoint)."""
-    job = ctx.jobs.latest(TASK)
-    if job is None or not job.running:
-        return "No fine-tune is running."
-    job.stop()
-    return f"Stopping {job.snapshot().name} after the current step (a checkpoint will be saved)…"
+    return stop_job(ctx, TASK, "fine-tune")
 
 
 @dataclass
@@ -280,7 +256,7 @@ def render(snapshot: Snapshot | None) -> FinetuneView:
     if s.running and s.images_per_s:
         parts.append(f"{s.images_per_s:.2f} img/s")
     if s.running and s.eta_s:
-        parts.append(f"ETA {_duration(s.eta_s)}")
+        parts.append(f"ETA {format_duration(s.eta_s)}")
     lines = [" · ".join(parts)]
     if s.status == "failed" and s.error:
         lines.append(f"Error: {s.error}")
@@ -293,17 +269,6 @@ def render(snapshot: Snapshot | None) -> FinetuneView:
     gallery = [(path, f"step {step}" + (" (base model)" if step == 0 else "")) for step, path in s.samples
                if Path(path).is_file()]
     return FinetuneView("\n".join(lines), losses, list(reversed(gallery)), s.run_dir, s.running)
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes}m {seconds:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h {minutes:02d}m"
 
 
 def cli_command(run: RunDir | str | None = None) -> str:
@@ -446,11 +411,7 @@ def _dataset_line(ctx: StudioContext) -> str:
 
 
 def _failure(exc: BaseException) -> str:
-    message = describe_exception(exc)
-    if not isinstance(exc, StudioError):
-        log.exception("Fine-tune action failed")
-    gr.Warning(message)
-    return f"Not started: {message}"
+    return failure(exc, "Fine-tune")
 
 
 __all__ = ["FIELDS", "INPUT_NAMES", "FinetuneView", "build_config", "build_finetune_tab", "cli_command",

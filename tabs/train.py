@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import math
 import shlex
-import shutil
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +28,11 @@ import gradio as gr
 
 from studio.config.train import BETA_SCHEDULES, LR_SCHEDULERS, MIXED_PRECISIONS, PREDICTION_TYPES, TrainConfig
 from studio.context import StudioContext
-from studio.errors import CheckpointError, ConfigError, JobError, StudioError, describe_exception
+from studio.errors import CheckpointError, ConfigError, StudioError, describe_exception
 from studio.jobs import Snapshot
-from studio.runs import RunDir, list_runs
+from studio.runs import RunDir
 from tabs import GPU
+from tabs.jobtab import failure, field_label, format_duration, latest_resumable, start_job, stop_job
 from studio.unet_presets import (CUSTOM, PRESETS, attention_levels_of, block_types, human_bytes, human_count,
                                  memory_estimate, parameter_count, preset_matching)
 
@@ -187,10 +187,7 @@ def build_config(values: dict[str, Any], ctx: StudioContext | None = None, **ove
 
 
 def _label(name: str) -> str:
-    for field_name, _, extra in FIELDS:
-        if field_name == name:
-            return extra.get("label", name)
-    return name
+    return field_label(FIELDS, name)
 
 
 def architecture_preset(values: dict[str, Any]) -> str:
@@ -248,21 +245,11 @@ def _start(ctx: StudioContext, cfg: TrainConfig, run: RunDir) -> tuple[str, str,
 
         return train(cfg, events, stop, run)
 
-    try:
-        ctx.jobs.start(run.name, TASK, run.root, target, device=ctx.settings.device)
-    except JobError:
-        if not cfg.resume:  # do not leave an empty run folder behind
-            _remove_if_unused(run)
-        raise
+    start_job(ctx, TASK, run, target, resuming=bool(cfg.resume))
     verb = "Resuming" if cfg.resume else "Started"
     return (f"{verb} {run.name}: {cfg.preset}, {cfg.resolution} px, batch {cfg.train_batch_size}, "
             f"{cfg.max_train_steps or str(cfg.num_epochs) + ' epochs'} steps on {cfg.data.label}",
             str(run.root), cli_command(run))
-
-
-def _remove_if_unused(run: RunDir) -> None:
-    if all(p.name == "config.json" or (p.is_dir() and not any(p.iterdir())) for p in run.root.iterdir()):
-        shutil.rmtree(run.root, ignore_errors=True)
 
 
 def resume_latest(ctx: StudioContext, max_train_steps: int | None = None) -> tuple[str, str, str]:
@@ -277,16 +264,9 @@ def resume_latest(ctx: StudioContext, max_train_steps: int | None = None) -> tup
         CheckpointError: when no training run has a checkpoint.
         JobError: when a job already runs on the device.
     """
-    from studio.checkpoints import find_latest_valid
-
-    for info in list_runs(ctx.workspace):
-        if info.task != TASK:
-            continue
-        run = RunDir(info.path)
-        if find_latest_valid(run.checkpoints_dir) is None:
-            continue
-        data = run.read_config()
-        data.pop("task", None)
+    found = latest_resumable(ctx, TASK)
+    if found is not None:
+        run, data = found
         cfg = TrainConfig.from_dict(data).replace(resume="latest", workspace=str(ctx.workspace), run_name=run.name,
                                                  device=ctx.settings.device)
         if max_train_steps and int(max_train_steps) > 0:
@@ -298,11 +278,7 @@ def resume_latest(ctx: StudioContext, max_train_steps: int | None = None) -> tup
 
 def stop_training(ctx: StudioContext) -> str:
     """Ask the running training job to stop after its current step (it saves a checkpoint)."""
-    job = ctx.jobs.latest(TASK)
-    if job is None or not job.running:
-        return "No training is running."
-    job.stop()
-    return f"Stopping {job.snapshot().name} after the current step (a checkpoint will be saved)…"
+    return stop_job(ctx, TASK, "training")
 
 
 # --------------------------------------------------------------------------- rendering
@@ -343,7 +319,7 @@ def render(snapshot: Snapshot | None) -> TrainView:
     if s.running and s.images_per_s:
         progress.append(f"{s.images_per_s:.1f} img/s")
     if s.running and s.eta_s:
-        progress.append(f"ETA {_duration(s.eta_s)}")
+        progress.append(f"ETA {format_duration(s.eta_s)}")
     losses = [(step, loss, "loss") for step, loss, _ in s.losses] + [(step, sm, "smoothed") for step, _, sm in s.losses]
     samples = [(path, f"step {step}") for step, path in s.samples if Path(path).is_file()]
     model = str(Path(s.run_dir) / "model")
@@ -367,17 +343,6 @@ def loss_frame(losses: list[tuple[int, float, str]], log_scale: bool = False):
     if not losses:
         return None
     return pd.DataFrame(losses, columns=["step", "loss", "curve"])
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes}m {seconds:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h {minutes:02d}m"
 
 
 def cli_command(run: RunDir | str | None = None) -> str:
@@ -555,11 +520,7 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
 
 
 def _failure(exc: BaseException) -> str:
-    message = describe_exception(exc)
-    if not isinstance(exc, StudioError):
-        log.exception("Train action failed")
-    gr.Warning(message)
-    return f"Not started: {message}"
+    return failure(exc, "Train")
 
 
 __all__ = ["FIELDS", "INPUT_NAMES", "TrainView", "architecture_preset", "build_config", "build_train_tab", "cli_command", "config_json",
