@@ -288,6 +288,14 @@ static void transpose_in(const float *x, float *xT, long L) {
     for (long j = 0; j < L; j++)
         for (int d = 0; d < D; d++) xT[d * L + j] = x[j * D + d];
 }
+/* 1 where this build has the AVX-512 paths the speed-up was measured with. */
+int attn8_vectorised(void) {
+#ifdef __AVX512F__
+    return 1;
+#else
+    return 0;
+#endif
+}
 void attn8_fwd(const float *q, const float *k, const float *v, float *o, float *lse, long N, long L, float scale) {
     float *kT = malloc(sizeof(float) * D * L), *vT = malloc(sizeof(float) * D * L), *s = malloc(sizeof(float) * L);
     for (long n = 0; n < N; n++) {
@@ -435,7 +443,9 @@ def attention_kernel() -> Any | None:
 
     Built once per machine with the system C compiler into
     ``~/.cache/diffusion-studio/kernels/`` (atomic rename, so parallel processes are safe).
-    Without a compiler (or on a failed build) the callers use torch's SDPA.
+    Without a compiler, on a failed build, on a CPU without AVX-512 (where it was not
+    measured) or with ``STUDIO_NO_C_KERNELS=1`` in the environment, the callers use
+    torch's SDPA.
     """
     with _KERNEL_LOCK:
         if "lib" in _KERNEL:
@@ -475,6 +485,9 @@ def attention_kernel() -> Any | None:
         lib.attn8_fwd.restype = None
         lib.attn8_bwd.argtypes = [ptr] * 9 + [long_] * 2 + [float_]
         lib.attn8_bwd.restype = None
+        lib.attn8_vectorised.restype = ctypes.c_int
+        if not lib.attn8_vectorised():  # measured with AVX-512 only: elsewhere torch's SDPA is the safe bet
+            return None
         _KERNEL["lib"] = lib
         return lib
 
