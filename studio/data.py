@@ -1,15 +1,17 @@
-"""Dataset sources, image checks, captions and the decode-once tensor cache.
+"""Datasets: the sources, captions, the ``ImageDataset``, the decode-once tensor cache and export.
 
 Every source a person can pick in the Dataset tab — the bundled emoji set, a local
-folder, an upload (files or a .zip, unpacked to a folder), a Hugging Face dataset —
-becomes the same ``ImageDataset``: names, optional captions, the files that were
-skipped and why, and a fingerprint that identifies the content. Images are decoded
-on demand (``ds.image(i)``), never held all at once.
+folder, an upload (files or a .zip, unpacked to a folder by ``studio.uploads``), a
+Hugging Face dataset — becomes the same ``ImageDataset``: names, optional captions,
+the files that were skipped and why, and a fingerprint that identifies the content.
+Images are decoded on demand (``ds.image(i)``), never held all at once.
 
-Each image is checked once when the dataset is loaded: empty, truncated or corrupt
-files, non-images, formats outside the allow-list and decompression bombs are
-skipped with a reason; every other mode (CMYK, palette with transparency, 16-bit,
-grayscale, RGBA, animated GIF, EXIF-rotated) is turned into plain RGB on white.
+Each image is checked once when the dataset is loaded, by ``studio.images``: empty,
+truncated or corrupt files, non-images, formats outside the allow-list and
+decompression bombs are skipped with a reason; every other mode (CMYK, palette with
+transparency, 16-bit, grayscale, RGBA, animated GIF, EXIF-rotated) is turned into
+plain RGB on white. The names of those two modules that callers use (``open_image``,
+``extract_zip``, ``unpack_upload``...) are re-exported here.
 
 Trainers do not read PIL files every step: ``load_tensor_cache`` decodes the set
 once at a resolution into a uint8 tensor ``[N, 3, R, R]`` stored as safetensors
@@ -28,46 +30,55 @@ import io
 import json
 import os
 import re
-import shutil
-import stat
-import warnings
-import zipfile
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from studio.config.data import DataConfig
 from studio.errors import DataError
+from studio.images import (
+    IMAGE_EXTENSIONS,
+    IMAGE_FORMATS,
+    MAX_IMAGE_PIXELS,
+    _decode,
+    _Skip,
+    open_image,
+    resize_to_square,
+    to_rgb,
+)
+from studio.uploads import (
+    JUNK_NAMES,
+    MAX_UPLOAD_BYTES,
+    MAX_UPLOAD_FILES,
+    _is_junk,
+    extract_zip,
+    unpack_upload,
+)
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
 
+# The image and upload names are re-exported: callers import them from here.
+__all__ = ["EMOJI_PARQUET", "SIDECAR_EXTENSIONS", "CAPTION_COLUMNS", "IMAGE_COLUMN_NAMES", "CACHE_VERSION",
+           "Progress", "SkippedFile", "SourceInfo", "ImageDataset", "load_image_dataset", "detect_columns",
+           "TensorCache", "cache_key", "load_tensor_cache", "export_image_folder",
+           # studio.images
+           "IMAGE_EXTENSIONS", "IMAGE_FORMATS", "MAX_IMAGE_PIXELS", "open_image", "to_rgb", "resize_to_square",
+           # studio.uploads
+           "JUNK_NAMES", "MAX_UPLOAD_BYTES", "MAX_UPLOAD_FILES", "extract_zip", "unpack_upload"]
+
 #: The bundled emoji set (1,911 Twemoji, 64x64, captioned); see assets/emoji/README.md.
 EMOJI_PARQUET: Path = Path(__file__).resolve().parent.parent / "assets" / "emoji" / "emoji.parquet"
 
-#: File extensions read as images (lower case). Anything else in a folder is skipped with a reason.
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-#: PIL format names accepted (the real format, whatever the extension says). MPO is a multi-frame JPEG.
-IMAGE_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "BMP", "GIF", "TIFF")
-#: Largest image accepted, in pixels (width x height). Anything bigger is treated as a
-#: decompression bomb and skipped: a few hundred bytes of PNG can expand to gigabytes.
-MAX_IMAGE_PIXELS = 64_000_000
 #: Files next to images that hold captions or metadata (never reported as skipped).
 SIDECAR_EXTENSIONS = (".txt", ".caption", ".jsonl", ".json", ".csv", ".md", ".yaml", ".yml")
-#: Names that are never dataset content (macOS / Windows / editor junk).
-JUNK_NAMES = ("__MACOSX", ".DS_Store", "Thumbs.db", "desktop.ini")
 #: Column names that hold captions, most likely first (Hub datasets and metadata files).
 CAPTION_COLUMNS = ("text", "caption", "captions", "prompt", "description", "sentence", "title", "label_text")
 #: Column names that hold images when no column has the datasets Image feature.
 IMAGE_COLUMN_NAMES = ("image", "img", "images", "picture", "photo", "pixel_values")
-#: Most uncompressed bytes an uploaded .zip may expand to.
-MAX_UPLOAD_BYTES = 4 * 1024**3
-#: Most files an uploaded .zip may hold.
-MAX_UPLOAD_FILES = 200_000
 #: Bump when the cached tensor layout or the resize changes, so old caches are not reused.
 CACHE_VERSION = 1
 
@@ -105,123 +116,6 @@ class SourceInfo:
     image_column: str = ""
     caption_column: str = ""
     caption_source: str = ""
-
-
-class _Skip(Exception):
-    """Internal: this image cannot be used; ``reason`` says why."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-# --------------------------------------------------------------------------- images
-
-
-def _format_pixels(n: int) -> str:
-    return f"{n / 1e6:.0f} megapixels" if n >= 1e6 else f"{n} pixels"
-
-
-def open_image(data: bytes | Path, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Decode one image and turn it into RGB: EXIF rotation applied, alpha composited on white.
-
-    Args:
-        data: The encoded file (bytes) or a path to it.
-        max_pixels: Refuse images larger than this (decompression bombs).
-
-    Returns:
-        A loaded RGB image (the first frame of an animation).
-
-    Raises:
-        DataError: when the file is empty, not an image, in a format outside the
-            allow-list, too large, or truncated/corrupt.
-    """
-    try:
-        return _decode(data, max_pixels=max_pixels)
-    except _Skip as skip:
-        name = data.name if isinstance(data, Path) else "image"
-        raise DataError(f"Cannot use {name}: {skip.reason}.") from None
-
-
-def _decode(data: bytes | Path, *, max_pixels: int = MAX_IMAGE_PIXELS,
-            draft: tuple[int, int] | None = None) -> Image.Image:
-    """``open_image`` raising ``_Skip`` (the loader turns those into skipped files).
-
-    ``draft`` lets JPEG decode at a reduced scale (1/2 .. 1/8) that stays at least
-    that size: much faster when the image is only needed small (the tensor cache).
-    """
-    if isinstance(data, Path):
-        try:
-            data = data.read_bytes()
-        except OSError as exc:
-            raise _Skip(f"cannot be read ({exc.strerror or exc})") from None
-    if not data:
-        raise _Skip("empty file (0 bytes)")
-    with warnings.catch_warnings():
-        # Our own pixel limit below is the check; PIL's warning must never reach the person.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            im = Image.open(io.BytesIO(data))
-        except UnidentifiedImageError:
-            raise _Skip("not an image (the content is not a known image format)") from None
-        except Image.DecompressionBombError:
-            raise _Skip(f"too large: over {_format_pixels(max_pixels)} (possible decompression bomb)") from None
-        except (OSError, ValueError, SyntaxError) as exc:
-            raise _Skip(f"truncated or corrupt image header ({exc})") from None
-        fmt = im.format or "unknown"
-        if fmt not in IMAGE_FORMATS:
-            raise _Skip(f"format {fmt} is not supported (use PNG, JPEG, WebP, BMP, GIF or TIFF)")
-        width, height = im.size
-        if width * height > max_pixels:
-            raise _Skip(f"too large: {width}x{height} is over the limit of {_format_pixels(max_pixels)} "
-                        "(possible decompression bomb)")
-        if width < 1 or height < 1:
-            raise _Skip("image has no pixels")
-        try:
-            im.seek(0)  # first frame of an animated GIF/WebP/TIFF
-            if draft is not None and fmt in ("JPEG", "MPO"):
-                im.draft(None, draft)
-            im.load()
-            return to_rgb(im)
-        except Image.DecompressionBombError:
-            raise _Skip(f"too large: over {_format_pixels(max_pixels)} (possible decompression bomb)") from None
-        except (OSError, ValueError, SyntaxError, EOFError) as exc:
-            raise _Skip(f"truncated or corrupt image data ({exc})") from None
-
-
-def to_rgb(im: Image.Image) -> Image.Image:
-    """Any PIL image as RGB: EXIF orientation applied, 16-bit scaled to 8-bit, alpha on white.
-
-    Args:
-        im: A loaded image in any mode (CMYK, P, PA, LA, I;16, I, F, 1, L, RGBA...).
-    """
-    try:
-        im = ImageOps.exif_transpose(im)
-    except (OSError, ValueError, KeyError, TypeError, SyntaxError):
-        pass  # a damaged EXIF block: keep the pixels as stored
-    mode = im.mode
-    if mode.startswith("I") or mode == "F":
-        im = _high_depth_to_l(im)
-        mode = "L"
-    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
-    if has_alpha:
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    if mode == "RGB":
-        return im.copy() if im.readonly else im
-    return im.convert("RGB")
-
-
-def _high_depth_to_l(im: Image.Image) -> Image.Image:
-    """16/32-bit integer or float grayscale to 8-bit L, scaling the range rather than clipping."""
-    arr = np.asarray(im, dtype=np.float64)
-    if im.mode == "F":
-        top = 1.0 if arr.size and float(np.nanmax(arr)) <= 1.0 else 255.0
-    else:
-        top = 65535.0 if arr.size and float(arr.max()) > 255 else 255.0
-    arr = np.clip(np.nan_to_num(arr) / top * 255.0, 0, 255).round().astype(np.uint8)
-    return Image.fromarray(arr, mode="L")
 
 
 # --------------------------------------------------------------------------- dataset object
@@ -408,11 +302,6 @@ def _scan_emoji(cfg: DataConfig) -> _Scan:
 # --------------------------------------------------------------------------- folders and uploads
 
 
-def _is_junk(rel: Path) -> bool:
-    return any(part in JUNK_NAMES or part.startswith("._") or (part.startswith(".") and part not in (".", ".."))
-               for part in rel.parts)
-
-
 def _scan_folder(cfg: DataConfig) -> _Scan:
     root = Path(cfg.path).expanduser()
     if root.is_file() and root.suffix.lower() == ".zip":
@@ -522,108 +411,6 @@ def _read_metadata(root: Path, caption_column: str) -> tuple[dict[str, str], lis
             rel = (meta.parent.relative_to(root) / str(name)).as_posix()
             captions[rel] = "" if value is None else str(value).strip()
     return captions, columns
-
-
-def extract_zip(zip_path: Path, dest: Path, *, max_bytes: int = MAX_UPLOAD_BYTES,
-                max_files: int = MAX_UPLOAD_FILES) -> Path:
-    """Unpack a .zip safely into ``dest`` and return ``dest``.
-
-    Refuses entries that would land outside ``dest`` (absolute paths, ``..``:
-    "zip slip"), stops when the uncompressed total passes ``max_bytes`` (zip bombs;
-    the count is of bytes actually written, headers can lie), writes links as
-    nothing, and leaves out junk (``__MACOSX``, ``.DS_Store``, ``._*``).
-
-    Raises:
-        DataError: on a damaged zip, an unsafe path, or too much content.
-    """
-    dest = Path(dest)
-    dest_resolved = dest.resolve()
-    try:
-        zf = zipfile.ZipFile(zip_path)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise DataError(f"{Path(zip_path).name} is not a readable .zip file ({exc}).") from None
-    with zf:
-        entries = [e for e in zf.infolist() if not e.is_dir()]
-        if len(entries) > max_files:
-            raise DataError(f"{Path(zip_path).name} holds {len(entries)} files; the limit is {max_files}.")
-        declared = sum(e.file_size for e in entries)
-        if declared > max_bytes:
-            raise DataError(f"{Path(zip_path).name} expands to {declared / 1e9:.1f} GB; the limit is "
-                            f"{max_bytes / 1e9:.1f} GB.", "Split it into smaller uploads or use a local folder.")
-        written = 0
-        for entry in entries:
-            name = entry.filename.replace("\\", "/")
-            parts = [p for p in name.split("/") if p not in ("", ".")]
-            if name.startswith("/") or re.match(r"^[A-Za-z]:", name) or ".." in parts:
-                raise DataError(f"{Path(zip_path).name} holds an unsafe path ({entry.filename!r}) that points "
-                                "outside the upload folder; refusing to unpack it.")
-            if not parts or _is_junk(Path(*parts)):
-                continue
-            if stat.S_ISLNK(entry.external_attr >> 16):
-                continue  # symbolic links could point anywhere on disk
-            target = dest.joinpath(*parts)
-            if not target.resolve().is_relative_to(dest_resolved):
-                raise DataError(f"{Path(zip_path).name} holds an unsafe path ({entry.filename!r}); refusing to unpack it.")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                with zf.open(entry) as src, open(target, "wb") as out:
-                    while chunk := src.read(1 << 20):
-                        written += len(chunk)
-                        if written > max_bytes:
-                            raise DataError(f"{Path(zip_path).name} expands to more than {max_bytes / 1e9:.1f} GB "
-                                            "(possible zip bomb); stopped unpacking.")
-                        out.write(chunk)
-            except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as exc:
-                raise DataError(f"{Path(zip_path).name} is damaged: cannot unpack {entry.filename} ({exc}).") from None
-    dest.mkdir(parents=True, exist_ok=True)
-    return dest
-
-
-def unpack_upload(files: Iterable[str | Path], dest: Path, *, max_bytes: int = MAX_UPLOAD_BYTES) -> Path:
-    """Gather uploaded files into one folder: images and caption files copied, zips unpacked.
-
-    Args:
-        files: Paths of the uploaded files (images, .txt / metadata.jsonl, .zip).
-        dest: A new folder (e.g. ``<workspace>/uploads/<id>``).
-        max_bytes: Most bytes all zips together may expand to.
-
-    Returns:
-        ``dest``, ready for ``DataConfig(source="upload", path=str(dest))``.
-
-    Raises:
-        DataError: when nothing was uploaded or a zip is unsafe or damaged.
-    """
-    paths = [Path(f) for f in files if f]
-    if not paths:
-        raise DataError("No files were uploaded.", "Drop image files or a .zip on the upload box first.")
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    used: set[str] = set()
-    budget = max_bytes
-    for path in paths:
-        if not path.is_file():
-            raise DataError(f"The uploaded file {path.name} is gone.", "Upload it again.")
-        if path.suffix.lower() == ".zip":
-            folder = extract_zip(path, dest / _unique(path.stem, used), max_bytes=budget)
-            budget -= sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-            continue
-        name = _unique(path.name, used)
-        if _is_junk(Path(name)):
-            continue
-        shutil.copyfile(path, dest / name)
-    return dest
-
-
-def _unique(name: str, used: set[str]) -> str:
-    """``name`` or ``stem-2.ext``... not yet in ``used`` (uploads may share names)."""
-    name = Path(name).name or "file"
-    stem, suffix = Path(name).stem, Path(name).suffix
-    candidate, n = name, 1
-    while candidate.lower() in used:
-        n += 1
-        candidate = f"{stem}-{n}{suffix}"
-    used.add(candidate.lower())
-    return candidate
 
 
 # --------------------------------------------------------------------------- Hugging Face Hub
@@ -799,24 +586,6 @@ class TensorCache:
 def cache_key(fingerprint: str, resolution: int, center_crop: bool) -> str:
     """The tensor-cache key of a dataset fingerprint at a resolution and crop mode."""
     return _digest("tensors", CACHE_VERSION, fingerprint, int(resolution), "crop" if center_crop else "whole")
-
-
-def resize_to_square(im: Image.Image, resolution: int, *, center_crop: bool = True) -> Image.Image:
-    """Resize for training: shorter side to ``resolution`` then center crop, or squash to RxR.
-
-    PIL's resize filters are antialiased (they widen with the scale factor), so
-    downscaling does not alias.
-    """
-    r = int(resolution)
-    if not center_crop:
-        return im.resize((r, r), Image.Resampling.LANCZOS, reducing_gap=3.0)
-    w, h = im.size
-    scale = r / min(w, h)
-    nw, nh = max(r, round(w * scale)), max(r, round(h * scale))
-    if (nw, nh) != (w, h):
-        im = im.resize((nw, nh), Image.Resampling.LANCZOS, reducing_gap=3.0)
-    left, top = (nw - r) // 2, (nh - r) // 2
-    return im.crop((left, top, left + r, top + r))
 
 
 def load_tensor_cache(cfg: DataConfig, resolution: int, cache_root: Path, *, center_crop: bool = True,
