@@ -16,6 +16,10 @@ Everything lands in the run folder: ``config.json``, ``events.jsonl``, validatio
 images in ``samples/`` (step 0 is the untouched base model), atomic checkpoints,
 ``lora/`` (diffusers ``pytorch_lora_weights.safetensors`` + a kohya/A1111 file) or
 ``model/`` (a diffusers pipeline), each with a model card ``README.md``.
+
+This file is the loop and its set-up; the Stable Diffusion pieces around it live in
+``studio.trainers.sd_parts`` (base model, trainables, class and validation images) and
+``studio.trainers.sd_outputs`` (LoRA/pipeline export, model card, Hub push).
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ import json
 import math
 import os
 import random
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -34,12 +37,26 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from studio.devices import MODEL_INIT_LOCK
 from studio.checkpoints import resolve_resume, save_checkpoint
-from studio.config.finetune import METHOD_HELP, TEXT_ENCODER_LORA_TARGETS, FinetuneConfig
+from studio.config.finetune import FinetuneConfig
 from studio.errors import CheckpointError, ConfigError, DataError, ModelError, StudioError, describe_exception
 from studio.events import Event, EventSink
 from studio.runs import RunDir, list_runs
+from studio.trainers.sd_outputs import export_lora, export_pipeline, push_to_hub, write_model_card
+from studio.trainers.sd_parts import (
+    add_trainables,
+    assemble_pipeline,
+    check_sd_pipeline,
+    load_base_pipeline,
+    make_class_images,
+    move_module,
+    save_grid,
+    validation_images,
+)
+
+#: What other code imports from here (some of it now defined in sd_parts / sd_outputs).
+__all__ = ["check_sd_pipeline", "image_prompts", "load_base_pipeline", "open_run", "out_of_memory_error",
+           "push_to_hub", "train", "write_model_card"]
 
 TASK = "finetune"
 #: Gradient clipping norm (diffusers' scripts default ``max_grad_norm=1.0``).
@@ -87,40 +104,6 @@ def open_run(cfg: FinetuneConfig, run: RunDir | None = None) -> RunDir:
     if not runs:
         raise CheckpointError(f"No fine-tune run in {cfg.workspace} to resume.", "Start a new run first.")
     return RunDir(runs[0].path)
-
-
-def load_base_pipeline(reference: str, workspace: str | Path | None = None) -> Any:
-    """Load the base Stable Diffusion pipeline (fp32, CPU) through the studio's model loader.
-
-    Accepts whatever the Generate tab accepts: a Hub id, a diffusers folder, a single
-    ``.safetensors`` file, or a run of this workspace that exported a ``model/``.
-
-    Raises:
-        ModelError: when the reference cannot be loaded, is a LoRA run, is not a Stable
-            Diffusion (1.x, 2.x or XL) pipeline.
-    """
-    from studio.models import is_offline, load_pipeline, resolve_reference
-
-    offline = is_offline()
-    ref = resolve_reference(reference, workspace, offline)
-    if ref.kind == "lora-run":
-        raise ModelError(f"{reference} is a LoRA run, not a full model.",
-                         f"Fine-tune its base model ({ref.base.label}) instead, or a full fine-tune run.")
-    pipe = load_pipeline(ref, "cpu", dtype=torch.float32, offline=offline, workspace=workspace)
-    return check_sd_pipeline(pipe, reference)
-
-
-def check_sd_pipeline(pipe: Any, reference: str) -> Any:
-    """Return ``pipe`` if it is an SD 1.x/2.x or SDXL pipeline, else raise ``ModelError`` saying why."""
-    needed = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
-    if type(pipe).__name__.startswith("StableDiffusionXL"):
-        needed += ["text_encoder_2", "tokenizer_2"]
-    missing = [name for name in needed if getattr(pipe, name, None) is None]
-    if missing or type(getattr(pipe, "unet", None)).__name__ != "UNet2DConditionModel":
-        raise ModelError(f"{reference} is not a Stable Diffusion text-to-image pipeline "
-                         f"({type(pipe).__name__}{', missing ' + ', '.join(missing) if missing else ''}).",
-                         "Fine-tuning needs a UNet2DConditionModel, a VAE, a text encoder and a tokenizer.")
-    return pipe
 
 
 def image_prompts(cfg: FinetuneConfig, captions: list[str] | None, count: int) -> list[str]:
@@ -305,9 +288,9 @@ class _Trainer:
                              "epsilon and v_prediction.", "Set prediction_type explicitly.")
         for module in (self.vae, *self.text_encoders, self.unet):
             module.requires_grad_(False)
-        _to(self.vae, self.device, self.vae_dtype)
+        move_module(self.vae, self.device, self.vae_dtype)
         for module in self.text_encoders:
-            _to(module, self.device, self.weight_dtype)
+            move_module(module, self.device, self.weight_dtype)
 
         # 3. the data: one prompt per image
         self.load_data()
@@ -316,13 +299,15 @@ class _Trainer:
         # 4. DreamBooth class images, made by the untouched base model
         self.class_pixels = None
         if cfg.with_prior_preservation:
-            self.class_pixels = self.make_class_images()
+            self.class_pixels = make_class_images(self.pipe, cfg, self.run.root / "class_images", self.device,
+                                                  self.accelerator.autocast, self.stop, report)
         if self.stop.is_set():
             report("stopped", message="stopped before training started")
             return
 
         # 5. what trains: LoRA adapters or the whole UNet
-        self.add_trainables()
+        self.text_encoder_trains = cfg.train_text_encoder
+        add_trainables(cfg, self.unet, self.text_encoder, self.device, self.weight_dtype)
 
         # 6. encode once (or say why not) and free the frozen modules
         self.encode_once()
@@ -382,73 +367,6 @@ class _Trainer:
             raise DataError("The dataset has no usable images.", "Pick another dataset in the Dataset tab.")
         self.prompts = image_prompts(cfg, captions, count)
         self.count = count
-
-    @torch.no_grad()
-    def make_class_images(self) -> torch.Tensor | None:
-        """Generate (or reuse) ``num_class_images`` images of ``class_prompt`` under the run."""
-        import numpy as np
-        from PIL import Image
-
-        cfg = self.cfg
-        folder = self.run.root / "class_images"
-        folder.mkdir(exist_ok=True)
-        paths = [folder / f"{i:04d}.png" for i in range(cfg.num_class_images)]
-        todo = [i for i, p in enumerate(paths) if not p.is_file()]
-        if todo:
-            self.report("status", message=f"generating {len(todo)} class images of '{cfg.class_prompt}'")
-            self.pipe.unet.to(self.device)
-            self.pipe.set_progress_bar_config(disable=True)
-            for i in todo:
-                if self.stop.is_set():
-                    break
-                gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 10_000 + i)
-                with self.accelerator.autocast():  # fp16 text encoder/VAE with an fp32 UNet on a GPU
-                    image = self.pipe(cfg.class_prompt, height=cfg.resolution, width=cfg.resolution,
-                                      num_inference_steps=cfg.num_inference_steps, generator=gen).images[0]
-                image.save(paths[i])
-        if self.stop.is_set():  # stopped while generating: the images made so far are kept for a rerun
-            return None
-        arrays = [np.asarray(Image.open(p).convert("RGB"), dtype=np.uint8) for p in paths if p.is_file()]
-        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-
-    def add_trainables(self) -> None:
-        """Add LoRA adapters (peft) or unfreeze the UNet; optionally LoRA on the text encoder."""
-        cfg = self.cfg
-        unet = self.unet
-        self.text_encoder_trains = cfg.train_text_encoder
-        if cfg.is_lora:
-            from peft import LoraConfig
-
-            _to(unet, self.device, self.weight_dtype)
-            with MODEL_INIT_LOCK:  # adapter injection must not race a pipeline load in another thread
-                unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout,
-                                            init_lora_weights="gaussian",
-                                            target_modules=list(cfg.lora_target_modules)))
-            if cfg.train_text_encoder:
-                from peft import LoraConfig, inject_adapter_in_model
-
-                te_config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout,
-                                       init_lora_weights="gaussian", target_modules=list(TEXT_ENCODER_LORA_TARGETS))
-                # transformers' own add_adapter demands a newer peft; peft's injector is what it calls
-                with MODEL_INIT_LOCK:
-                    inject_adapter_in_model(te_config, self.text_encoder, adapter_name="default")
-                self.text_encoder.peft_config = {"default": te_config}
-                self.text_encoder.to(self.device)
-            # trainable LoRA weights stay in fp32 even when the frozen base is fp16/bf16
-            for module in (unet, self.text_encoder):
-                for p in module.parameters():
-                    if p.requires_grad:
-                        p.data = p.data.float()
-        else:
-            _to(unet, self.device, torch.float32)
-            unet.requires_grad_(True)
-        if cfg.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-            if self.text_encoder_trains:
-                self.text_encoder.gradient_checkpointing_enable()
-        unet.train()
-        if self.text_encoder_trains:
-            self.text_encoder.train()
 
     def encode_once(self) -> None:
         """Cache latents and text embeddings (or explain the fallback), then free the VAE/text encoder."""
@@ -724,8 +642,6 @@ class _Trainer:
     @torch.no_grad()
     def validate(self, step: int) -> Path | None:
         """Images of the validation prompts with a fixed seed, side by side in ``samples/step-N.png``."""
-        from PIL import Image
-
         cfg, acc = self.cfg, self.accelerator
         if not acc.is_main_process:
             return None
@@ -742,13 +658,7 @@ class _Trainer:
         text_encoder.eval()
         try:
             pipe = self.inference_pipeline(unet, text_encoder)
-            pipe.set_progress_bar_config(disable=True)
-            images = []
-            for prompt in self.prompts_for_validation:
-                gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
-                with acc.autocast():
-                    images.append(pipe(prompt, height=cfg.resolution, width=cfg.resolution,
-                                       num_inference_steps=cfg.num_inference_steps, generator=gen).images[0])
+            images = validation_images(pipe, self.prompts_for_validation, cfg, self.device, acc.autocast)
         finally:
             unet.train()
             if self.text_encoder_trains:
@@ -760,27 +670,14 @@ class _Trainer:
             if getattr(self, "cache_text", False):
                 for module in (text_encoder, *self.text_encoders[1:]):
                     module.to("cpu")
-        grid = Image.new("RGB", (cfg.resolution * len(images), cfg.resolution), "white")
-        for i, image in enumerate(images):
-            grid.paste(image, (i * cfg.resolution, 0))
-        path = self.run.sample_path(step)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        grid.save(path)
+        path = save_grid(images, cfg.resolution, self.run.sample_path(step))
         self.report("samples", step=step, path=str(path),
                     message=" | ".join(self.prompts_for_validation) + (" (base model)" if step == 0 else ""))
         return path
 
     def inference_pipeline(self, unet: torch.nn.Module, text_encoder: torch.nn.Module) -> Any:
         """An SD (or SDXL) pipeline around the training components, for validation and export."""
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-        if self.is_sdxl:
-            return StableDiffusionXLPipeline(vae=self.vae, text_encoder=text_encoder,
-                                             text_encoder_2=self.text_encoders[1], tokenizer=self.tokenizer,
-                                             tokenizer_2=self.tokenizers[1], unet=unet, scheduler=self.pipe.scheduler)
-        return StableDiffusionPipeline(vae=self.vae, text_encoder=text_encoder, tokenizer=self.tokenizer, unet=unet,
-                                       scheduler=self.pipe.scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+        return assemble_pipeline(self.pipe, self.vae, unet, text_encoder, self.is_sdxl)
 
     # ---------------------------------------------------------------- checkpoints
     def trainable_state(self) -> dict[str, torch.Tensor]:
@@ -857,119 +754,15 @@ class _Trainer:
         self.report("status", step=step, message="exporting")
         unet = acc.unwrap_model(self.unet)
         if cfg.is_lora:
-            out = self.run.lora_dir
-            from studio.lora_export import save_lora
-
-            save_lora(out, unet, acc.unwrap_model(self.text_encoder) if self.text_encoder_trains else None,
-                      kohya_name=f"{self.run.name}-kohya.safetensors",
-                      metadata={"base_model": cfg.pretrained_model_name_or_path, "trigger_words": cfg.trigger_words},
-                      sdxl=self.is_sdxl)
+            out = export_lora(self.run, cfg, unet,
+                              acc.unwrap_model(self.text_encoder) if self.text_encoder_trains else None,
+                              sdxl=self.is_sdxl)
         else:
-            out = self.run.model_dir
             if self.ema is not None:
                 self.ema.copy_to(unet.parameters())
-            pipe = self.inference_pipeline(unet, self.text_encoder)
-            pipe.save_pretrained(out, safe_serialization=True)
-            if cfg.save_single_file:
-                from studio.single_file import save_single_file
-
-                try:
-                    path = save_single_file(pipe, out / f"{self.run.name}.safetensors")
-                    self.report("status", step=step, message=f"single-file checkpoint {path.name}")
-                except StudioError as exc:  # the diffusers folder is written either way
-                    self.report("warning", step=step, message=f"No single-file checkpoint: {exc.user_message}")
+            out = export_pipeline(self.run, cfg, self.inference_pipeline(unet, self.text_encoder), step, self.report)
         write_model_card(out, cfg, self.run, step, sdxl=self.is_sdxl)
         if cfg.push_to_hub:
             message = push_to_hub(out, cfg.hub_model_id)
             self.report("warning" if message.startswith("Not pushed") else "status", step=step, message=message)
         return out
-
-
-def _to(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """Move a module; cast only when its dtype differs (a no-op cast makes diffusers warn)."""
-    if next(module.parameters()).dtype != dtype:
-        module.to(device, dtype)
-    else:
-        module.to(device)
-
-
-# --------------------------------------------------------------------------- outputs
-def write_model_card(folder: Path, cfg: FinetuneConfig, run: RunDir, step: int, sdxl: bool = False) -> Path:
-    """README.md with the base model, trigger words, settings and the validation images."""
-    samples = sorted(run.samples_dir.glob("step-*.png"))
-    shown = [samples[0], samples[-1]] if len(samples) > 1 else samples
-    (folder / "samples").mkdir(exist_ok=True)
-    lines = []
-    for path in shown:
-        shutil.copy2(path, folder / "samples" / path.name)
-        label = "base model (step 0)" if path.name == "step-000000.png" else f"after {path.stem.split('-')[1].lstrip('0') or '0'} steps"
-        lines.append(f"![{label}](samples/{path.name})  \n*{label}*")
-    kind = "LoRA" if cfg.is_lora else "fine-tuned pipeline"
-    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("data", "workspace", "resume", "run_name")}
-    usage = ("```python\nfrom diffusers import StableDiffusionPipeline\n"
-             f"pipe = StableDiffusionPipeline.from_pretrained({cfg.pretrained_model_name_or_path!r})\n"
-             "pipe.load_lora_weights('path/to/this/folder')\n```"
-             if cfg.is_lora else
-             "```python\nfrom diffusers import StableDiffusionPipeline\n"
-             "pipe = StableDiffusionPipeline.from_pretrained('path/to/this/folder')\n```")
-    if sdxl:
-        usage = usage.replace("StableDiffusionPipeline", "StableDiffusionXLPipeline")
-    text = "\n".join([
-        "---",
-        f"base_model: {cfg.pretrained_model_name_or_path}",
-        "library_name: diffusers",
-        "tags: [stable-diffusion" + ("-xl" if sdxl else "") + ", text-to-image, diffusers"
-        + (", lora" if cfg.is_lora else "")
-        + (", dreambooth" if cfg.is_dreambooth else "") + "]",
-        "---",
-        f"# {run.name}: {kind} of {cfg.pretrained_model_name_or_path}",
-        "",
-        f"Method: **{cfg.method}** — {METHOD_HELP[cfg.method]} Trained {step} steps on {cfg.data.label} "
-        f"at {cfg.resolution} px with Diffusion Studio.",
-        "",
-        f"Trigger words: `{cfg.trigger_words}`" if cfg.trigger_words else "Trigger words: none (trained on captions).",
-        "",
-        "## Validation images (fixed seed)",
-        "",
-        *lines,
-        "",
-        "## Use",
-        "",
-        usage,
-        "" if not cfg.is_lora else
-        f"The kohya/A1111 file `{run.name}-kohya.safetensors` loads in AUTOMATIC1111, ComfyUI and kohya's scripts.",
-        "",
-        "## Settings",
-        "",
-        "```json",
-        json.dumps(settings, indent=1),
-        "```",
-        "",
-    ])
-    path = folder / "README.md"
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def push_to_hub(folder: Path, repo_id: str) -> str:
-    """Upload ``folder`` to the Hub repository ``repo_id``; returns what happened in words.
-
-    Never raises for a missing network or token: the result is on disk either way.
-    """
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
-        return ("Not pushed to the Hub: the studio is offline (HF_HUB_OFFLINE). "
-                f"The result is in {folder}; upload it later with `hf upload {repo_id} {folder}`.")
-    try:
-        from huggingface_hub import HfApi, get_token
-
-        if not get_token():
-            return ("Not pushed to the Hub: no token. Log in with `hf auth login` (or set HF_TOKEN) and "
-                    f"upload with `hf upload {repo_id} {folder}`.")
-        api = HfApi()
-        api.create_repo(repo_id, exist_ok=True)
-        api.upload_folder(repo_id=repo_id, folder_path=str(folder))
-    except Exception as exc:  # network, permissions: the files are safe on disk
-        return f"Not pushed to the Hub ({describe_exception(exc)}). The result is in {folder}."
-    return f"Pushed to https://huggingface.co/{repo_id}"

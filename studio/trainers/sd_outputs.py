@@ -1,0 +1,139 @@
+"""What a finished fine-tune leaves behind, and where it goes.
+
+Responsible for: the ``lora/`` folder (diffusers ``pytorch_lora_weights.safetensors``
+plus a kohya/A1111 file), the ``model/`` folder (a diffusers pipeline, optionally a
+single-file checkpoint), the model card ``README.md`` written beside either, and the
+optional push to the Hugging Face Hub. ``studio.trainers.text_to_image`` calls these
+once training ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from studio.config.finetune import METHOD_HELP, FinetuneConfig
+from studio.errors import StudioError, describe_exception
+from studio.runs import RunDir
+
+
+def export_lora(run: RunDir, cfg: FinetuneConfig, unet: torch.nn.Module, text_encoder: torch.nn.Module | None,
+                sdxl: bool = False) -> Path:
+    """Write the trained adapters to ``run.lora_dir`` (diffusers and kohya formats); returns the folder.
+
+    Args:
+        run: The run folder.
+        cfg: The fine-tune settings (base model and trigger words go into the metadata).
+        unet: The unwrapped UNet carrying LoRA adapters.
+        text_encoder: The unwrapped text encoder when its adapters trained, else None.
+        sdxl: Whether the base is SDXL.
+    """
+    from studio.lora_export import save_lora
+
+    out = run.lora_dir
+    save_lora(out, unet, text_encoder, kohya_name=f"{run.name}-kohya.safetensors",
+              metadata={"base_model": cfg.pretrained_model_name_or_path, "trigger_words": cfg.trigger_words},
+              sdxl=sdxl)
+    return out
+
+
+def export_pipeline(run: RunDir, cfg: FinetuneConfig, pipe: Any, step: int, report: Callable[..., None]) -> Path:
+    """Write ``pipe`` to ``run.model_dir`` as a diffusers folder (and a single file when asked); returns it."""
+    out = run.model_dir
+    pipe.save_pretrained(out, safe_serialization=True)
+    if cfg.save_single_file:
+        from studio.single_file import save_single_file
+
+        try:
+            path = save_single_file(pipe, out / f"{run.name}.safetensors")
+            report("status", step=step, message=f"single-file checkpoint {path.name}")
+        except StudioError as exc:  # the diffusers folder is written either way
+            report("warning", step=step, message=f"No single-file checkpoint: {exc.user_message}")
+    return out
+
+
+def write_model_card(folder: Path, cfg: FinetuneConfig, run: RunDir, step: int, sdxl: bool = False) -> Path:
+    """README.md with the base model, trigger words, settings and the validation images."""
+    samples = sorted(run.samples_dir.glob("step-*.png"))
+    shown = [samples[0], samples[-1]] if len(samples) > 1 else samples
+    (folder / "samples").mkdir(exist_ok=True)
+    lines = []
+    for path in shown:
+        shutil.copy2(path, folder / "samples" / path.name)
+        label = "base model (step 0)" if path.name == "step-000000.png" else f"after {path.stem.split('-')[1].lstrip('0') or '0'} steps"
+        lines.append(f"![{label}](samples/{path.name})  \n*{label}*")
+    kind = "LoRA" if cfg.is_lora else "fine-tuned pipeline"
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("data", "workspace", "resume", "run_name")}
+    usage = ("```python\nfrom diffusers import StableDiffusionPipeline\n"
+             f"pipe = StableDiffusionPipeline.from_pretrained({cfg.pretrained_model_name_or_path!r})\n"
+             "pipe.load_lora_weights('path/to/this/folder')\n```"
+             if cfg.is_lora else
+             "```python\nfrom diffusers import StableDiffusionPipeline\n"
+             "pipe = StableDiffusionPipeline.from_pretrained('path/to/this/folder')\n```")
+    if sdxl:
+        usage = usage.replace("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+    text = "\n".join([
+        "---",
+        f"base_model: {cfg.pretrained_model_name_or_path}",
+        "library_name: diffusers",
+        "tags: [stable-diffusion" + ("-xl" if sdxl else "") + ", text-to-image, diffusers"
+        + (", lora" if cfg.is_lora else "")
+        + (", dreambooth" if cfg.is_dreambooth else "") + "]",
+        "---",
+        f"# {run.name}: {kind} of {cfg.pretrained_model_name_or_path}",
+        "",
+        f"Method: **{cfg.method}** — {METHOD_HELP[cfg.method]} Trained {step} steps on {cfg.data.label} "
+        f"at {cfg.resolution} px with Diffusion Studio.",
+        "",
+        f"Trigger words: `{cfg.trigger_words}`" if cfg.trigger_words else "Trigger words: none (trained on captions).",
+        "",
+        "## Validation images (fixed seed)",
+        "",
+        *lines,
+        "",
+        "## Use",
+        "",
+        usage,
+        "" if not cfg.is_lora else
+        f"The kohya/A1111 file `{run.name}-kohya.safetensors` loads in AUTOMATIC1111, ComfyUI and kohya's scripts.",
+        "",
+        "## Settings",
+        "",
+        "```json",
+        json.dumps(settings, indent=1),
+        "```",
+        "",
+    ])
+    path = folder / "README.md"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def push_to_hub(folder: Path, repo_id: str) -> str:
+    """Upload ``folder`` to the Hub repository ``repo_id``; returns what happened in words.
+
+    Never raises for a missing network or token: the result is on disk either way.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        return ("Not pushed to the Hub: the studio is offline (HF_HUB_OFFLINE). "
+                f"The result is in {folder}; upload it later with `hf upload {repo_id} {folder}`.")
+    try:
+        from huggingface_hub import HfApi, get_token
+
+        if not get_token():
+            return ("Not pushed to the Hub: no token. Log in with `hf auth login` (or set HF_TOKEN) and "
+                    f"upload with `hf upload {repo_id} {folder}`.")
+        api = HfApi()
+        api.create_repo(repo_id, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=str(folder))
+    except Exception as exc:  # network, permissions: the files are safe on disk
+        return f"Not pushed to the Hub ({describe_exception(exc)}). The result is in {folder}."
+    return f"Pushed to https://huggingface.co/{repo_id}"

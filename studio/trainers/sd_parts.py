@@ -1,0 +1,189 @@
+"""Stable Diffusion pieces the fine-tune loop uses but does not own.
+
+Responsible for: loading and checking the base pipeline, moving and freezing its
+modules, adding what trains (LoRA adapters or the whole UNet), DreamBooth's class
+images made by the untouched base model, and rendering validation images into a
+grid. ``studio.trainers.text_to_image`` calls these; the loop itself lives there.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from studio.config.finetune import TEXT_ENCODER_LORA_TARGETS, FinetuneConfig
+from studio.devices import MODEL_INIT_LOCK
+from studio.errors import ModelError
+
+
+# --------------------------------------------------------------------------- the base model
+def load_base_pipeline(reference: str, workspace: str | Path | None = None) -> Any:
+    """Load the base Stable Diffusion pipeline (fp32, CPU) through the studio's model loader.
+
+    Accepts whatever the Generate tab accepts: a Hub id, a diffusers folder, a single
+    ``.safetensors`` file, or a run of this workspace that exported a ``model/``.
+
+    Raises:
+        ModelError: when the reference cannot be loaded, is a LoRA run, is not a Stable
+            Diffusion (1.x, 2.x or XL) pipeline.
+    """
+    from studio.models import is_offline, load_pipeline, resolve_reference
+
+    offline = is_offline()
+    ref = resolve_reference(reference, workspace, offline)
+    if ref.kind == "lora-run":
+        raise ModelError(f"{reference} is a LoRA run, not a full model.",
+                         f"Fine-tune its base model ({ref.base.label}) instead, or a full fine-tune run.")
+    pipe = load_pipeline(ref, "cpu", dtype=torch.float32, offline=offline, workspace=workspace)
+    return check_sd_pipeline(pipe, reference)
+
+
+def check_sd_pipeline(pipe: Any, reference: str) -> Any:
+    """Return ``pipe`` if it is an SD 1.x/2.x or SDXL pipeline, else raise ``ModelError`` saying why."""
+    needed = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
+    if type(pipe).__name__.startswith("StableDiffusionXL"):
+        needed += ["text_encoder_2", "tokenizer_2"]
+    missing = [name for name in needed if getattr(pipe, name, None) is None]
+    if missing or type(getattr(pipe, "unet", None)).__name__ != "UNet2DConditionModel":
+        raise ModelError(f"{reference} is not a Stable Diffusion text-to-image pipeline "
+                         f"({type(pipe).__name__}{', missing ' + ', '.join(missing) if missing else ''}).",
+                         "Fine-tuning needs a UNet2DConditionModel, a VAE, a text encoder and a tokenizer.")
+    return pipe
+
+
+def move_module(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move a module; cast only when its dtype differs (a no-op cast makes diffusers warn)."""
+    if next(module.parameters()).dtype != dtype:
+        module.to(device, dtype)
+    else:
+        module.to(device)
+
+
+def add_trainables(cfg: FinetuneConfig, unet: torch.nn.Module, text_encoder: torch.nn.Module,
+                   device: torch.device, weight_dtype: torch.dtype) -> None:
+    """Add LoRA adapters (peft) or unfreeze the UNet; optionally LoRA on the text encoder.
+
+    Args:
+        cfg: The fine-tune settings (method, rank, alpha, targets, checkpointing).
+        unet: The frozen base UNet; gains adapters or is unfrozen in place.
+        text_encoder: The (first) text encoder; gains adapters when ``cfg.train_text_encoder``.
+        device: Where training runs.
+        weight_dtype: The dtype of the frozen weights (trainable ones stay fp32).
+    """
+    if cfg.is_lora:
+        from peft import LoraConfig
+
+        move_module(unet, device, weight_dtype)
+        with MODEL_INIT_LOCK:  # adapter injection must not race a pipeline load in another thread
+            unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout,
+                                        init_lora_weights="gaussian",
+                                        target_modules=list(cfg.lora_target_modules)))
+        if cfg.train_text_encoder:
+            from peft import LoraConfig, inject_adapter_in_model
+
+            te_config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout,
+                                   init_lora_weights="gaussian", target_modules=list(TEXT_ENCODER_LORA_TARGETS))
+            # transformers' own add_adapter demands a newer peft; peft's injector is what it calls
+            with MODEL_INIT_LOCK:
+                inject_adapter_in_model(te_config, text_encoder, adapter_name="default")
+            text_encoder.peft_config = {"default": te_config}
+            text_encoder.to(device)
+        # trainable LoRA weights stay in fp32 even when the frozen base is fp16/bf16
+        for module in (unet, text_encoder):
+            for p in module.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
+    else:
+        move_module(unet, device, torch.float32)
+        unet.requires_grad_(True)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if cfg.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+    unet.train()
+    if cfg.train_text_encoder:
+        text_encoder.train()
+
+
+def assemble_pipeline(base: Any, vae: torch.nn.Module, unet: torch.nn.Module, text_encoder: torch.nn.Module,
+                       sdxl: bool) -> Any:
+    """An SD (or SDXL) pipeline around the training components, for validation and export.
+
+    ``base`` is the loaded base pipeline: its tokenizers, second text encoder and scheduler are reused.
+    """
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if sdxl:
+        return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=base.text_encoder_2,
+                                         tokenizer=base.tokenizer, tokenizer_2=base.tokenizer_2, unet=unet,
+                                         scheduler=base.scheduler)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=base.tokenizer, unet=unet,
+                                   scheduler=base.scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+# --------------------------------------------------------------------------- DreamBooth
+@torch.no_grad()
+def make_class_images(pipe: Any, cfg: FinetuneConfig, folder: Path, device: torch.device,
+                      autocast: Callable[[], AbstractContextManager], stop: threading.Event,
+                      report: Callable[..., None]) -> torch.Tensor | None:
+    """Generate (or reuse) ``num_class_images`` images of ``class_prompt`` in ``folder``.
+
+    Returns:
+        The class images as a uint8 ``[N, 3, R, R]`` tensor, or None when stopped while
+        generating (the images made so far are kept for a rerun).
+    """
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(exist_ok=True)
+    paths = [folder / f"{i:04d}.png" for i in range(cfg.num_class_images)]
+    todo = [i for i, p in enumerate(paths) if not p.is_file()]
+    if todo:
+        report("status", message=f"generating {len(todo)} class images of '{cfg.class_prompt}'")
+        pipe.unet.to(device)
+        pipe.set_progress_bar_config(disable=True)
+        for i in todo:
+            if stop.is_set():
+                break
+            gen = torch.Generator(device=device).manual_seed(cfg.seed + 10_000 + i)
+            with autocast():  # fp16 text encoder/VAE with an fp32 UNet on a GPU
+                image = pipe(cfg.class_prompt, height=cfg.resolution, width=cfg.resolution,
+                             num_inference_steps=cfg.num_inference_steps, generator=gen).images[0]
+            image.save(paths[i])
+    if stop.is_set():
+        return None
+    arrays = [np.asarray(Image.open(p).convert("RGB"), dtype=np.uint8) for p in paths if p.is_file()]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+# --------------------------------------------------------------------------- validation images
+@torch.no_grad()
+def validation_images(pipe: Any, prompts: list[str], cfg: FinetuneConfig, device: torch.device,
+                      autocast: Callable[[], AbstractContextManager]) -> list[Any]:
+    """One image per prompt, each with the fixed seed ``cfg.seed`` (PIL images)."""
+    pipe.set_progress_bar_config(disable=True)
+    images = []
+    for prompt in prompts:
+        gen = torch.Generator(device=device).manual_seed(cfg.seed)
+        with autocast():
+            images.append(pipe(prompt, height=cfg.resolution, width=cfg.resolution,
+                               num_inference_steps=cfg.num_inference_steps, generator=gen).images[0])
+    return images
+
+
+def save_grid(images: list[Any], resolution: int, path: Path) -> Path:
+    """Paste square ``resolution`` images side by side on white and save them to ``path``."""
+    from PIL import Image
+
+    grid = Image.new("RGB", (resolution * len(images), resolution), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, (i * resolution, 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
