@@ -21,13 +21,16 @@ scaler, every RNG (python, numpy, torch, the noise generator of each process) an
 the data sampler's position, so continuing gives the same weights bit for bit as
 never stopping (on CPU, fixed seed). A non-finite loss stops the run before
 anything is saved from the poisoned weights.
+
+What the run leaves behind (sample grids, the exported model, TensorBoard logs) is
+written by ``studio.trainers.ddpm_outputs``; the image cache, the batch sampler and
+restoring a checkpoint live in ``studio.trainers.ddpm_parts``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -35,7 +38,7 @@ import random
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,16 +48,38 @@ from studio.checkpoints import resolve_resume, save_checkpoint
 from studio.config.train import BF16_CPU_WARNING, TrainConfig, check_precision_for_device
 from studio.devices import MODEL_INIT_LOCK
 from studio.errors import CheckpointError, ConfigError, JobError, describe_exception
-from studio.events import Event, EventSink, ignore_events
+from studio.events import EventSink, ignore_events
 from studio.runs import RunDir, list_runs
+from studio.trainers.ddpm_outputs import (
+    GRID_MIN_SIDE,
+    MODEL_CARD,
+    Reporter,
+    export_pipeline,
+    sample_images,
+    save_samples,
+    write_progress_gif,
+    write_ranks_report,
+)
+from studio.trainers.ddpm_parts import (
+    BatchSampler,
+    fresh_accelerator,
+    import_diffusers,
+    load_checkpoint,
+    load_images,
+    rng_state,
+    weights_finite,
+)
 from studio.trainers.speed import ema_update_, make_optimizer, prepare_unet_for_training
 from studio.unet_presets import unet_kwargs
+
+#: What other code imports from here (some of it now defined in ddpm_parts / ddpm_outputs).
+__all__ = ["GRID_MIN_SIDE", "LOSS_SMOOTHING", "MODEL_CARD", "TASK", "BatchSampler", "NonFiniteLossError",
+           "diffusion_loss", "ema_step", "export_pipeline", "find_resume_run", "get_batch", "load_images",
+           "sample_images", "snr", "total_steps", "train", "write_progress_gif"]
 
 TASK = "train"
 #: Smoothing of the reported loss (debiased exponential moving average).
 LOSS_SMOOTHING = 0.98
-#: Sample grids smaller than this (pixels, longer side) are enlarged for viewing.
-GRID_MIN_SIDE = 256
 
 
 class NonFiniteLossError(JobError):
@@ -62,67 +87,6 @@ class NonFiniteLossError(JobError):
 
 
 # ----------------------------------------------------------------------------- data
-def load_images(cfg: TrainConfig, progress: Callable[[float, str], None] | None = None) -> torch.Tensor:
-    """The dataset as a uint8 tensor ``[N, 3, R, R]`` from the decode-once tensor cache.
-
-    Args:
-        cfg: The run's settings (dataset, resolution, crop, workspace holding ``.cache``).
-        progress: Optional ``progress(fraction, message)`` while images are decoded.
-    """
-    from studio.data import load_tensor_cache
-
-    cache = load_tensor_cache(cfg.data, cfg.resolution, Path(cfg.workspace).expanduser() / ".cache",
-                              center_crop=cfg.center_crop, progress=progress)
-    return cache.pixels
-
-
-class BatchSampler:
-    """An endless shuffled stream of image indices and flip flags, shared by all processes.
-
-    Every process draws the same global batch of ``batch_size * world`` indices from
-    one seeded generator and keeps its own slice, so the shards differ per process and
-    the stream's state (generator, permutation, position) is the same everywhere:
-    one ``state_dict`` restores it exactly.
-    """
-
-    def __init__(self, num_images: int, batch_size: int, rank: int, world: int, seed: int) -> None:
-        self.n, self.batch_size, self.rank, self.world = num_images, batch_size, rank, world
-        self.generator = torch.Generator().manual_seed(seed)
-        self.perm = torch.randperm(self.n, generator=self.generator)
-        self.pos = 0
-        self.epoch = 0
-        self.last_indices = torch.empty(0, dtype=torch.long)
-
-    def _take(self, k: int) -> torch.Tensor:
-        parts = []
-        while k > 0:
-            if self.pos == self.n:
-                self.perm = torch.randperm(self.n, generator=self.generator)
-                self.pos, self.epoch = 0, self.epoch + 1
-            chunk = self.perm[self.pos:self.pos + k]
-            self.pos += len(chunk)
-            k -= len(chunk)
-            parts.append(chunk)
-        return torch.cat(parts)
-
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This process's (indices, flip mask) of the next global batch."""
-        total = self.batch_size * self.world
-        indices = self._take(total)
-        flips = torch.rand(total, generator=self.generator) < 0.5
-        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
-        self.last_indices = indices[mine]
-        return indices[mine], flips[mine]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state(), "perm": self.perm.clone(), "pos": self.pos,
-                "epoch": self.epoch}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
-        self.perm, self.pos, self.epoch = state["perm"].clone(), int(state["pos"]), int(state["epoch"])
-
-
 def get_batch(pixels: torch.Tensor, sampler: BatchSampler, random_flip: bool, device: torch.device) -> torch.Tensor:
     """Step 1: a float batch in [-1, 1] on ``device``, randomly flipped on tensors (no PIL)."""
     indices, flips = sampler.next()
@@ -165,28 +129,7 @@ def diffusion_loss(pred: torch.Tensor, clean: torch.Tensor, noise: torch.Tensor,
     return (per_sample * weights).mean()
 
 
-# ----------------------------------------------------------------------------- helpers
-def _import_diffusers() -> tuple[Any, Any, Any, Any]:
-    """diffusers' training classes, also those used later (sampling, export), imported now.
-
-    The app imports diffusers from several threads (this job, the Generate tab...). When
-    two threads import interdependent submodules at once, Python breaks the lock cycle by
-    handing one of them a partly initialised module, and ``from diffusers import X`` fails
-    with ImportError; a moment later the other thread has finished, so we try again.
-    """
-    for attempt in range(40):
-        try:
-            from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: F401
-            from diffusers.optimization import get_scheduler
-            from diffusers.training_utils import EMAModel
-            return DDPMScheduler, UNet2DModel, get_scheduler, EMAModel
-        except ImportError:
-            if attempt == 39:
-                raise
-            time.sleep(0.25)
-    raise AssertionError("unreachable")
-
-
+# ----------------------------------------------------------------------------- EMA
 def ema_step(ema: Any, parameters: Any) -> None:
     """``EMAModel.step`` with the same decay schedule and state, updated by foreach kernels.
 
@@ -200,191 +143,7 @@ def ema_step(ema: Any, parameters: Any) -> None:
     ema_update_(ema.shadow_params, list(parameters), decay)
 
 
-def _fresh_accelerator(cfg: TrainConfig, device: str):
-    """An Accelerator for this run; in a single process the global accelerate state is reset
-    first, so runs with different settings can follow each other in one app."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=device == "cpu")
-
-
-def _rng_state(noise_gen: torch.Generator) -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "torch": torch.get_rng_state(),
-        "noise": noise_gen.get_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], noise_gen: torch.Generator) -> None:
-    random.setstate(_tuples(state["python"]))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    noise_gen.set_state(state["noise"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _tuples(value: Any) -> Any:
-    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-def _weights_finite(model: torch.nn.Module) -> bool:
-    norms = torch._foreach_norm([p.detach().float() for p in model.parameters()])
-    return bool(torch.isfinite(torch.stack(norms)).all())
-
-
-def _params_sha(model: torch.nn.Module) -> str:
-    digest = hashlib.sha256()
-    for p in model.parameters():
-        digest.update(p.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _grid(images: np.ndarray):
-    """uint8 [N, H, W, 3] -> one PIL image, as square as possible.
-
-    Small grids are enlarged by a whole factor (nearest neighbour, pixels stay sharp) to
-    at least ``GRID_MIN_SIDE`` pixels, so a 16 px model's samples are visible in the UI.
-    """
-    from PIL import Image
-
-    n, h, w, _ = images.shape
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    canvas = np.full((rows * h, cols * w, 3), 255, dtype=np.uint8)
-    for i, img in enumerate(images):
-        r, c = divmod(i, cols)
-        canvas[r * h:(r + 1) * h, c * w:(c + 1) * w] = img
-    grid = Image.fromarray(canvas)
-    factor = max(1, math.ceil(GRID_MIN_SIDE / max(grid.size)))
-    if factor > 1:
-        grid = grid.resize((grid.width * factor, grid.height * factor), Image.Resampling.NEAREST)
-    return grid
-
-
-@torch.no_grad()
-def sample_images(unet: torch.nn.Module, noise_scheduler: Any, cfg: TrainConfig, device: torch.device) -> np.ndarray:
-    """The fixed-seed sample grid's images (uint8 [N, R, R, 3]) with DDIM in ``sample_inference_steps``.
-
-    The initial noise comes from a generator seeded with ``cfg.seed`` every time, so
-    grids at different steps show the same "scene" getting better.
-    """
-    from diffusers import DDIMScheduler
-
-    scheduler = DDIMScheduler.from_config(noise_scheduler.config)
-    scheduler.set_timesteps(cfg.sample_inference_steps)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    x = torch.randn((cfg.num_samples, 3, cfg.resolution, cfg.resolution), generator=gen).to(device)
-    was_training = unet.training
-    unet.eval()
-    try:
-        for t in scheduler.timesteps:
-            out = unet(x, t.to(device)).sample
-            x = scheduler.step(out.float(), t, x).prev_sample
-    finally:
-        unet.train(was_training)
-    x = (x / 2 + 0.5).clamp(0, 1)
-    return (x.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
-
-
-def write_progress_gif(run: RunDir) -> Path | None:
-    """``samples/progress.gif``: every ``step-N.png`` grid in step order (None when fewer than 2)."""
-    from PIL import Image
-
-    frames = sorted(run.samples_dir.glob("step-*.png"))
-    if len(frames) < 2:
-        return None
-    images = [Image.open(f).convert("RGB") for f in frames]
-    size = images[-1].size
-    images = [im if im.size == size else im.resize(size) for im in images]
-    target = run.samples_dir / "progress.gif"
-    tmp = target.with_suffix(".tmp.gif")
-    durations = [400] * (len(images) - 1) + [1500]
-    images[0].save(tmp, save_all=True, append_images=images[1:], duration=durations, loop=0)
-    os.replace(tmp, target)
-    return target
-
-
-MODEL_CARD = """---
-library_name: diffusers
-pipeline_tag: unconditional-image-generation
-tags:
-- diffusers
-- ddpm
-- unconditional-image-generation
-- diffusion-studio
----
-
-# {name}
-
-An unconditional DDPM trained from scratch with Diffusion Studio.
-
-| | |
-|---|---|
-| dataset | {dataset} |
-| resolution | {resolution} px |
-| steps | {step} of {total} |
-| batch size | {batch} x {accum} accumulation x {world} process(es) |
-| learning rate | {lr} ({schedule}, {warmup} warm-up steps) |
-| UNet | block_out_channels {channels}, layers_per_block {layers}, {params:,} parameters |
-| noise schedule | {timesteps} timesteps, {beta}, predicts {prediction} |
-| weights | {weights} |
-
-## Use
-
-```python
-from diffusers import DDPMPipeline
-
-pipe = DDPMPipeline.from_pretrained("{path}")
-image = pipe(batch_size=4, num_inference_steps=1000).images[0]
-```
-
-Training configuration: `../config.json`; loss history: `../events.jsonl`.
-"""
-
-
-def export_pipeline(unet: torch.nn.Module, ema: Any, noise_scheduler: Any, run: RunDir, cfg: TrainConfig,
-                    step: int, total: int, world: int) -> Path:
-    """Write ``model/``: a DDPMPipeline with the EMA weights (safetensors) and a model card."""
-    import shutil
-
-    from diffusers import DDPMPipeline, UNet2DModel
-
-    export = UNet2DModel.from_config(unet.config)
-    export.load_state_dict(unet.state_dict())
-    if ema is not None:
-        ema.copy_to(export.parameters())
-    pipe = DDPMPipeline(unet=export, scheduler=noise_scheduler)
-    tmp = run.root / ".model-tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "README.md").write_text(MODEL_CARD.format(
-        name=run.name, dataset=cfg.data.label, resolution=cfg.resolution, step=step, total=total,
-        batch=cfg.train_batch_size, accum=cfg.gradient_accumulation_steps, world=world, lr=cfg.learning_rate,
-        schedule=cfg.lr_scheduler, warmup=cfg.lr_warmup_steps, channels=tuple(cfg.block_out_channels),
-        layers=cfg.layers_per_block, params=sum(p.numel() for p in export.parameters()),
-        timesteps=cfg.num_train_timesteps, beta=cfg.beta_schedule, prediction=cfg.prediction_type,
-        weights="EMA" if ema is not None else "final", path=str(run.model_dir)), encoding="utf-8")
-    old = run.root / ".model-old"
-    shutil.rmtree(old, ignore_errors=True)
-    if run.model_dir.exists():
-        os.replace(run.model_dir, old)
-    os.replace(tmp, run.model_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    return run.model_dir
-
-
+# ----------------------------------------------------------------------------- run set-up
 def total_steps(cfg: TrainConfig, num_images: int, world: int = 1) -> int:
     """Optimizer steps of the run: ``max_train_steps``, or ``num_epochs`` passes over the data."""
     if cfg.max_train_steps > 0:
@@ -418,34 +177,6 @@ def find_resume_run(cfg: TrainConfig) -> RunDir:
     return RunDir(runs[0].path)
 
 
-class _Reporter:
-    """Sends events to the sink and ``events.jsonl`` (main process only) and TensorBoard."""
-
-    def __init__(self, sink: EventSink, run: RunDir | None, total: int) -> None:
-        self.sink, self.run, self.total, self.writer = sink, run, total, None
-
-    def open_tensorboard(self) -> None:
-        if self.run is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(log_dir=str(self.run.logs_dir))
-
-    def __call__(self, kind: str, step: int = 0, **fields: Any) -> None:
-        if self.run is None:
-            return
-        event = Event(kind, step=step, total=self.total, **fields)
-        self.run.append_event(event)
-        if self.writer is not None and kind == "step":
-            self.writer.add_scalar("train/loss", event.loss, step)
-            self.writer.add_scalar("train/smoothed_loss", event.smoothed_loss, step)
-            self.writer.add_scalar("train/lr", event.lr, step)
-        self.sink(event)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
 # ----------------------------------------------------------------------------- the trainer
 def train(cfg: TrainConfig, events: EventSink = ignore_events, stop: threading.Event | None = None,
           run: RunDir | None = None) -> RunDir:
@@ -473,7 +204,7 @@ def train(cfg: TrainConfig, events: EventSink = ignore_events, stop: threading.E
 
         device_name = resolve_device(cfg.device)
     check_precision_for_device(cfg.mixed_precision, device_name)
-    accelerator = _fresh_accelerator(cfg, device_name)
+    accelerator = fresh_accelerator(cfg, device_name)
     is_main = accelerator.is_main_process
 
     # -- run folder (created by the main process; the others learn its path) -----------
@@ -491,7 +222,7 @@ def train(cfg: TrainConfig, events: EventSink = ignore_events, stop: threading.E
         broadcast_object_list(shared)
         run = RunDir(shared[0])
         resume_from = Path(shared[1]) if shared[1] else None
-    report = _Reporter(events, run if is_main else None, cfg.max_train_steps)
+    report = Reporter(events, run if is_main else None, cfg.max_train_steps)
     try:
         return _train(cfg, report, stop, run, accelerator, resume_from, warnings)
     except BaseException as exc:
@@ -501,10 +232,10 @@ def train(cfg: TrainConfig, events: EventSink = ignore_events, stop: threading.E
         report.close()
 
 
-def _train(cfg: TrainConfig, report: _Reporter, stop: threading.Event, run: RunDir, accelerator: Any,
+def _train(cfg: TrainConfig, report: Reporter, stop: threading.Event, run: RunDir, accelerator: Any,
            resume_from: Path | None, warnings: list[str]) -> RunDir:
     """The body of ``train`` once the accelerator and the run folder exist (every process runs it)."""
-    DDPMScheduler, UNet2DModel, get_scheduler, EMAModel = _import_diffusers()
+    DDPMScheduler, UNet2DModel, get_scheduler, EMAModel = import_diffusers()
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     is_main = accelerator.is_main_process
     for text in warnings:
@@ -568,18 +299,18 @@ def _train(cfg: TrainConfig, report: _Reporter, stop: threading.Event, run: RunD
     step, smoothed, debias = 0, 0.0, 0.0
     if resume_from is not None:
         report("status", message=f"resuming from {resume_from.name}")
-        step, smoothed, debias = _load_checkpoint(resume_from, unet, ema, optimizer, lr_scheduler, accelerator,
-                                                  sampler, noise_gen, rank, device)
+        step, smoothed, debias = load_checkpoint(resume_from, unet, ema, optimizer, lr_scheduler, accelerator,
+                                                 sampler, noise_gen, rank, device)
         report("warning" if step >= total else "status",
                message=(f"Checkpoint {resume_from.name} is already at step {step} of {total}: nothing left to train."
                         if step >= total else f"resumed at step {step} of {total}"))
 
     def save(step: int) -> Path:
         """Checkpoint (all processes take part: the RNG states of every process are gathered)."""
-        if not _weights_finite(unet):
+        if not weights_finite(unet):
             raise NonFiniteLossError(f"The weights became non-finite before step {step}; nothing was saved.",
                                      "Lower the learning rate or enable gradient clipping.")
-        rng = [_rng_state(noise_gen)]
+        rng = [rng_state(noise_gen)]
         if world > 1:
             from accelerate.utils import gather_object
 
@@ -617,11 +348,7 @@ def _train(cfg: TrainConfig, report: _Reporter, stop: threading.Event, run: RunD
             finally:
                 if ema is not None:
                     ema.restore(unet.parameters())
-            path = run.sample_path(step)
-            grid = _grid(images)
-            grid.save(path)
-            if report.writer is not None:
-                report.writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
+            path = save_samples(run, step, images, report.writer)
             report("samples", step, path=str(path), message=f"samples at step {step}")
         accelerator.wait_for_everyone()
 
@@ -631,7 +358,7 @@ def _train(cfg: TrainConfig, report: _Reporter, stop: threading.Event, run: RunD
             report("status", step, message="exporting the model")
             model_path = export_pipeline(unet, ema, noise_scheduler, run, run_cfg, step, total, world)
             write_progress_gif(run)
-        _write_ranks_report(run, rank, world, unet, first_indices, accelerator, is_main)
+        write_ranks_report(run, rank, world, unet, first_indices, accelerator, is_main)
         if kind == "finished":
             report("finished", step, path=str(model_path), message=f"finished {step} steps; model in {model_path}")
         else:
@@ -744,59 +471,3 @@ def _train(cfg: TrainConfig, report: _Reporter, stop: threading.Event, run: RunD
     if last_saved != step:
         checkpoint_path = save(step)
     return finish("stopped", step, checkpoint_path)
-
-
-def _load_checkpoint(folder: Path, unet, ema, optimizer, lr_scheduler, accelerator, sampler: BatchSampler,
-                     noise_gen: torch.Generator, rank: int, device: torch.device) -> tuple[int, float, float]:
-    """Restore everything a checkpoint holds; returns (step, smoothed loss, debias)."""
-    from safetensors.torch import load_file
-
-    try:
-        weights = load_file(str(folder / "unet.safetensors"))  # load_state_dict copies onto the device
-        missing, unexpected = unet.load_state_dict(weights, strict=False)
-        if missing or unexpected:
-            raise CheckpointError(
-                f"Checkpoint {folder} holds a different UNet architecture than this config "
-                f"({len(missing)} missing, {len(unexpected)} unexpected weights).",
-                "Resume with the run's own config.json, or start a new run.")
-        state = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=True)
-    except RuntimeError as exc:  # shape mismatch from load_state_dict, damaged pickle
-        raise CheckpointError(f"Checkpoint {folder} does not fit this model: {str(exc).splitlines()[0]}",
-                              "Resume with the run's own config.json, or start a new run.") from None
-    optimizer.load_state_dict(state["optimizer"])
-    lr_scheduler.load_state_dict(state["lr_scheduler"])
-    if state.get("scaler") is not None and accelerator.scaler is not None:
-        accelerator.scaler.load_state_dict(state["scaler"])
-    if ema is not None:
-        if state.get("ema") is None:
-            raise CheckpointError(f"Checkpoint {folder} has no EMA weights but use_ema is on.",
-                                  "Resume with the run's own config.json.")
-        ema.load_state_dict(state["ema"])
-        ema.to(device)
-    if len(state["sampler"]["perm"]) != sampler.n:
-        raise CheckpointError(f"Checkpoint {folder} was trained on {len(state['sampler']['perm'])} images; "
-                              f"the dataset now has {sampler.n}.",
-                              "Resume with the same dataset (the run's config.json), or start a new run.")
-    sampler.load_state_dict(state["sampler"])
-    rngs = state["rng"]
-    if rank >= len(rngs):
-        raise CheckpointError(f"Checkpoint {folder} was saved by {len(rngs)} process(es); "
-                              f"this run has more.", "Resume with the same number of processes.")
-    _set_rng_state(rngs[rank], noise_gen)
-    smoothed, debias = state.get("smoothed_loss", [0.0, 0.0])
-    return int(state["step"]), float(smoothed), float(debias)
-
-
-def _write_ranks_report(run: RunDir, rank: int, world: int, unet, first_indices: list[int], accelerator,
-                        is_main: bool) -> None:
-    """``logs/processes.json``: per process, its rank, a checksum of its final weights and the
-    images of its first batch (shows data-parallel runs stayed in sync on different shards)."""
-    entry = {"rank": rank, "world_size": world, "weights_sha256": _params_sha(unet),
-             "device": str(accelerator.device), "first_batch": first_indices}
-    entries = [entry]
-    if world > 1:
-        from accelerate.utils import gather_object
-
-        entries = gather_object(entries)
-    if is_main:
-        (run.logs_dir / "processes.json").write_text(json.dumps(entries, indent=1) + "\n", encoding="utf-8")

@@ -1,0 +1,226 @@
+"""What a DDPM training run leaves behind, and how it is written.
+
+Responsible for: the sample grids (fixed-seed DDIM samples rendered into one image,
+``samples/step-N.png``, also sent to TensorBoard) and ``samples/progress.gif``; the
+exported ``model/`` folder (a ``DDPMPipeline`` with the EMA weights plus a model card
+``README.md``); the events reporter that writes ``events.jsonl`` and the TensorBoard
+logs in ``logs/``; and ``logs/processes.json`` (per-process weight checksums).
+``studio.trainers.ddpm`` calls these; the loop itself lives there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from studio.config.train import TrainConfig
+from studio.events import Event, EventSink
+from studio.runs import RunDir
+
+#: Sample grids smaller than this (pixels, longer side) are enlarged for viewing.
+GRID_MIN_SIDE = 256
+
+
+# ----------------------------------------------------------------------------- samples
+def make_grid(images: np.ndarray):
+    """uint8 [N, H, W, 3] -> one PIL image, as square as possible.
+
+    Small grids are enlarged by a whole factor (nearest neighbour, pixels stay sharp) to
+    at least ``GRID_MIN_SIDE`` pixels, so a 16 px model's samples are visible in the UI.
+    """
+    from PIL import Image
+
+    n, h, w, _ = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    canvas = np.full((rows * h, cols * w, 3), 255, dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, cols)
+        canvas[r * h:(r + 1) * h, c * w:(c + 1) * w] = img
+    grid = Image.fromarray(canvas)
+    factor = max(1, math.ceil(GRID_MIN_SIDE / max(grid.size)))
+    if factor > 1:
+        grid = grid.resize((grid.width * factor, grid.height * factor), Image.Resampling.NEAREST)
+    return grid
+
+
+@torch.no_grad()
+def sample_images(unet: torch.nn.Module, noise_scheduler: Any, cfg: TrainConfig, device: torch.device) -> np.ndarray:
+    """The fixed-seed sample grid's images (uint8 [N, R, R, 3]) with DDIM in ``sample_inference_steps``.
+
+    The initial noise comes from a generator seeded with ``cfg.seed`` every time, so
+    grids at different steps show the same "scene" getting better.
+    """
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(noise_scheduler.config)
+    scheduler.set_timesteps(cfg.sample_inference_steps)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    x = torch.randn((cfg.num_samples, 3, cfg.resolution, cfg.resolution), generator=gen).to(device)
+    was_training = unet.training
+    unet.eval()
+    try:
+        for t in scheduler.timesteps:
+            out = unet(x, t.to(device)).sample
+            x = scheduler.step(out.float(), t, x).prev_sample
+    finally:
+        unet.train(was_training)
+    x = (x / 2 + 0.5).clamp(0, 1)
+    return (x.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+
+
+def save_samples(run: RunDir, step: int, images: np.ndarray, writer: Any = None) -> Path:
+    """``samples/step-N.png``: ``images`` as one grid, also sent to TensorBoard when ``writer`` is open."""
+    path = run.sample_path(step)
+    grid = make_grid(images)
+    grid.save(path)
+    if writer is not None:
+        writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
+    return path
+
+
+def write_progress_gif(run: RunDir) -> Path | None:
+    """``samples/progress.gif``: every ``step-N.png`` grid in step order (None when fewer than 2)."""
+    from PIL import Image
+
+    frames = sorted(run.samples_dir.glob("step-*.png"))
+    if len(frames) < 2:
+        return None
+    images = [Image.open(f).convert("RGB") for f in frames]
+    size = images[-1].size
+    images = [im if im.size == size else im.resize(size) for im in images]
+    target = run.samples_dir / "progress.gif"
+    tmp = target.with_suffix(".tmp.gif")
+    durations = [400] * (len(images) - 1) + [1500]
+    images[0].save(tmp, save_all=True, append_images=images[1:], duration=durations, loop=0)
+    os.replace(tmp, target)
+    return target
+
+
+# ----------------------------------------------------------------------------- model/
+MODEL_CARD = """---
+library_name: diffusers
+pipeline_tag: unconditional-image-generation
+tags:
+- diffusers
+- ddpm
+- unconditional-image-generation
+- diffusion-studio
+---
+
+# {name}
+
+An unconditional DDPM trained from scratch with Diffusion Studio.
+
+| | |
+|---|---|
+| dataset | {dataset} |
+| resolution | {resolution} px |
+| steps | {step} of {total} |
+| batch size | {batch} x {accum} accumulation x {world} process(es) |
+| learning rate | {lr} ({schedule}, {warmup} warm-up steps) |
+| UNet | block_out_channels {channels}, layers_per_block {layers}, {params:,} parameters |
+| noise schedule | {timesteps} timesteps, {beta}, predicts {prediction} |
+| weights | {weights} |
+
+## Use
+
+```python
+from diffusers import DDPMPipeline
+
+pipe = DDPMPipeline.from_pretrained("{path}")
+image = pipe(batch_size=4, num_inference_steps=1000).images[0]
+```
+
+Training configuration: `../config.json`; loss history: `../events.jsonl`.
+"""
+
+
+def export_pipeline(unet: torch.nn.Module, ema: Any, noise_scheduler: Any, run: RunDir, cfg: TrainConfig,
+                    step: int, total: int, world: int) -> Path:
+    """Write ``model/``: a DDPMPipeline with the EMA weights (safetensors) and a model card."""
+    import shutil
+
+    from diffusers import DDPMPipeline, UNet2DModel
+
+    export = UNet2DModel.from_config(unet.config)
+    export.load_state_dict(unet.state_dict())
+    if ema is not None:
+        ema.copy_to(export.parameters())
+    pipe = DDPMPipeline(unet=export, scheduler=noise_scheduler)
+    tmp = run.root / ".model-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    (tmp / "README.md").write_text(MODEL_CARD.format(
+        name=run.name, dataset=cfg.data.label, resolution=cfg.resolution, step=step, total=total,
+        batch=cfg.train_batch_size, accum=cfg.gradient_accumulation_steps, world=world, lr=cfg.learning_rate,
+        schedule=cfg.lr_scheduler, warmup=cfg.lr_warmup_steps, channels=tuple(cfg.block_out_channels),
+        layers=cfg.layers_per_block, params=sum(p.numel() for p in export.parameters()),
+        timesteps=cfg.num_train_timesteps, beta=cfg.beta_schedule, prediction=cfg.prediction_type,
+        weights="EMA" if ema is not None else "final", path=str(run.model_dir)), encoding="utf-8")
+    old = run.root / ".model-old"
+    shutil.rmtree(old, ignore_errors=True)
+    if run.model_dir.exists():
+        os.replace(run.model_dir, old)
+    os.replace(tmp, run.model_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return run.model_dir
+
+
+# ----------------------------------------------------------------------------- events and logs/
+class Reporter:
+    """Sends events to the sink and ``events.jsonl`` (main process only) and TensorBoard."""
+
+    def __init__(self, sink: EventSink, run: RunDir | None, total: int) -> None:
+        self.sink, self.run, self.total, self.writer = sink, run, total, None
+
+    def open_tensorboard(self) -> None:
+        if self.run is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(self.run.logs_dir))
+
+    def __call__(self, kind: str, step: int = 0, **fields: Any) -> None:
+        if self.run is None:
+            return
+        event = Event(kind, step=step, total=self.total, **fields)
+        self.run.append_event(event)
+        if self.writer is not None and kind == "step":
+            self.writer.add_scalar("train/loss", event.loss, step)
+            self.writer.add_scalar("train/smoothed_loss", event.smoothed_loss, step)
+            self.writer.add_scalar("train/lr", event.lr, step)
+        self.sink(event)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def params_sha(model: torch.nn.Module) -> str:
+    """SHA-256 of all of ``model``'s weights, in parameter order."""
+    digest = hashlib.sha256()
+    for p in model.parameters():
+        digest.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def write_ranks_report(run: RunDir, rank: int, world: int, unet, first_indices: list[int], accelerator,
+                       is_main: bool) -> None:
+    """``logs/processes.json``: per process, its rank, a checksum of its final weights and the
+    images of its first batch (shows data-parallel runs stayed in sync on different shards)."""
+    entry = {"rank": rank, "world_size": world, "weights_sha256": params_sha(unet),
+             "device": str(accelerator.device), "first_batch": first_indices}
+    entries = [entry]
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        entries = gather_object(entries)
+    if is_main:
+        (run.logs_dir / "processes.json").write_text(json.dumps(entries, indent=1) + "\n", encoding="utf-8")
