@@ -68,22 +68,14 @@ def load_config(command: str, path: str, overrides: dict[str, Any]) -> Any:
         ConfigError: missing/malformed file, wrong task, unknown or invalid setting.
     """
     import dataclasses
-    import json
-    from pathlib import Path
+
+    from studio.config.base import read_json_object
 
     config_cls = _load(COMMANDS[command][0])
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"Config file not found: {file}")
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{file} is not valid JSON (line {exc.lineno}: {exc.msg}).") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{file} must hold a JSON object of settings.")
+    data = read_json_object(path)
     task = data.pop("task", command)
     if task != command:
-        raise ConfigError(f"{file} is a '{task}' config; run it with `python -m studio {task}`.")
+        raise ConfigError(f"{path} is a '{task}' config; run it with `python -m studio {task}`.")
     fields = {f.name for f in dataclasses.fields(config_cls)}
     for name, value in overrides.items():
         if value is None:

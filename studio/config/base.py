@@ -95,14 +95,7 @@ class ConfigBase:
     @classmethod
     def from_json(cls: type[C], path: str | Path) -> C:
         """Load from a JSON file with a clear error for a missing or malformed file."""
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"Config file not found: {path}")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg}).") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_json_object(path))
 
     @classmethod
     def help_for(cls, name: str) -> str:
@@ -115,6 +108,20 @@ class ConfigBase:
     def replace(self: C, **changes: Any) -> C:
         """A validated copy with ``changes`` applied."""
         return dataclasses.replace(self, **changes)
+
+
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """Read a JSON file of settings: a missing file, bad JSON or a non-object is a ``ConfigError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg}).") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object of settings.")
+    return data
 
 
 def _config_class(hint: Any) -> type[ConfigBase] | None:
