@@ -109,6 +109,12 @@ class Job:
     def running(self) -> bool:
         return not self._done.is_set()
 
+    @property
+    def version(self) -> int:
+        """The snapshot's version, without copying it (pollers compare it to skip unchanged states)."""
+        with self._lock:
+            return self._snapshot.version
+
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the job ends; True if it did within ``timeout``."""
         return self._done.wait(timeout)

@@ -39,7 +39,8 @@ from studio.errors import CheckpointError, ConfigError, StudioError
 from studio.jobs import Snapshot
 from studio.runs import RunDir
 from tabs import GPU
-from tabs.jobtab import failure, field_label, format_duration, latest_resumable, start_job, stop_job
+from tabs.jobtab import (failure, field_label, format_duration, latest_resumable, latest_snapshot, loss_frame,
+                         poll_key, start_job, stop_job)
 
 log = logging.getLogger(__name__)
 
@@ -349,15 +350,10 @@ def build_finetune_tab(ctx: StudioContext) -> dict[str, Any]:
     inputs = [widgets[name] for name in INPUT_NAMES]
 
     def view_outputs(view: FinetuneView) -> tuple:
-        import pandas as pd
-
-        # an empty frame as the plot's first value breaks gr.LinePlot for good: send None until points exist
-        frame = pd.DataFrame(view.losses, columns=["step", "loss", "curve"]) if view.losses else None
-        return view.status, frame, view.gallery, view.run_path
+        return view.status, loss_frame(view.losses), view.gallery, view.run_path
 
     def current_view() -> FinetuneView:
-        job = ctx.jobs.latest(TASK)
-        return render(job.snapshot() if job is not None else None)
+        return render(latest_snapshot(ctx, TASK))
 
     def on_start(*values: Any):
         try:
@@ -376,8 +372,7 @@ def build_finetune_tab(ctx: StudioContext) -> dict[str, Any]:
         return view_outputs(current_view())
 
     def on_tick(last: tuple[int, int]):
-        job = ctx.jobs.latest(TASK)
-        key = (job.id, job.snapshot().version) if job is not None else (-1, -1)
+        key = poll_key(ctx, TASK)
         if tuple(last) == key:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip(), last
         return (*view_outputs(current_view()), key)

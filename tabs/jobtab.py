@@ -4,6 +4,7 @@ resuming a job, and the small formatting both tabs show. No layout lives here.""
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 from typing import Any, Callable
 
@@ -12,6 +13,7 @@ import gradio as gr
 from studio.checkpoints import find_latest_valid
 from studio.context import StudioContext
 from studio.errors import JobError, StudioError, describe_exception
+from studio.jobs import Snapshot
 from studio.runs import RunDir, list_runs
 
 log = logging.getLogger(__name__)
@@ -87,3 +89,32 @@ def failure(exc: BaseException, action: str) -> str:
         log.exception("%s action failed", action)
     gr.Warning(message)
     return f"Not started: {message}"
+
+
+def latest_snapshot(ctx: StudioContext, task: str) -> Snapshot | None:
+    """The snapshot of the latest job of ``task`` (what a reloaded page re-attaches to), or None."""
+    job = ctx.jobs.latest(task)
+    return job.snapshot() if job is not None else None
+
+
+def poll_key(ctx: StudioContext, task: str) -> tuple[int, int]:
+    """(job id, version) of the latest job of ``task``: a poller redraws only when it changes."""
+    job = ctx.jobs.latest(task)
+    return (job.id, job.version) if job is not None else (-1, -1)
+
+
+def loss_frame(losses: list[tuple[int, float, str]], log_scale: bool = False):
+    """A pandas DataFrame (step, loss, curve) for the loss plot, or None while there are no points.
+
+    With ``log_scale`` the values are ``log10(loss)``. Column and curve names never
+    change, and an empty plot is None rather than an empty frame: Gradio's plot keeps
+    the field types and colour legend of what it first drew, so a typeless empty frame
+    or renamed series would leave it broken.
+    """
+    import pandas as pd
+
+    if log_scale:
+        losses = [(step, math.log10(value), curve) for step, value, curve in losses if value > 0]
+    if not losses:
+        return None
+    return pd.DataFrame(losses, columns=["step", "loss", "curve"])

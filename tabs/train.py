@@ -32,7 +32,8 @@ from studio.errors import CheckpointError, ConfigError, StudioError, describe_ex
 from studio.jobs import Snapshot
 from studio.runs import RunDir
 from tabs import GPU
-from tabs.jobtab import failure, field_label, format_duration, latest_resumable, start_job, stop_job
+from tabs.jobtab import (failure, field_label, format_duration, latest_resumable, latest_snapshot, loss_frame,
+                         poll_key, start_job, stop_job)
 from studio.unet_presets import (CUSTOM, PRESETS, attention_levels_of, block_types, human_bytes, human_count,
                                  memory_estimate, parameter_count, preset_matching)
 
@@ -328,23 +329,6 @@ def render(snapshot: Snapshot | None) -> TrainView:
                      model if (Path(model) / "model_index.json").is_file() else "", s.running)
 
 
-def loss_frame(losses: list[tuple[int, float, str]], log_scale: bool = False):
-    """A pandas DataFrame (step, loss, curve) for the loss plot, or None while there are no points.
-
-    With ``log_scale`` the values are ``log10(loss)``. Column and curve names never
-    change, and an empty plot is None rather than an empty frame: Gradio's plot keeps
-    the field types and colour legend of what it first drew, so a typeless empty frame
-    or renamed series would leave it broken.
-    """
-    import pandas as pd
-
-    if log_scale:
-        losses = [(step, math.log10(value), curve) for step, value, curve in losses if value > 0]
-    if not losses:
-        return None
-    return pd.DataFrame(losses, columns=["step", "loss", "curve"])
-
-
 def cli_command(run: RunDir | str | None = None) -> str:
     """The headless command for this configuration: ``python -m studio train --config ...``."""
     if run is None:
@@ -438,8 +422,7 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
     view_components = [status, progress, loss_plot, sample, gallery, run_folder, run_path]
 
     def current_view() -> TrainView:
-        job = ctx.jobs.latest(TASK)
-        return render(job.snapshot() if job is not None else None)
+        return render(latest_snapshot(ctx, TASK))
 
     def view_outputs(view: TrainView, log: bool) -> tuple:
         return (view.status, view.progress, loss_frame(view.losses, log), view.latest_sample, view.gallery,
@@ -462,8 +445,7 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
         return view_outputs(current_view(), bool(log))
 
     def on_tick(last: tuple, log: bool):
-        job = ctx.jobs.latest(TASK)
-        key = (job.id, job.snapshot().version, bool(log)) if job is not None else (-1, -1, bool(log))
+        key = (*poll_key(ctx, TASK), bool(log))
         if tuple(last) == key:
             return (*(gr.skip() for _ in view_components), last)
         return (*view_outputs(current_view(), bool(log)), key)

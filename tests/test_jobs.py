@@ -35,6 +35,7 @@ def test_snapshot_follows_events(tmp_path):
     assert [p[0] for p in s.losses] == [1, 2, 3, 4, 5]
     assert s.latest_sample == "grid.png" and s.result_path == "model"
     assert s.version == 8  # status + 5 steps + samples + finished
+    assert job.version == s.version  # the cheap read pollers use
 
 
 def test_second_job_on_same_device_is_refused_naming_the_first(tmp_path):
