@@ -38,7 +38,6 @@ def load_images(cfg: TrainConfig, progress: Callable[[float, str], None] | None 
     return cache.pixels
 
 
-
 class BatchSampler:
     """An endless shuffled stream of image indices and flip flags, shared by all processes.
 
