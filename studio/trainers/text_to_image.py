@@ -177,6 +177,26 @@ def _is_oom(exc: BaseException) -> bool:
         isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
 
 
+def _load_plain(path: Path) -> Any:
+    """A torch file of tensors, numbers, strings, lists and dicts only (``weights_only=True``).
+
+    Raises:
+        CheckpointError: when the file holds anything else: such a pickle could run code
+            when loaded, so it is refused without being run.
+    """
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"Refused to load {path.parent.name}/{path.name}: it holds Python objects other than "
+                              "tensors and numbers, which could run code when loaded.",
+                              "Resume only from checkpoints this studio wrote, or start a new run.") from None
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise CheckpointError(f"Cannot read {path.parent.name}/{path.name}: {str(exc).splitlines()[0][:200]}",
+                              "Resume from another checkpoint, or start a new run.") from None
+
+
 class _Reporter:
     """Sends events to the sink and, on the main process, to ``events.jsonl``."""
 
@@ -690,11 +710,21 @@ class _Trainer:
         return state
 
     def save(self, step: int) -> Path | None:
-        """Atomic checkpoint: trainable weights, optimizer, schedule, EMA, every RNG, the step."""
+        """Atomic checkpoint: trainable weights, optimizer, schedule, EMA, every process's RNGs, the step.
+
+        Tensors go to safetensors (weights, EMA, RNG states), counters to JSON; only the
+        optimizer and LR-schedule state dicts are torch files, read back with
+        ``weights_only=True``. Every process takes part: each one's RNG state is gathered.
+        """
         from safetensors.torch import save_file
 
         acc = self.accelerator
         acc.wait_for_everyone()
+        rngs = [self.rng_state()]
+        if acc.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            rngs = gather_object(rngs)
         if not acc.is_main_process:
             return None
 
@@ -704,20 +734,35 @@ class _Trainer:
             torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
             torch.save(self.lr_scheduler.state_dict(), folder / "scheduler.pt")
             if self.ema is not None:
-                torch.save(self.ema.state_dict(), folder / "ema.pt")
-            rng = {"torch": torch.get_rng_state(), "data": self.data_gen.get_state(),
-                   "noise": self.noise_gen.get_state()}
-            if torch.cuda.is_available():
-                rng["cuda"] = torch.cuda.get_rng_state_all()
-            torch.save(rng, folder / "rng.pt")
-            (folder / "state.json").write_text(json.dumps({"step": step, "config": self.cfg.to_dict()}, indent=1))
+                ema = self.ema.state_dict()
+                shadow = ema.pop("shadow_params")
+                save_file({f"shadow.{i}": t.detach().contiguous().cpu() for i, t in enumerate(shadow)},
+                          str(folder / "ema.safetensors"), metadata={"state": json.dumps(ema)})
+            save_file({f"rank{r}.{name}": t for r, state in enumerate(rngs) for name, t in state.items()},
+                      str(folder / "rng.safetensors"))
+            (folder / "state.json").write_text(json.dumps({"step": step, "world_size": len(rngs),
+                                                           "config": self.cfg.to_dict()}, indent=1))
 
         path = save_checkpoint(self.run.checkpoints_dir, step, write, keep=self.cfg.checkpoints_total_limit)
         self.report("checkpoint", step=step, path=str(path), message=f"checkpoint {path.name}")
         return path
 
+    def rng_state(self) -> dict[str, torch.Tensor]:
+        """This process's RNG states as uint8 tensors (torch, data order, noise, each CUDA device)."""
+        state = {"torch": torch.get_rng_state(), "data": self.data_gen.get_state(),
+                 "noise": self.noise_gen.get_state()}
+        if torch.cuda.is_available():
+            state.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        return {k: v.cpu().contiguous() for k, v in state.items()}
+
     def load_checkpoint(self, folder: Path) -> None:
-        """Restore everything ``save`` wrote, so the next step is the one that would have come."""
+        """Restore everything ``save`` wrote, so the next step is the one that would have come.
+
+        Raises:
+            CheckpointError: a checkpoint for another model, saved by fewer processes, or
+                holding a torch file with anything but plain tensors and numbers (such a
+                pickle could run code when loaded, so it is refused unread).
+        """
         from safetensors.torch import load_file
 
         acc = self.accelerator
@@ -731,17 +776,55 @@ class _Trainer:
                                       "Resume with the same base model and method, or start a new run.")
             with torch.no_grad():
                 param.copy_(tensor.to(param.device, param.dtype))
-        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-        self.lr_scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
-        if self.ema is not None and (folder / "ema.pt").is_file():
-            self.ema.load_state_dict(torch.load(folder / "ema.pt", weights_only=False))
-        rng = torch.load(folder / "rng.pt", weights_only=True)
-        torch.set_rng_state(rng["torch"])
-        self.data_gen.set_state(rng["data"])
-        self.noise_gen.set_state(rng["noise"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.optimizer.load_state_dict(_load_plain(folder / "optimizer.pt"))
+        self.lr_scheduler.load_state_dict(_load_plain(folder / "scheduler.pt"))
+        if self.ema is not None:
+            self.load_ema(folder)
+        self.set_rng_state(folder)
         self.start_step = int(json.loads((folder / "state.json").read_text())["step"])
+
+    def load_ema(self, folder: Path) -> None:
+        """The EMA weights and counters from ``ema.safetensors`` (or an older ``ema.pt``, tensors only)."""
+        from safetensors import safe_open
+
+        if (folder / "ema.safetensors").is_file():
+            with safe_open(str(folder / "ema.safetensors"), framework="pt") as fh:
+                state = json.loads((fh.metadata() or {}).get("state", "{}"))
+                shadow = [fh.get_tensor(f"shadow.{i}") for i in range(len(list(fh.keys())))]
+        elif (folder / "ema.pt").is_file():
+            state = _load_plain(folder / "ema.pt")
+            shadow = state.pop("shadow_params", None) or []
+        else:
+            return
+        if len(shadow) != len(self.ema.shadow_params) or any(
+                a.shape != b.shape for a, b in zip(shadow, self.ema.shadow_params)):
+            raise CheckpointError(f"The EMA weights of checkpoint {folder.name} do not match this model.",
+                                  "Resume with the same base model and method, or start a new run.")
+        state["shadow_params"] = [t.to(p.device, p.dtype) for t, p in zip(shadow, self.ema.shadow_params)]
+        self.ema.load_state_dict(state)
+
+    def set_rng_state(self, folder: Path) -> None:
+        """Give this process back its own RNG states (each rank draws its own noise and timesteps)."""
+        from safetensors.torch import load_file
+
+        rank = self.accelerator.process_index
+        if (folder / "rng.safetensors").is_file():
+            saved = load_file(str(folder / "rng.safetensors"))
+            ranks = {key.split(".", 1)[0] for key in saved}
+            if f"rank{rank}" not in ranks:
+                raise CheckpointError(f"Checkpoint {folder.name} was saved by {len(ranks)} process(es); "
+                                      f"this run has {self.accelerator.num_processes}.",
+                                      "Resume with the same number of processes.")
+            state = {key.split(".", 1)[1]: t for key, t in saved.items() if key.startswith(f"rank{rank}.")}
+        else:  # checkpoints written before per-process states: one state for all
+            state = _load_plain(folder / "rng.pt")
+            state.update({f"cuda.{i}": s for i, s in enumerate(state.pop("cuda", []))})
+        torch.set_rng_state(state["torch"])
+        self.data_gen.set_state(state["data"])
+        self.noise_gen.set_state(state["noise"])
+        cuda = [state[f"cuda.{i}"] for i in range(len(state)) if f"cuda.{i}" in state]
+        if cuda and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda)
 
     # ---------------------------------------------------------------- export
     def export(self, step: int) -> Path:
