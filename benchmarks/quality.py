@@ -1,0 +1,169 @@
+"""Benchmark: how good are the default tiny run's samples after N minutes of CPU training?
+
+Trains the default Train-tab run (``TrainConfig()`` as it stands: the default tiny
+preset on the bundled emoji set) with the studio's own trainer for a fixed wall-clock
+budget, then scores the exported model's fixed-seed samples with the studio's quality
+figure (``studio.quality``: sliced Wasserstein distance of 7x7 patches of a Laplacian
+pyramid, Karras et al. 2018, x 1000). **Lower is better.** The figure is printed with
+its two reference levels, measured the same way at the same sample count:
+
+- ``noise_level``: Gaussian noise images against the dataset (an untrained model);
+- ``data_level``: held-out dataset images against the rest (a perfect model).
+
+``--model PATH`` scores an existing ``DDPMPipeline`` folder (or a run folder holding
+``model/``) instead of training; ``minutes`` and ``steps`` are then null.
+
+Samples are drawn exactly as the Train tab's sample grid: ``num_samples`` images (16),
+DDIM with ``sample_inference_steps`` (50) from the model's noise schedule, initial noise
+from seed 0. The reference is the emoji set at the model's resolution (seed 0).
+
+    python benchmarks/quality.py                  # 5 minutes of training, then score
+    python benchmarks/quality.py --quick          # 1 minute
+    python benchmarks/quality.py --model assets/models/emoji-ddpm
+
+The last line printed is one JSON object:
+``{"minutes": ..., "steps": ..., "quality": ..., "noise_level": ..., "data_level": ...}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def model_folder(path: str | Path) -> Path:
+    """The DDPMPipeline folder ``path`` names: itself, or ``path/model`` for a run folder."""
+    path = Path(path).expanduser()
+    for candidate in (path, path / "model"):
+        if (candidate / "model_index.json").is_file():
+            return candidate
+    raise SystemExit(f"{path} is not a diffusers pipeline folder (no model_index.json), nor a run folder with "
+                     "model/.")
+
+
+def score_pipeline(path: str | Path, *, samples: int = 16, inference_steps: int = 50, seed: int = 0,
+                   cache_root: str | Path, max_rows: int = 0, grid_path: Path | None = None) -> dict[str, Any]:
+    """Quality of a DDPMPipeline folder's fixed-seed samples against the bundled emoji set.
+
+    Returns:
+        ``{"quality", "noise_level", "data_level", "levels", "resolution", "grid"}``.
+    """
+    import torch
+    from diffusers import DDPMPipeline
+
+    from studio.config.data import DataConfig
+    from studio.data import load_tensor_cache
+    from studio.quality import QualityReference
+    from studio.trainers.ddpm_outputs import make_grid, sample_images
+
+    pipe = DDPMPipeline.from_pretrained(str(model_folder(path)), use_safetensors=True)
+    size = pipe.unet.config.sample_size
+    resolution = int(size if isinstance(size, int) else size[0])
+    pixels = load_tensor_cache(DataConfig(max_rows=max_rows), resolution, Path(cache_root)).pixels
+    reference = QualityReference.build(pixels, sample_count=samples)
+    grid_cfg = SimpleNamespace(num_samples=samples, resolution=resolution, seed=seed,
+                               sample_inference_steps=inference_steps)
+    images = sample_images(pipe.unet, pipe.scheduler, grid_cfg, torch.device("cpu"))
+    if grid_path is not None:
+        make_grid(images).save(grid_path)
+    return {"quality": reference.score(images), "levels": reference.score_levels(images),
+            "noise_level": reference.noise_level, "data_level": reference.data_level, "resolution": resolution,
+            "grid": str(grid_path) if grid_path else None}
+
+
+def train_for(minutes: float, workspace: Path) -> tuple[Path, int, float, list[tuple[int, float]]]:
+    """Train ``TrainConfig()``'s defaults for ``minutes`` of wall-clock time (or until it finishes).
+
+    Returns:
+        (run folder, steps trained, seconds spent, [(step, quality) from the run's events]).
+    """
+    from studio.config.train import TrainConfig
+    from studio.trainers.ddpm import train
+
+    cfg = TrainConfig(workspace=str(workspace), run_name="quality-benchmark")
+    print(f"training the default run ({cfg.preset}, {cfg.resolution} px, batch {cfg.train_batch_size}, "
+          f"lr {cfg.learning_rate}, {cfg.max_train_steps} steps planned) for at most {minutes:g} minutes",
+          flush=True)
+    stop = threading.Event()
+    steps = [0]
+
+    def on_event(event) -> None:
+        if event.kind == "step":
+            steps[0] = event.step
+        elif event.kind == "quality" and getattr(event, "quality", None) is not None:
+            print(f"  step {event.step}: quality {event.quality:.1f}", flush=True)
+
+    timer = threading.Timer(minutes * 60.0, stop.set)
+    start = time.perf_counter()
+    timer.start()
+    try:
+        run = train(cfg, on_event, stop)
+    finally:
+        timer.cancel()
+    elapsed = time.perf_counter() - start
+    curve = [(e.step, e.quality) for e in run.read_events()
+             if e.kind == "quality" and getattr(e, "quality", None) is not None]
+    return run.root, steps[0], elapsed, curve
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=5.0, help="wall-clock training budget (default 5)")
+    parser.add_argument("--quick", action="store_true", help="a 1-minute budget")
+    parser.add_argument("--model", default="", help="score this DDPMPipeline folder (or run folder) instead")
+    parser.add_argument("--samples", type=int, default=16, help="images scored (the sample grid's num_samples)")
+    parser.add_argument("--inference-steps", type=int, default=50, help="DDIM steps per sample (the grid's)")
+    parser.add_argument("--max-rows", type=int, default=0, help="use at most this many dataset images (0 = all)")
+    parser.add_argument("--workspace", default="", help="where the run and the image cache go (default: a temp dir)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    workspace = Path(args.workspace or tempfile.mkdtemp(prefix="bench-quality-")).resolve()
+    workspace.mkdir(parents=True, exist_ok=True)
+    minutes = steps = None
+    if args.model:
+        target = Path(args.model)
+    else:
+        minutes = 1.0 if args.quick else args.minutes
+        target, steps, elapsed, curve = train_for(minutes, workspace)
+        print(f"trained {steps} steps in {elapsed / 60:.2f} minutes; run folder {target}")
+        if curve:
+            print("quality during training (lower is better): "
+                  + ", ".join(f"step {s}: {q:.1f}" for s, q in curve))
+    result = score_pipeline(target, samples=args.samples, inference_steps=args.inference_steps,
+                            cache_root=workspace / ".cache", max_rows=args.max_rows,
+                            grid_path=workspace / "quality-samples.png")
+    print(f"model {model_folder(target)} at {result['resolution']} px, {args.samples} samples "
+          f"({args.inference_steps} DDIM steps, seed 0); grid: {result['grid']}")
+    data = "n/a" if result["data_level"] is None else f"{result['data_level']:.1f}"
+    print(f"quality (SWD x 1000, lower is better): {result['quality']:.1f}   per level "
+          + " / ".join(f"{v:.1f}" for v in result["levels"])
+          + f"\nreference levels: noise {result['noise_level']:.1f} (untrained) · data {data} (held-out images)")
+    summary = {"minutes": minutes, "steps": steps, "quality": round(result["quality"], 2),
+               "noise_level": round(result["noise_level"], 2),
+               "data_level": None if result["data_level"] is None else round(result["data_level"], 2)}
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
