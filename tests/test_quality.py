@@ -9,7 +9,6 @@ data < changed data < noise.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
