@@ -132,3 +132,13 @@ def page(browser, launched_app):
         yield pg
     finally:
         context.close()
+
+
+@pytest.fixture
+def local_hub(monkeypatch):
+    """A loopback Hub (tests/hub_server.py) with this process's Hub clients pointed at it."""
+    from hub_server import LocalHub, point_clients_at
+
+    with LocalHub() as hub:
+        point_clients_at(hub, monkeypatch)
+        yield hub
