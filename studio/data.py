@@ -39,6 +39,7 @@ from PIL import Image
 
 from studio.config.data import DataConfig
 from studio.errors import DataError
+from studio.paths import MAX_IMAGE_FILE_BYTES, MAX_TEXT_FILE_BYTES, RefusedPath, inside_name, read_confined, refusal
 from studio.images import (
     IMAGE_EXTENSIONS,
     IMAGE_FORMATS,
@@ -196,28 +197,30 @@ class _Scan:
     info: SourceInfo
 
 
-def load_image_dataset(cfg: DataConfig, *, progress: Progress | None = None) -> ImageDataset:
+def load_image_dataset(cfg: DataConfig, *, progress: Progress | None = None,
+                       scratch: Path | None = None) -> ImageDataset:
     """Read a source, check every image once, and return the usable ones.
 
     Args:
         cfg: Which source and how to read it.
         progress: Optional ``progress(fraction, message)`` callback.
+        scratch: The workspace's cache folder; a local .zip is unpacked under it.
 
     Raises:
         DataError: when the source cannot be read or holds no usable image, or when
             captions are required and some are missing.
     """
-    scan = _scan(cfg, progress)
+    scan = _scan(cfg, progress, scratch)
     return _check(cfg, scan, progress)
 
 
-def _scan(cfg: DataConfig, progress: Progress | None) -> _Scan:
+def _scan(cfg: DataConfig, progress: Progress | None, scratch: Path | None = None) -> _Scan:
     if progress:
         progress(0.0, f"Reading {cfg.label}")
     if cfg.source == "emoji":
         return _scan_emoji(cfg)
     if cfg.source in ("folder", "upload"):
-        return _scan_folder(cfg)
+        return _scan_folder(cfg, scratch)
     return _scan_hub(cfg)
 
 
@@ -302,16 +305,16 @@ def _scan_emoji(cfg: DataConfig) -> _Scan:
 # --------------------------------------------------------------------------- folders and uploads
 
 
-def _scan_folder(cfg: DataConfig) -> _Scan:
+def _scan_folder(cfg: DataConfig, scratch: Path | None = None) -> _Scan:
     root = Path(cfg.path).expanduser()
     if root.is_file() and root.suffix.lower() == ".zip":
-        root = extract_zip(root, root.with_name(root.stem + "-unpacked"))
+        root = _unpack_local_zip(root, scratch)
     if not root.exists():
         raise DataError(f"Folder not found: {root}.", "Check the path (it must be on the machine running the studio).")
     if not root.is_dir():
         raise DataError(f"{root} is a file, not a folder.", "Choose the folder that holds the images.")
     files: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root):  # links to folders are listed, never entered
         rel_dir = Path(dirpath).relative_to(root)
         dirnames[:] = sorted(d for d in dirnames if not _is_junk(rel_dir / d))
         files.extend(Path(dirpath) / f for f in sorted(filenames) if not _is_junk(rel_dir / f))
@@ -320,18 +323,25 @@ def _scan_folder(cfg: DataConfig) -> _Scan:
         raise DataError(f"The folder {root} is empty.", "Put images (PNG, JPEG, WebP...) in it, or pick another folder.")
     skipped: list[SkippedFile] = []
     images: list[Path] = []
+    readable: set[Path] = set()  # images and sidecars that are plain files inside the folder
     for path in files:
         ext = path.suffix.lower()
-        if ext in IMAGE_EXTENSIONS:
-            images.append(path)
-        elif ext not in SIDECAR_EXTENSIONS:
+        rel = path.relative_to(root).as_posix()
+        if ext in IMAGE_EXTENSIONS or ext in SIDECAR_EXTENSIONS:
+            why = refusal(path, root, MAX_IMAGE_FILE_BYTES if ext in IMAGE_EXTENSIONS else MAX_TEXT_FILE_BYTES)
+            if why:
+                skipped.append(SkippedFile(rel, why))
+                continue
+            readable.add(path)
+            if ext in IMAGE_EXTENSIONS:
+                images.append(path)
+        else:
             why = f"file type {ext or '(no extension)'} is not supported"
-            skipped.append(SkippedFile(path.relative_to(root).as_posix(),
-                                       f"{why} (allowed: {', '.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)})"))
+            skipped.append(SkippedFile(rel, f"{why} (allowed: {', '.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)})"))
     if not images:
         raise DataError(f"The folder {root} holds no images ({len(files)} other files).",
                         f"Supported formats: {', '.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)}.")
-    metadata, meta_files = _read_metadata(root, cfg.caption_column)
+    metadata, meta_files = _read_metadata(root, cfg.caption_column, sorted(readable), skipped)
     captions: list[str] = []
     sources: set[str] = set()
     for path in images:
@@ -342,15 +352,15 @@ def _scan_folder(cfg: DataConfig) -> _Scan:
         else:
             for ext in (".txt", ".caption"):
                 side = path.with_suffix(ext)
-                if side.is_file():
-                    text = side.read_text(encoding="utf-8", errors="replace").strip()
-                    sources.add(".txt files")
-                    break
-        captions.append(text or "")
-    listed = set(metadata) - {p.relative_to(root).as_posix() for p in images}
-    for name in sorted(listed):
-        if not (root / name).is_file():
-            skipped.append(SkippedFile(name, "listed in metadata.jsonl but the file does not exist"))
+                if side in readable:
+                    text = _read_text(side, root, skipped)
+                    if text is not None:
+                        sources.add(".txt files")
+                        break
+        captions.append((text or "").strip())
+    walked = {p.relative_to(root).as_posix() for p in files}
+    for name in sorted(set(metadata) - walked):
+        skipped.append(SkippedFile(name, "listed in metadata.jsonl but the file does not exist"))
     images, captions = _limit(cfg, images), _limit(cfg, captions)
     names = [p.relative_to(root).as_posix() for p in images]
     # Fingerprint from what determines the result, without decoding: paths, sizes,
@@ -363,25 +373,73 @@ def _scan_folder(cfg: DataConfig) -> _Scan:
     has_any = any(c for c in captions)
     info = SourceInfo(caption_source=" and ".join(sorted(sources)) if has_any else "",
                       columns=meta_files, caption_column=cfg.caption_column)
-    return _Scan(names, [(lambda p=p: p) for p in images], captions if has_any else None, skipped, fingerprint, info)
+    return _Scan(names, [_confined_reader(p, root) for p in images], captions if has_any else None, skipped,
+                 fingerprint, info)
 
 
-def _read_metadata(root: Path, caption_column: str) -> tuple[dict[str, str], list[str]]:
-    """Captions from every metadata.jsonl / metadata.csv under ``root`` (diffusers imagefolder).
+def _confined_reader(path: Path, root: Path) -> Callable[[], bytes]:
+    """Reads one image of a folder, refusing (as a skip) whatever ``studio.paths`` refuses."""
+    def read() -> bytes:
+        try:
+            return read_confined(path, root, MAX_IMAGE_FILE_BYTES)
+        except RefusedPath as exc:
+            raise _Skip(exc.reason) from None
 
-    ``file_name`` is relative to the metadata file's folder. Returns (relative path ->
-    caption, columns seen).
+    return read
+
+
+def _read_text(path: Path, root: Path, skipped: list[SkippedFile]) -> str | None:
+    """A caption or metadata file of the folder as text, or None (with a skip reason) when refused."""
+    try:
+        return read_confined(path, root, MAX_TEXT_FILE_BYTES).decode("utf-8", errors="replace")
+    except RefusedPath as exc:
+        skipped.append(SkippedFile(path.relative_to(root).as_posix(), exc.reason))
+        return None
+
+
+def _unpack_local_zip(archive: Path, scratch: Path | None) -> Path:
+    """A local .zip, unpacked into the workspace's cache (``scratch``), never beside the zip.
+
+    The folder is named for the zip's path, size and time, and reused while they stay the same.
+    """
+    import tempfile
+
+    if scratch is None:  # a caller without a workspace (a test, a script): a private temporary folder
+        scratch = Path(tempfile.gettempdir()) / f"studio-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+    st = archive.stat()
+    key = _digest("zip", archive.resolve(), st.st_size, st.st_mtime_ns)
+    dest = Path(scratch) / "unpacked" / f"{re.sub(r'[^A-Za-z0-9_-]+', '-', archive.stem)[:40]}-{key[:12]}"
+    done = dest / ".complete"
+    if done.is_file():
+        return dest
+    import shutil
+
+    shutil.rmtree(dest, ignore_errors=True)
+    extract_zip(archive, dest)
+    done.write_text("ok", encoding="utf-8")
+    return dest
+
+
+def _read_metadata(root: Path, caption_column: str, files: list[Path],
+                   skipped: list[SkippedFile]) -> tuple[dict[str, str], list[str]]:
+    """Captions from every metadata.jsonl / metadata.csv among ``files`` (diffusers imagefolder).
+
+    ``file_name`` is relative to the metadata file's folder; a name that leaves the folder
+    (absolute, ``..``) is skipped with a reason and never looked up on disk. Returns
+    (relative path -> caption, columns seen).
 
     Raises:
         DataError: on a malformed line, naming the file and line.
     """
     captions: dict[str, str] = {}
     columns: list[str] = []
-    for meta in sorted(list(root.rglob("metadata.jsonl")) + list(root.rglob("metadata.csv"))):
-        if _is_junk(meta.relative_to(root)):
+    for meta in files:
+        if meta.name not in ("metadata.jsonl", "metadata.csv"):
             continue
         rows: list[dict] = []
-        text = meta.read_text(encoding="utf-8", errors="replace")
+        text = _read_text(meta, root, skipped)
+        if text is None:
+            continue
         if meta.suffix == ".jsonl":
             for lineno, line in enumerate(text.splitlines(), 1):
                 if not line.strip():
@@ -408,7 +466,11 @@ def _read_metadata(root: Path, caption_column: str) -> tuple[dict[str, str], lis
             value = row.get(key) if key else None
             if isinstance(value, list):
                 value = value[0] if value else ""
-            rel = (meta.parent.relative_to(root) / str(name)).as_posix()
+            inner = inside_name(str(name))
+            if inner is None:
+                skipped.append(SkippedFile(str(name)[:200], f"{meta.name} names a path outside its folder"))
+                continue
+            rel = (meta.parent.relative_to(root) / inner).as_posix()
             captions[rel] = "" if value is None else str(value).strip()
     return captions, columns
 
@@ -456,11 +518,44 @@ def _hub_error(cfg: DataConfig, exc: BaseException) -> DataError:
     return DataError(f"Could not load the dataset '{hub_id}': {first}")
 
 
+#: Most files a local dataset folder given as a Hub id may hold (datasets lists them all first).
+MAX_LOCAL_DATASET_FILES = 20_000
+
+
+def _check_local_dataset_folder(hub_id: str) -> None:
+    """Refuse at once a local path that is no dataset folder, before ``datasets`` looks it up.
+
+    Without this a path that does not exist goes to the Hub as an id (minutes of network
+    retries when the Hub is unreachable), and a huge folder ("/") is listed file by file.
+    """
+    looks_local = hub_id.startswith(("/", "~", "./", "../", "\\")) or bool(re.match(r"^[A-Za-z]:[\\/]", hub_id))
+    path = Path(hub_id).expanduser()
+    if not looks_local and not path.exists():
+        return
+    if not path.exists():
+        raise DataError(f"There is no folder {hub_id} on this machine.",
+                        "For a folder of images choose the source 'Local folder'; for the Hub type an id "
+                        "like user/name.")
+    if not path.is_dir():
+        raise DataError(f"{hub_id} is a file, not a dataset folder or a Hub id.",
+                        "Choose the folder that holds the dataset, or the source 'Local folder'.")
+    count = 0
+    for _dirpath, dirnames, filenames in os.walk(path):
+        count += len(filenames)
+        if count > MAX_LOCAL_DATASET_FILES:
+            raise DataError(f"{hub_id} holds more than {MAX_LOCAL_DATASET_FILES:,} files: it does not look like "
+                            "one dataset folder.",
+                            "Give the folder that holds the dataset's files (Parquet, or images with "
+                            "metadata.jsonl), or use the source 'Local folder'.")
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+
+
 def _load_hub_split(cfg: DataConfig) -> tuple[Any, list[str], str]:
     """The chosen split of a Hub (or local dataset-folder) id, its split names and the split used."""
     import datasets
 
     hub_id = cfg.hub_id.strip()
+    _check_local_dataset_folder(hub_id)
     try:
         if cfg.split:
             splits: list[str] = []
@@ -613,7 +708,7 @@ def load_tensor_cache(cfg: DataConfig, resolution: int, cache_root: Path, *, cen
 
     if int(resolution) < 1:
         raise DataError(f"Resolution must be a positive number of pixels (got {resolution}).")
-    scan = _scan(cfg, progress)
+    scan = _scan(cfg, progress, Path(cache_root))
     key = cache_key(scan.fingerprint, resolution, center_crop)
     folder = Path(cache_root) / "datasets"
     tensor_path, meta_path = folder / f"{key}.safetensors", folder / f"{key}.json"

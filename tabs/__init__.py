@@ -75,8 +75,14 @@ def launch_kwargs(settings: LaunchSettings) -> dict[str, Any]:
     """The keyword arguments for ``app.launch``: bind, auth, served paths, limits, theme.
 
     Only the workspace is added to Gradio's allowed paths (Gradio itself serves its
-    own cache of files it created); nothing else on disk is reachable.
+    own cache of files it created); nothing else on disk is reachable. Files are
+    served inline only as raster images, anything else as a download with
+    ``nosniff`` (``tabs.file_headers``): nothing served runs script in the page.
     """
+    from starlette.middleware import Middleware
+
+    from tabs.file_headers import SafeFileHeaders
+
     css_path = ASSETS / "theme.css"
     return {
         "server_name": settings.host,
@@ -90,4 +96,5 @@ def launch_kwargs(settings: LaunchSettings) -> dict[str, Any]:
         "theme": gr.themes.Soft(primary_hue="indigo", secondary_hue="violet"),
         "css": css_path.read_text(encoding="utf-8") if css_path.is_file() else None,
         "footer_links": ["settings"],
+        "app_kwargs": {"middleware": [Middleware(SafeFileHeaders)]},
     }

@@ -26,6 +26,8 @@ import gradio as gr
 from studio.config.data import DATA_SOURCES, DataConfig
 from studio.context import DatasetChoice, StudioContext
 from studio.data import ImageDataset, SkippedFile, load_image_dataset, unpack_upload
+from studio.paths import confine
+from studio.uploads import unpack_limit
 from studio.errors import StudioError, describe_exception
 
 log = logging.getLogger(__name__)
@@ -139,13 +141,14 @@ def counts_line(ds: ImageDataset) -> str:
 
 
 def preview_dataset(cfg: DataConfig, *, preview_count: int = PREVIEW_COUNT,
-                    progress: Callable[[float, str], None] | None = None) -> DatasetView:
-    """Load ``cfg`` and build everything the tab shows.
+                    progress: Callable[[float, str], None] | None = None,
+                    workspace: Path | None = None) -> DatasetView:
+    """Load ``cfg`` and build everything the tab shows (a local .zip unpacks into the workspace's cache).
 
     Raises:
         StudioError: when the source cannot be read (a ``DataError`` with the reason).
     """
-    ds = load_image_dataset(cfg, progress=progress)
+    ds = load_image_dataset(cfg, progress=progress, scratch=Path(workspace) / ".cache" if workspace else None)
     gallery = []
     for i in range(min(preview_count, len(ds))):
         caption = ds.captions[i] if ds.captions is not None else ""
@@ -161,8 +164,11 @@ def preview_dataset(cfg: DataConfig, *, preview_count: int = PREVIEW_COUNT,
                        caption_columns=list(ds.info.caption_columns), choice=choice)
 
 
-def save_upload(files: list[Any] | None, workspace: Path) -> str:
+def save_upload(files: list[Any] | None, workspace: Path, max_bytes: int | None = None) -> str:
     """Unpack uploaded files (images, caption files, .zip) into ``<workspace>/uploads/<id>``.
+
+    Args:
+        max_bytes: Most bytes the upload may unpack to (``unpack_limit(--max-file-size)``).
 
     Returns:
         The folder, for ``DataConfig(source="upload", path=...)``.
@@ -172,7 +178,8 @@ def save_upload(files: list[Any] | None, workspace: Path) -> str:
     """
     paths = [_file_path(f) for f in (files or [])]
     upload_id = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
-    return str(unpack_upload([p for p in paths if p], Path(workspace) / "uploads" / upload_id))
+    limit = {} if max_bytes is None else {"max_bytes": max_bytes}
+    return str(unpack_upload([p for p in paths if p], Path(workspace) / "uploads" / upload_id, **limit))
 
 
 def _file_path(value: Any) -> str:
@@ -192,12 +199,15 @@ def default_export_dir(workspace: Path, cfg: DataConfig) -> Path:
 
 
 def resolve_export_dir(target: str, workspace: Path, cfg: DataConfig) -> Path:
-    """The export folder: the default when empty; a relative path is taken inside the workspace."""
+    """The export folder: the default when empty; a relative path is taken inside the workspace.
+
+    Raises:
+        ConfigError: when the folder (``..`` and links followed) is outside the workspace.
+    """
     target = (target or "").strip()
     if not target:
         return default_export_dir(workspace, cfg)
-    path = Path(target).expanduser()
-    return path if path.is_absolute() else Path(workspace) / path
+    return confine(target, workspace, "The export folder")
 
 
 def export_dataset(cfg: DataConfig, target: str, workspace: Path,
@@ -210,7 +220,8 @@ def export_dataset(cfg: DataConfig, target: str, workspace: Path,
     from studio.data import export_image_folder
 
     out = resolve_export_dir(target, workspace, cfg)
-    ds = load_image_dataset(cfg, progress=(lambda f, m: progress(0.3 * f, m)) if progress else None)
+    ds = load_image_dataset(cfg, progress=(lambda f, m: progress(0.3 * f, m)) if progress else None,
+                            scratch=Path(workspace) / ".cache")
     export_image_folder(ds, out, progress=(lambda f, m: progress(0.3 + 0.7 * f, m)) if progress else None)
     caps = " with metadata.jsonl captions" if ds.captions is not None else " with metadata.jsonl (no captions)"
     return f"Exported {len(ds)} images to {out}{caps}."
@@ -292,7 +303,7 @@ def build_dataset_tab(ctx: StudioContext) -> dict:
                 export_dir = gr.Textbox(label="Target folder", elem_id="dataset-export-dir",
                                         placeholder=f"empty = {workspace / 'exports'}/<name>-<time>",
                                         info="Writes <split>_<index>.png and metadata.jsonl (file_name, text). "
-                                             "A relative path is taken inside the workspace.")
+                                             "It must be inside the workspace; a relative path is taken inside it.")
                 export_button = gr.Button("Export as image folder", elem_id="dataset-export")
                 export_status = gr.Textbox(label="Export", interactive=False, elem_id="dataset-export-status")
     loaded_config = gr.State(None)  # the DataConfig (as a dict) of the last successful load
@@ -302,7 +313,7 @@ def build_dataset_tab(ctx: StudioContext) -> dict:
     view_outputs = [gallery, counts, sizes, skipped, status, split, image_column, caption_column, loaded_config]
 
     def render(cfg: DataConfig, progress: gr.Progress) -> tuple:
-        view = preview_dataset(cfg, progress=lambda f, m: progress(f, desc=m))
+        view = preview_dataset(cfg, progress=lambda f, m: progress(f, desc=m), workspace=workspace)
         ctx.dataset.set(view.choice)
         return (view.gallery, view.counts, view.sizes, view.skipped, view.status,
                 gr.update(choices=_dropdown_choices(view.splits)),
@@ -336,7 +347,7 @@ def build_dataset_tab(ctx: StudioContext) -> dict:
 
     def on_upload(files: list[Any] | None) -> tuple[str, str]:
         try:
-            folder_path = save_upload(files, workspace)
+            folder_path = save_upload(files, workspace, unpack_limit(ctx.settings.max_file_size))
         except Exception as exc:  # noqa: BLE001
             message = describe_exception(exc)
             gr.Warning(message)

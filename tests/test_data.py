@@ -419,11 +419,13 @@ def test_upload_of_files_and_zip(tmp_path: Path):
     assert not (dest / "more" / "__MACOSX").exists()
 
 
-def test_folder_source_given_a_zip_unpacks_it_beside(tmp_path: Path):
+def test_folder_source_given_a_zip_unpacks_it_into_the_cache(tmp_path: Path):
     archive = _zip(tmp_path / "tiles.zip", {"a.png": png_bytes(Image.new("RGB", (8, 8), "red")), "a.txt": b"red"})
-    ds = load_image_dataset(folder_cfg(archive))
+    ds = load_image_dataset(folder_cfg(archive), scratch=tmp_path / "cache")
     assert ds.names == ["a.png"] and ds.captions == ["red"]
-    assert (tmp_path / "tiles-unpacked" / "a.png").is_file()
+    assert not (tmp_path / "tiles-unpacked").exists()
+    assert [p.name for p in (tmp_path / "cache" / "unpacked" / next(iter(
+        (tmp_path / "cache" / "unpacked").iterdir())).name).iterdir() if p.suffix] == ["a.png", "a.txt"]
 
 
 def test_upload_nothing_is_a_clear_error(tmp_path: Path):
@@ -449,7 +451,7 @@ def test_zip_bomb_is_stopped(tmp_path: Path):
 
 
 def test_zip_with_lying_header_never_writes_past_the_cap(tmp_path: Path, monkeypatch):
-    archive = _zip(tmp_path / "liar.zip", {"a.bin": b"\0" * 2_000_000})
+    archive = _zip(tmp_path / "liar.zip", {"a.png": b"\0" * 2_000_000})
     real_infolist = zipfile.ZipFile.infolist
 
     def lying_infolist(self):
@@ -461,7 +463,7 @@ def test_zip_with_lying_header_never_writes_past_the_cap(tmp_path: Path, monkeyp
     monkeypatch.setattr(zipfile.ZipFile, "infolist", lying_infolist)
     with pytest.raises(DataError, match="possible zip bomb|damaged"):
         extract_zip(archive, tmp_path / "dest", max_bytes=1_000_000)
-    written = tmp_path / "dest" / "a.bin"
+    written = tmp_path / "dest" / "a.png"
     assert not written.exists() or written.stat().st_size <= 1_000_000
 
 

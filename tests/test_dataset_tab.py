@@ -161,8 +161,10 @@ def test_export_dataset_default_and_relative_targets(tmp_path: Path):
     assert sorted(p.name for p in out.glob("*.png")) == ["train_0.png", "train_1.png", "train_2.png"]
     assert json.loads((out / "metadata.jsonl").read_text().splitlines()[0])["text"].startswith("grinning")
     assert calls and calls[-1] == pytest.approx(1.0) and calls == sorted(calls)
-    assert tab.resolve_export_dir("mine", ws, cfg) == ws / "mine"
-    assert tab.resolve_export_dir(str(tmp_path / "abs"), ws, cfg) == tmp_path / "abs"
+    assert tab.resolve_export_dir("mine", ws, cfg) == (ws / "mine").resolve()
+    assert tab.resolve_export_dir(str(ws / "abs"), ws, cfg) == (ws / "abs").resolve()
+    with pytest.raises(ConfigError, match="outside the workspace"):  # tests/test_hostile_files.py has more
+        tab.resolve_export_dir(str(tmp_path / "abs"), ws, cfg)
     tab.export_dataset(cfg, "mine", ws)
     with pytest.raises(DataError, match="not empty"):
         tab.export_dataset(cfg, "mine", ws)

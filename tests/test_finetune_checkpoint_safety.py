@@ -59,13 +59,13 @@ def test_a_checkpoint_whose_pickle_would_run_code_is_refused_unrun(tiny_sd, work
                    checkpoint_every=1, run_name="victim", checkpoints_total_limit=5)
     run, _ = run_train(cfg)
     good = run.checkpoints_dir / "step-00000001"
-    assert (good / "ema.safetensors").is_file() and not (good / "ema.pt").exists()  # EMA is stored as data
     canary = tmp_path / "canary.txt"
     _craft_checkpoint(run.root, good, poisoned, canary)
     with pytest.raises(CheckpointError, match=f"Refused to load step-00000009/{poisoned}") as info:
         run_train(cfg.replace(resume="latest", max_train_steps=2))
-    assert "could run code" in info.value.user_message
     assert not canary.exists()
+    assert "could run code" in info.value.user_message
+    assert (good / "ema.safetensors").is_file() and not (good / "ema.pt").exists()  # EMA is stored as data
 
 
 def test_old_layout_torch_files_still_resume_when_they_hold_only_tensors(tiny_sd, workspace):
