@@ -379,7 +379,7 @@ class _Trainer:
             cache = studio_data.load_tensor_cache(cfg.data, cfg.resolution, cache_root, center_crop=True)
             self.pixels, captions, self.data_key = cache.pixels, cache.captions, cache.key
         else:
-            dataset = studio_data.load_image_dataset(cfg.data)
+            dataset = studio_data.load_image_dataset(cfg.data, scratch=cache_root)
             self.images = [dataset.image(i) for i in range(len(dataset))]
             self.pixels, captions, self.data_key = None, dataset.captions, dataset.fingerprint
         count = len(self.images) if self.images is not None else int(self.pixels.shape[0])
