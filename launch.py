@@ -14,6 +14,7 @@ import sys
 from studio.errors import StudioError
 from studio.settings import (DEFAULT_MAX_FILE_SIZE, DEVICES, LaunchSettings, parse_auth, read_auth_file,
                              running_on_colab, secure)
+from studio.versions import add_report_flags
 
 
 def parse_args(argv: list[str] | None = None) -> LaunchSettings:
@@ -31,6 +32,7 @@ def parse_args(argv: list[str] | None = None) -> LaunchSettings:
     p.add_argument("--offline", action="store_true", help="never contact the Hugging Face Hub")
     p.add_argument("--max-file-size", default=DEFAULT_MAX_FILE_SIZE, help="upload limit, e.g. 1gb or 500mb")
     p.add_argument("--queue-size", type=int, default=64, help="most requests waiting in the queue")
+    add_report_flags(p)  # --version / --check: the installed stack and device, then exit
     args = p.parse_args(argv)
 
     auth = []
