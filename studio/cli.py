@@ -127,6 +127,8 @@ class ProgressPrinter:
             self._write(f"warning: {event.message}")
         elif event.kind in ("samples", "checkpoint"):
             self._write(f"{event.kind}: {event.path}")
+        elif event.kind == "quality":
+            self._write(event.message)
         elif event.kind == "status" and event.message != "training":
             self._write(event.message)
 

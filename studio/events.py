@@ -16,6 +16,7 @@ EVENT_KINDS = (
     "status",      # a phase begins: "loading data", "caching latents", ...
     "step",        # an optimisation step: loss, smoothed_loss, lr, images_per_s, eta_s
     "samples",     # a sample/validation grid was written to ``path``
+    "quality",     # the grid's quality figure (``quality``, lower is better) and its reference levels
     "checkpoint",  # a checkpoint was saved to ``path``
     "warning",     # something a person should know (fell back to an older checkpoint, ...)
     "finished",    # the run completed; ``path`` is the exported model
@@ -39,6 +40,10 @@ class Event:
         images_per_s: Training throughput over the last interval.
         eta_s: Estimated seconds to the end.
         path: File or folder the event produced (samples, checkpoint, model).
+        quality: Sample-quality figure of the grid at ``step`` (``quality`` events; see
+            ``studio.quality``: sliced Wasserstein distance x 1000, lower is better).
+        noise_level: The figure of pure noise images (an untrained model), same measure.
+        data_level: The figure of held-out dataset images (a perfect model), same measure.
         message: Human text (status, warnings, errors).
         time: Wall-clock time (seconds since the epoch).
     """
@@ -52,6 +57,9 @@ class Event:
     images_per_s: float | None = None
     eta_s: float | None = None
     path: str | None = None
+    quality: float | None = None
+    noise_level: float | None = None
+    data_level: float | None = None
     message: str = ""
     time: float = field(default_factory=time.time)
 

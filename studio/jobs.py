@@ -47,6 +47,8 @@ class Snapshot:
         losses: (step, loss, smoothed_loss) points.
         lr, images_per_s, eta_s: From the latest step event.
         samples: (step, image path) for every sample grid so far, oldest first.
+        quality: (step, quality figure) of every scored grid, oldest first (lower is better).
+        noise_level / data_level: The quality figure's reference levels (pure noise, held-out data).
         checkpoints: (step, checkpoint path), oldest first.
         warnings: Warning texts, oldest first.
         error: Why the job failed ("" otherwise).
@@ -67,6 +69,9 @@ class Snapshot:
     images_per_s: float | None = None
     eta_s: float | None = None
     samples: list[tuple[int, str]] = field(default_factory=list)
+    quality: list[tuple[int, float]] = field(default_factory=list)
+    noise_level: float | None = None
+    data_level: float | None = None
     checkpoints: list[tuple[int, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     error: str = ""
@@ -147,6 +152,9 @@ class Job:
                 s.lr, s.images_per_s, s.eta_s = event.lr, event.images_per_s, event.eta_s
             elif event.kind == "samples" and event.path:
                 s.samples.append((event.step, event.path))
+            elif event.kind == "quality" and event.quality is not None:
+                s.quality.append((event.step, float(event.quality)))
+                s.noise_level, s.data_level = event.noise_level, event.data_level
             elif event.kind == "checkpoint" and event.path:
                 s.checkpoints.append((event.step, event.path))
             elif event.kind == "warning":

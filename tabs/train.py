@@ -2,7 +2,7 @@
 
 Layout and event wiring live in ``build_train_tab``; the work is done by plain
 functions (``build_config``, ``model_summary``, ``start_training``, ``resume_latest``,
-``stop_training``, ``render``, ``loss_frame``, ``cli_command``) that take and return
+``stop_training``, ``render``, ``loss_frame``, ``quality_frame``, ``cli_command``) that take and return
 plain values, so tests call them without Gradio running. Training runs in a job of
 ``ctx.jobs`` (``studio.trainers.ddpm.train``); a ``gr.Timer`` polls the job's
 snapshot once a second and re-renders only when its version changed, so a reload
@@ -290,6 +290,9 @@ class TrainView:
     status: str
     progress: str = ""
     losses: list[tuple[int, float, str]] = field(default_factory=list)
+    quality: list[tuple[int, float]] = field(default_factory=list)
+    noise_level: float | None = None
+    data_level: float | None = None
     latest_sample: str | None = None
     gallery: list[tuple[str, str]] = field(default_factory=list)
     run_path: str = ""
@@ -315,6 +318,8 @@ def render(snapshot: Snapshot | None) -> TrainView:
         progress.append(f"step {s.step}/{s.total} ({100 * s.step / s.total:.0f}%)")
     if s.losses:
         progress.append(f"loss {s.losses[-1][2]:.4f} (last {s.losses[-1][1]:.4f})")
+    if s.quality:
+        progress.append(f"sample quality {s.quality[-1][1]:.0f} (lower is better)")
     if s.lr is not None:
         progress.append(f"lr {s.lr:.2e}")
     if s.running and s.images_per_s:
@@ -324,9 +329,36 @@ def render(snapshot: Snapshot | None) -> TrainView:
     losses = [(step, loss, "loss") for step, loss, _ in s.losses] + [(step, sm, "smoothed") for step, _, sm in s.losses]
     samples = [(path, f"step {step}") for step, path in s.samples if Path(path).is_file()]
     model = str(Path(s.run_dir) / "model")
-    return TrainView("\n".join(lines), " · ".join(progress), losses, samples[-1][0] if samples else None,
-                     list(reversed(samples)), s.run_dir,
-                     model if (Path(model) / "model_index.json").is_file() else "", s.running)
+    return TrainView("\n".join(lines), " · ".join(progress), losses, latest_sample=samples[-1][0] if samples else None,
+                     gallery=list(reversed(samples)), run_path=s.run_dir,
+                     model_path=model if (Path(model) / "model_index.json").is_file() else "", running=s.running,
+                     quality=list(s.quality), noise_level=s.noise_level, data_level=s.data_level)
+
+
+#: The one line under the quality plot.
+QUALITY_HELP = ("**Sample quality** of each grid: how far its 7x7 patches are from the dataset's (sliced "
+                "Wasserstein distance × 1000) — **lower is better**. *noise level*: pure noise (an untrained "
+                "model); *data level*: held-out dataset images (a perfect model).")
+#: Curve names of the quality plot (never renamed: the plot keeps the legend it first drew).
+QUALITY_CURVES = ("samples", "noise level", "data level")
+
+
+def quality_frame(points: list[tuple[int, float]], noise_level: float | None, data_level: float | None):
+    """A pandas DataFrame (step, quality, curve) for the quality plot, or None while there are no points.
+
+    The grid's figures are the "samples" curve; each reference level is a flat line over
+    the same steps ("noise level", "data level"), so the curve is read against them.
+    """
+    import pandas as pd
+
+    if not points:
+        return None
+    first, last = points[0][0], points[-1][0]
+    rows = [(step, value, QUALITY_CURVES[0]) for step, value in points]
+    for level, name in ((noise_level, QUALITY_CURVES[1]), (data_level, QUALITY_CURVES[2])):
+        if level is not None:
+            rows += [(first, level, name), (last, level, name)]
+    return pd.DataFrame(rows, columns=["step", "quality", "curve"])
 
 
 def cli_command(run: RunDir | str | None = None) -> str:
@@ -407,8 +439,12 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
                                 value=render(None).status)
             progress = gr.Textbox(label="Progress", interactive=False, elem_id="train-progress")
             log_scale = gr.Checkbox(label="Plot log10(loss)", value=False, elem_id="train-log-scale")
-            loss_plot = gr.LinePlot(x="step", y="loss", color="curve", label="Loss", elem_id="train-loss",
-                                    height=260)
+            with gr.Row():
+                loss_plot = gr.LinePlot(x="step", y="loss", color="curve", label="Loss", elem_id="train-loss",
+                                        height=260)
+                quality_plot = gr.LinePlot(x="step", y="quality", color="curve", elem_id="train-quality",
+                                           label="Sample quality (lower is better)", height=260)
+            gr.Markdown(QUALITY_HELP, elem_id="train-quality-help")
             with gr.Row():
                 sample = gr.Image(label="Latest sample grid", type="filepath", interactive=False,
                                   elem_id="train-sample", height=320)
@@ -419,13 +455,14 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
     seen = gr.State(value=(-1, -1, False))
     timer = gr.Timer(1.0)
     inputs = [widgets[name] for name in INPUT_NAMES]
-    view_components = [status, progress, loss_plot, sample, gallery, run_folder, run_path]
+    view_components = [status, progress, loss_plot, quality_plot, sample, gallery, run_folder, run_path]
 
     def current_view() -> TrainView:
         return render(latest_snapshot(ctx, TASK))
 
     def view_outputs(view: TrainView, log: bool) -> tuple:
-        return (view.status, view.progress, loss_frame(view.losses, log), view.latest_sample, view.gallery,
+        return (view.status, view.progress, loss_frame(view.losses, log),
+                quality_frame(view.quality, view.noise_level, view.data_level), view.latest_sample, view.gallery,
                 view.run_path, view.model_path)
 
     def on_start(*values: Any):
@@ -506,5 +543,5 @@ def _failure(exc: BaseException) -> str:
 
 
 __all__ = ["FIELDS", "INPUT_NAMES", "TrainView", "architecture_preset", "build_config", "build_train_tab", "cli_command", "config_json",
-           "default_values", "loss_frame", "model_summary", "preset_values", "render", "resume_latest",
+           "default_values", "loss_frame", "model_summary", "preset_values", "quality_frame", "render", "resume_latest",
            "start_training", "stop_training"]

@@ -54,6 +54,9 @@ def test_start_training_see_loss_and_samples_then_stop(page, launched_app):
         " return t && /^step \\d+\\/1000 /.test(t.value) && t.value.includes('loss'); }", timeout=60_000)
     page.wait_for_function(
         "() => document.querySelector('#train-loss canvas, #train-loss svg') !== null", timeout=60_000)
+    page.wait_for_function(  # the quality plot beside it, with the one line saying which way is better
+        "() => document.querySelector('#train-quality canvas, #train-quality svg') !== null", timeout=60_000)
+    assert "lower is better" in page.locator("#train-quality-help").inner_text()
     assert page.locator("#train-preset input").first.input_value() == "custom"
     assert page.locator("#train-gallery img").count() >= 1
 

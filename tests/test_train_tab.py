@@ -161,13 +161,16 @@ def test_train_tab_end_to_end_through_gradio_client(launched_app, client):
     assert folder.endswith("client") and "--resume latest" in command
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        status, progress, plot, sample, gallery, run_folder, model = client.predict(False, api_name="/train_status")
+        status, progress, plot, quality, sample, gallery, run_folder, model = client.predict(
+            False, api_name="/train_status")
         rows = plot.get("data", []) if isinstance(plot, dict) else []
-        if sample and len(rows) >= 4:
+        curves = {row[-1] for row in quality.get("data", [])} if isinstance(quality, dict) else set()
+        if sample and len(rows) >= 4 and "samples" in curves:
             break
         time.sleep(0.3)
     else:
-        raise AssertionError(f"no loss points and sample: {status} {progress} {plot}")
+        raise AssertionError(f"no loss points, sample and quality: {status} {progress} {plot} {quality}")
+    assert curves == {"samples", "noise level", "data level"}  # the grid's figure beside both reference lines
     assert progress.startswith("step ") and "loss" in progress
     assert Path(sample).is_file() and run_folder.endswith("client")
     assert "Stopping client" in client.predict(api_name="/stop_training")

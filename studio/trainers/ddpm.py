@@ -5,7 +5,8 @@
 ``accelerate launch``) and writes the run folder (see ``studio.runs``):
 ``config.json``, ``events.jsonl``, ``samples/step-N.png`` + ``progress.gif``,
 ``checkpoints/``, ``model/`` (a ``DDPMPipeline`` with the EMA weights) and
-``logs/`` (TensorBoard). It reports through ``events`` and listens to ``stop``;
+``logs/`` (TensorBoard). Every sample grid is also scored (``quality`` events, see
+``studio.quality``; lower is better). It reports through ``events`` and listens to ``stop``;
 it knows nothing of threads or the UI.
 
 The loop per optimizer step:
@@ -54,6 +55,7 @@ from studio.trainers.ddpm_outputs import (
     GRID_MIN_SIDE,
     MODEL_CARD,
     Reporter,
+    SampleQuality,
     export_pipeline,
     sample_images,
     save_samples,
@@ -294,6 +296,7 @@ def _train(cfg: TrainConfig, report: Reporter, stop: threading.Event, run: RunDi
     sampler = BatchSampler(len(pixels), cfg.train_batch_size, rank, world, cfg.seed)
     noise_gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank + 1)
     first_indices: list[int] = []
+    quality = SampleQuality(pixels, cfg.num_samples) if is_main else None
 
     # -- resume ------------------------------------------------------------------------------
     step, smoothed, debias = 0, 0.0, 0.0
@@ -350,6 +353,7 @@ def _train(cfg: TrainConfig, report: Reporter, stop: threading.Event, run: RunDi
                     ema.restore(unet.parameters())
             path = save_samples(run, step, images, report.writer)
             report("samples", step, path=str(path), message=f"samples at step {step}")
+            quality(images, step, report)
         accelerator.wait_for_everyone()
 
     def finish(kind: str, step: int, checkpoint: Path | None) -> RunDir:

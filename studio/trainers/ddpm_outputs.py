@@ -4,7 +4,9 @@ Responsible for: the sample grids (fixed-seed DDIM samples rendered into one ima
 ``samples/step-N.png``, also sent to TensorBoard) and ``samples/progress.gif``; the
 exported ``model/`` folder (a ``DDPMPipeline`` with the EMA weights plus a model card
 ``README.md``); the events reporter that writes ``events.jsonl`` and the TensorBoard
-logs in ``logs/``; and ``logs/processes.json`` (per-process weight checksums).
+logs in ``logs/``; ``logs/processes.json`` (per-process weight checksums); and the
+grid's quality figure (``SampleQuality``: the dataset's ``studio.quality`` reference,
+built once per run, scoring every grid).
 ``studio.trainers.ddpm`` calls these; the loop itself lives there.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -23,6 +26,8 @@ import torch
 from studio.config.train import TrainConfig
 from studio.events import Event, EventSink
 from studio.runs import RunDir
+
+log = logging.getLogger(__name__)
 
 #: Sample grids smaller than this (pixels, longer side) are enlarged for viewing.
 GRID_MIN_SIDE = 256
@@ -102,6 +107,45 @@ def write_progress_gif(run: RunDir) -> Path | None:
     images[0].save(tmp, save_all=True, append_images=images[1:], duration=durations, loop=0)
     os.replace(tmp, target)
     return target
+
+
+class SampleQuality:
+    """Scores each fixed-seed sample grid against the dataset (``studio.quality``, lower is better).
+
+    The reference (the dataset's patch statistics plus the noise and data levels) is
+    built on the first grid and kept for the run: about a second once, then a few tens
+    of milliseconds per grid. Its seed is fixed (not the run's seed), so figures of
+    different runs on the same data, resolution and sample count compare directly. A
+    failure never ends the run: it is reported once as a warning and scoring stops.
+    """
+
+    def __init__(self, pixels: torch.Tensor, sample_count: int) -> None:
+        self.pixels, self.sample_count = pixels, sample_count
+        self.reference: Any = None
+        self.failed = False
+
+    def __call__(self, images: np.ndarray, step: int, report: Any) -> float | None:
+        """Score ``images`` (uint8 [N, R, R, 3]) and report a ``quality`` event; None when unavailable."""
+        if self.failed:
+            return None
+        try:
+            from studio.quality import QualityReference
+
+            if self.reference is None:
+                self.reference = QualityReference.build(self.pixels, sample_count=self.sample_count)
+                self.pixels = None  # the reference keeps what it needs
+            value = self.reference.score(images)
+        except Exception as exc:  # noqa: BLE001 - a figure must never end a training run
+            log.exception("sample quality failed")
+            self.failed = True
+            report("warning", step, message=f"The sample-quality figure is unavailable for this run: {exc}")
+            return None
+        ref = self.reference
+        data = "n/a" if ref.data_level is None else f"{ref.data_level:.1f}"
+        report("quality", step, quality=value, noise_level=ref.noise_level, data_level=ref.data_level,
+               message=f"sample quality {value:.1f} at step {step} (noise {ref.noise_level:.1f}, data {data}; "
+                       "lower is better)")
+        return value
 
 
 # ----------------------------------------------------------------------------- model/
@@ -196,6 +240,10 @@ class Reporter:
             self.writer.add_scalar("train/loss", event.loss, step)
             self.writer.add_scalar("train/smoothed_loss", event.smoothed_loss, step)
             self.writer.add_scalar("train/lr", event.lr, step)
+        elif self.writer is not None and kind == "quality":
+            for tag in ("quality", "noise_level", "data_level"):  # lower is better; the levels are flat lines
+                if getattr(event, tag) is not None:
+                    self.writer.add_scalar(f"quality/{tag}", getattr(event, tag), step)
         self.sink(event)
 
     def close(self) -> None:
