@@ -128,3 +128,24 @@ def test_two_processes_resume_each_with_its_own_random_state(tiny_sd, workspace,
     resumed = load_file(str(weights))
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_a_train_checkpoint_whose_pickle_would_run_code_is_refused_unrun(workspace, tmp_path):
+    """The DDPM trainer's ``training_state.pt`` gets the same treatment."""
+    import studio.trainers.ddpm as ddpm
+    from test_ddpm_trainer import tiny_config
+
+    run = ddpm.train(tiny_config(workspace, max_train_steps=1, run_name="victim"))
+    good = run.checkpoints_dir / "step-00000001"
+    canary = tmp_path / "canary.txt"
+
+    def write(folder: Path) -> None:
+        for f in good.iterdir():
+            if f.name not in ("COMPLETE.json", "training_state.pt"):
+                shutil.copy2(f, folder / f.name)
+        torch.save({"step": 1, "evil": _Payload(canary)}, folder / "training_state.pt")
+
+    save_checkpoint(run.checkpoints_dir, 9, write, keep=10)
+    with pytest.raises(CheckpointError, match="Refused to load step-00000009/training_state.pt"):
+        ddpm.train(tiny_config(workspace, max_train_steps=2, run_name="victim", resume="latest"))
+    assert not canary.exists()

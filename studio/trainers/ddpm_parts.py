@@ -10,6 +10,7 @@ loop itself (and writing checkpoints) lives there.
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import time
 from collections.abc import Callable
@@ -169,6 +170,10 @@ def load_checkpoint(folder: Path, unet, ema, optimizer, lr_scheduler, accelerato
                 f"({len(missing)} missing, {len(unexpected)} unexpected weights).",
                 "Resume with the run's own config.json, or start a new run.")
         state = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # objects other than tensors and numbers: refused, never run
+        raise CheckpointError(f"Refused to load {folder.name}/training_state.pt: it holds Python objects other "
+                              "than tensors and numbers, which could run code when loaded.",
+                              "Resume only from checkpoints this studio wrote, or start a new run.") from None
     except RuntimeError as exc:  # shape mismatch from load_state_dict, damaged pickle
         raise CheckpointError(f"Checkpoint {folder} does not fit this model: {str(exc).splitlines()[0]}",
                               "Resume with the run's own config.json, or start a new run.") from None
