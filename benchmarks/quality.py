@@ -86,8 +86,10 @@ def score_pipeline(path: str | Path, *, samples: int = 16, inference_steps: int 
             "grid": str(grid_path) if grid_path else None}
 
 
-def train_for(minutes: float, workspace: Path) -> tuple[Path, int, float, list[tuple[int, float]]]:
+def train_for(minutes: float, workspace: Path, **overrides: Any) -> tuple[Path, int, float, list[tuple[int, float]]]:
     """Train ``TrainConfig()``'s defaults for ``minutes`` of wall-clock time (or until it finishes).
+
+    ``overrides`` change settings (the smoke test trains a tiny model); the benchmark passes none.
 
     Returns:
         (run folder, steps trained, seconds spent, [(step, quality) from the run's events]).
@@ -95,7 +97,7 @@ def train_for(minutes: float, workspace: Path) -> tuple[Path, int, float, list[t
     from studio.config.train import TrainConfig
     from studio.trainers.ddpm import train
 
-    cfg = TrainConfig(workspace=str(workspace), run_name="quality-benchmark")
+    cfg = TrainConfig(**{"workspace": str(workspace), "run_name": "quality-benchmark", **overrides})
     print(f"training the default run ({cfg.preset}, {cfg.resolution} px, batch {cfg.train_batch_size}, "
           f"lr {cfg.learning_rate}, {cfg.max_train_steps} steps planned) for at most {minutes:g} minutes",
           flush=True)

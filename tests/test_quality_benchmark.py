@@ -36,3 +36,18 @@ def test_model_mode_prints_the_figure_and_both_levels_as_json(bench, tmp_path, c
     assert str(pipe) in "\n".join(lines)
     with pytest.raises(SystemExit):
         bench.model_folder(tmp_path)
+
+
+def test_training_mode_trains_the_run_and_reads_its_quality_curve(bench, tmp_path):
+    """The training path with a tiny model that finishes well inside its budget."""
+    from studio.config.data import DataConfig
+
+    tiny = dict(data=DataConfig(source="emoji", max_rows=16), resolution=8, train_batch_size=4, max_train_steps=2,
+                learning_rate=1e-3, lr_warmup_steps=0, block_out_channels=(8, 16), layers_per_block=1,
+                down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                num_samples=4, sample_inference_steps=2, sample_every=1, save_every=0, device="cpu")
+    run, steps, elapsed, curve = bench.train_for(5.0, tmp_path, **tiny)
+    assert steps == 2 and 0 < elapsed < 300
+    assert [step for step, _ in curve] == [0, 1, 2] and all(value > 0 for _, value in curve)
+    result = bench.score_pipeline(run, samples=4, inference_steps=2, cache_root=tmp_path / ".cache", max_rows=16)
+    assert result["resolution"] == 8 and result["quality"] > 0
