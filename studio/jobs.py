@@ -6,10 +6,17 @@ trainer ``train(cfg, events, stop)``: it runs it in a thread, turns its events i
 a ``Snapshot`` under a lock, and keeps that snapshot after the thread ends, so a
 page reload re-attaches to the running (or last) job. The UI polls ``snapshot()``;
 a slow browser never slows training.
+
+The device rule ("one job per device") holds across processes too: each job holds
+the machine-wide ``studio.locks.device_lock`` of its device while it runs, and
+``use_device`` lets other device work (a Generate request) take the same rule, so
+Generate and training never fill one device together, in one app or across an app
+and a CLI run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import logging
@@ -18,10 +25,11 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from studio.errors import JobError, describe_exception
 from studio.events import FINAL_KINDS, Event
+from studio.locks import ProcessLock, device_key, device_lock
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +110,7 @@ class Job:
         self._target = target
         self._on_event = on_event
         self._done = threading.Event()
+        self.device_lock: ProcessLock | None = None  # released when the thread ends
         self.thread = threading.Thread(target=self._run, name=f"job-{job_id}-{name}", daemon=True)
 
     # -- reading -----------------------------------------------------------------
@@ -186,6 +195,8 @@ class Job:
             self._write_error_log(exc)
             self.handle(Event("failed", message=describe_exception(exc)))
         finally:
+            if self.device_lock is not None:
+                self.device_lock.release()
             self._done.set()
 
     def _write_error_log(self, exc: BaseException) -> None:
@@ -207,6 +218,7 @@ class JobManager:
         self._lock = threading.Lock()
         self._jobs: dict[int, Job] = {}
         self._ids = itertools.count(1)
+        self._device_users: dict[str, str] = {}  # device key -> what holds it outside a job (Generate)
 
     def start(self, name: str, task: str, run_dir: str | Path, target: JobTarget,
               device: str = "default", on_event: Callable[[Event], None] | None = None) -> Job:
@@ -221,7 +233,8 @@ class JobManager:
             on_event: Extra observer called after each event is folded in.
 
         Raises:
-            JobError: when a job is already running on ``device``, naming it.
+            JobError: when a job (or Generate) already uses ``device`` in this process or
+                another studio process on this machine, naming it.
         """
         with self._lock:
             busy = self.running(device)
@@ -232,17 +245,53 @@ class JobManager:
                     f"A {s.task} job is already running on {device}: '{s.name}' ({progress}).",
                     "Stop it first, or wait for it to finish.",
                 )
+            key = device_key(device)
+            if key in self._device_users:
+                raise JobError(f"{self._device_users[key]} is running on {key}.",
+                               "Start again when it has finished (or press its Stop).")
+            lock = device_lock(device, f"{task} '{name}'").acquire()
             job = Job(next(self._ids), name, task, run_dir, device, target, on_event)
+            job.device_lock = lock
             self._jobs[job.id] = job
-        job.thread.start()
+        try:
+            job.thread.start()
+        except BaseException:
+            lock.release()
+            raise
         return job
 
     def running(self, device: str | None = None) -> Job | None:
         """The running job on ``device`` (any device when None), or None."""
+        key = None if device is None else device_key(device)
         for job in reversed(list(self._jobs.values())):
-            if job.running and (device is None or job.device == device):
+            if job.running and (key is None or device_key(job.device) == key):
                 return job
         return None
+
+    @contextlib.contextmanager
+    def use_device(self, device: str, what: str) -> Iterator[None]:
+        """Hold ``device`` for work that is not a job (a Generate request) under the job rule.
+
+        Raises:
+            JobError: when a training job runs on the device (here or in another studio
+                process), naming it, so Generate and training never fill one device together.
+        """
+        key = device_key(device)
+        with self._lock:
+            busy = self.running(device)
+            if busy is not None:
+                s = busy.snapshot()
+                progress = f"step {s.step}/{s.total}" if s.total else s.phase
+                raise JobError(f"The {key} device is busy with the {s.task} job '{s.name}' ({progress}).",
+                               f"{what} can run when it finishes, or after you stop it.")
+            lock = device_lock(device, what).acquire()
+            self._device_users[key] = what
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._device_users.pop(key, None)
+            lock.release()
 
     def get(self, job_id: int) -> Job | None:
         """The job with this id, running or ended."""

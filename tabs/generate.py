@@ -12,6 +12,12 @@ one click on Load away. After a load, the scheduler list holds only the samplers
 model can use, and the prompt, guidance, size and LoRA controls show only when the
 pipeline takes them. Generation streams progress and a cheap live preview; Stop sets a
 flag the per-step callback checks (Gradio's ``cancels=`` cannot interrupt it).
+
+Stop and progress belong to the browser session that started the request: each
+request gets its own stop flag, filed under the session's hash in ``SessionStops``,
+so Stop in one tab never ends another person's image. A request holds its device
+under the job rule (``JobManager.use_device``): while a training job runs on the
+device, Generate is refused with a message naming the job.
 """
 
 from __future__ import annotations
@@ -154,8 +160,56 @@ def gallery_items(images: list[Any]) -> list[tuple[str, str]]:
     return [(str(img.path), f"seed {img.seed}") for img in images if img.path is not None]
 
 
-def stream_generation(ctx: StudioContext, cfg: GenerateConfig) -> Iterator[dict[str, Any]]:
+class SessionStops:
+    """The stop flags of running Generate requests, per browser session (thread-safe).
+
+    One per app (made in ``build_generate_tab``). ``begin`` files a fresh flag for a
+    session's request, ``stop`` sets the flags of that session only.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._flags: dict[str, list[threading.Event]] = {}
+
+    def begin(self, session: str) -> threading.Event:
+        """A new stop flag for a request of ``session``."""
+        flag = threading.Event()
+        with self._lock:
+            self._flags.setdefault(session, []).append(flag)
+        return flag
+
+    def end(self, session: str, flag: threading.Event) -> None:
+        """Forget ``flag`` (its request has ended)."""
+        with self._lock:
+            flags = self._flags.get(session, [])
+            if flag in flags:
+                flags.remove(flag)
+            if not flags:
+                self._flags.pop(session, None)
+
+    def stop(self, session: str) -> int:
+        """Set the flags of ``session``'s running requests; how many there were."""
+        with self._lock:
+            flags = list(self._flags.get(session, []))
+        for flag in flags:
+            flag.set()
+        return len(flags)
+
+
+def session_key(request: gr.Request | None) -> str:
+    """The browser session a request comes from ("" outside a Gradio request)."""
+    return str(getattr(request, "session_hash", "") or "") if request is not None else ""
+
+
+def stream_generation(ctx: StudioContext, cfg: GenerateConfig,
+                      stop: threading.Event | None = None) -> Iterator[dict[str, Any]]:
     """Run ``cfg`` in a worker thread and yield what to show as it goes.
+
+    Args:
+        ctx: The app context (its pipeline manager and job rule for the device).
+        cfg: The request.
+        stop: This request's stop flag (set by its session's Stop; set here when the
+            stream is closed early).
 
     Yields:
         dicts with "progress" (text), optionally "preview" (PIL), "images" (finished
@@ -164,13 +218,14 @@ def stream_generation(ctx: StudioContext, cfg: GenerateConfig) -> Iterator[dict[
     from studio.generate import generate
 
     manager = ctx.pipelines
-    manager.stop_event.clear()
+    stop = stop if stop is not None else threading.Event()
     updates: queue.Queue = queue.Queue()
     outcome: dict[str, Any] = {}
 
     def work() -> None:
         try:
-            outcome["result"] = generate(manager, cfg, on_progress=updates.put, stop=manager.stop_event)
+            with ctx.jobs.use_device(manager.device, "Generate"):
+                outcome["result"] = generate(manager, cfg, on_progress=updates.put, stop=stop)
         except Exception as exc:  # noqa: BLE001 - reported to the page as a message
             outcome["error"] = exc
         finally:
@@ -199,7 +254,7 @@ def stream_generation(ctx: StudioContext, cfg: GenerateConfig) -> Iterator[dict[
             yield update
     finally:
         if worker.is_alive():  # nobody is watching any more (page closed): stop after this step
-            manager.stop_event.set()
+            stop.set()
     worker.join()
     if "error" in outcome:
         exc = outcome["error"]
@@ -221,6 +276,7 @@ def build_generate_tab(ctx: StudioContext) -> dict:
     """
     workspace = ctx.workspace
     help_ = GenerateConfig.help_for
+    stops = SessionStops()
     with gr.Row():
         with gr.Column(scale=3):
             model = gr.Dropdown(model_choices(workspace), value=None, allow_custom_value=True, label="Model",
@@ -328,17 +384,28 @@ def build_generate_tab(ctx: StudioContext) -> dict:
     def on_refresh() -> tuple:
         return gr.update(choices=model_choices(workspace)), gr.update(choices=lora_choices(workspace))
 
-    def on_generate(*values: Any) -> Iterator[tuple]:
+    def on_generate(model: str, prompt: str, negative_prompt: str, width: Any, height: Any, steps: Any,
+                    guidance: Any, seed: Any, batch_size: Any, batch_count: Any, scheduler: str, lora: str,
+                    lora_scale: Any, request: gr.Request) -> Iterator[tuple]:
         skip = gr.skip()
         try:
-            cfg = build_config(*values)
+            cfg = build_config(model, prompt, negative_prompt, width, height, steps, guidance, seed, batch_size,
+                               batch_count, scheduler, lora, lora_scale)
         except Exception as exc:  # noqa: BLE001
             message = describe_exception(exc)
             gr.Warning(message)
             yield skip, f"Not started: {message}", skip, skip, skip
             return
         yield None, "Starting…", skip, skip, skip
-        for update in stream_generation(ctx, cfg):
+        session = session_key(request)
+        stop = stops.begin(session)
+        try:
+            yield from _stream_updates(ctx, cfg, stop, skip)
+        finally:
+            stops.end(session, stop)
+
+    def _stream_updates(ctx: StudioContext, cfg: GenerateConfig, stop: threading.Event, skip: Any) -> Iterator[tuple]:
+        for update in stream_generation(ctx, cfg, stop):
             if "error" in update:
                 gr.Warning(update["error"])
                 yield skip, f"Failed: {update['error']}", skip, skip, skip
@@ -352,9 +419,9 @@ def build_generate_tab(ctx: StudioContext) -> dict:
             yield (update.get("preview", skip), update["progress"],
                    gallery_items(update["images"]) if "images" in update else skip, skip, skip)
 
-    def on_stop() -> str:
-        manager = ctx.pipelines
-        manager.stop_event.set()
+    def on_stop(request: gr.Request) -> str:
+        if not stops.stop(session_key(request)):
+            return "Nothing of yours is generating."
         return "Stopping after the current step…"
 
     def on_reuse(path: str | None, current_scheduler: str) -> tuple:

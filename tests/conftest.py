@@ -30,6 +30,9 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ["DISABLE_TELEMETRY"] = "1"
 os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="studio-gradio-tmp-"))
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# Device locks are machine-wide: each test session gets its own folder, so tests never
+# wait on (or block) the studio or another test run using the same CPU.
+os.environ["STUDIO_LOCK_DIR"] = tempfile.mkdtemp(prefix="studio-locks-")
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -73,10 +74,11 @@ def test_stream_generation_yields_progress_then_result(ctx, tiny_sd):
 
 def test_closing_the_stream_stops_the_generation(ctx, tiny_sd):
     cfg = build_config(*values(str(tiny_sd), num_inference_steps=100, batch_count=50))
-    stream = stream_generation(ctx, cfg)
+    stop = threading.Event()
+    stream = stream_generation(ctx, cfg, stop)
     next(stream)
     stream.close()  # what Gradio does when the page goes away
-    assert ctx.pipelines.stop_event.is_set()
+    assert stop.is_set()
     assert ctx.pipelines.lock.acquire(timeout=30)  # the worker let go of the pipeline
     ctx.pipelines.lock.release()
 
