@@ -243,8 +243,11 @@ def _load_target(ref: ModelRef, dtype: Any, offline: bool, report: ProgressFn) -
         raise ModelError(f"{ref.label} could not be loaded: {text.splitlines()[0][:300]}") from None
     except OSError as exc:
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        hint = ("It needs files that are not cached; go online once (or use \"Download for offline use\")."
-                if offline else "Check the model files (or your connection) and try again.")
+        if ref.kind == "hub":
+            hint = ("It needs files that are not cached; go online once (or use \"Download for offline use\")."
+                    if offline else "Check the model files (or your connection) and try again.")
+        else:  # a local folder or file: nothing online would help
+            hint = "A file of this model is missing or damaged on disk; copy or re-save the model."
         if "401" in first or "403" in first or "gated" in first.lower() or "private" in first.lower():
             hint = _LOGIN_HINT
         raise ModelError(f"{ref.label} could not be loaded: {first}", hint) from None

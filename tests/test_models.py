@@ -57,6 +57,17 @@ def test_bad_references_get_clear_messages(reference, message, workspace):
         resolve_reference(reference, workspace, offline=True)
 
 
+def test_a_local_folder_missing_a_weight_file_names_it_and_never_says_go_online(tiny_sd, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_sd, broken)
+    (broken / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(ModelError) as err:
+        load_pipeline(str(broken), "cpu", offline=True)
+    text = err.value.user_message
+    assert "diffusion_pytorch_model" in text and "missing or damaged on disk" in text, text
+    assert "online" not in text.lower(), text
+
+
 def test_folder_without_model_index(tiny_sd):
     with pytest.raises(ModelError, match="no model_index.json"):
         resolve_reference(str(tiny_sd / "unet"), offline=True)
