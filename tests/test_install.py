@@ -93,7 +93,7 @@ def pip_plan(python: Path, args: list[str], report: Path, env: dict[str, str]) -
     """Run ``pip install --dry-run --report`` for ``python``; {normalised name: report item}."""
     cmd = [sys.executable, "-m", "pip", "--python", str(python), "install", "--dry-run", "--quiet",
            "--report", str(report), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"pip failed:\n{proc.stdout}\n{proc.stderr}"
     plan = json.loads(report.read_text())
     return {item["metadata"]["name"].lower().replace("_", "-"): item for item in plan["install"]}
