@@ -35,7 +35,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 #: Command-line flags that override config fields of the same name.
 OVERRIDES = (
-    ("--resume", "resume", "Continue from 'latest' or a checkpoint folder."),
+    ("--resume", "resume", "Continue a run: 'latest' = the newest intact checkpoint of the run named by the "
+                           "config's run_name (a run's config.json names its run), or with no run_name of the "
+                           "newest run that has a checkpoint; or a checkpoint folder."),
     ("--workspace", "workspace", "Folder holding the run folders."),
     ("--device", "device", "auto, cpu, cuda or mps."),
 )

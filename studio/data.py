@@ -30,6 +30,7 @@ import io
 import json
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -483,6 +484,12 @@ def _hub_offline() -> bool:
     return value.strip().lower() in ("1", "true", "yes", "on")
 
 
+def _offline_error(hub_id: str) -> DataError:
+    return DataError(f"The dataset '{hub_id}' is not in the local cache and the studio is offline "
+                     "(HF_HUB_OFFLINE / --offline).",
+                     "Start the studio with network access once to download it, or use a local folder.")
+
+
 def _hub_error(cfg: DataConfig, exc: BaseException) -> DataError:
     """Map datasets / huggingface_hub exceptions to a message a person can act on."""
     from datasets.exceptions import DatasetNotFoundError
@@ -501,9 +508,7 @@ def _hub_error(cfg: DataConfig, exc: BaseException) -> DataError:
         return DataError(f"The dataset '{hub_id}' is gated: you must accept its terms on the Hub and be logged in.",
                          "Accept the terms on its Hub page, then run `hf auth login` and load again.")
     if offline_like or (isinstance(exc, ConnectionError) and _hub_offline()):
-        return DataError(f"The dataset '{hub_id}' is not in the local cache and the studio is offline "
-                         "(HF_HUB_OFFLINE / --offline).",
-                         "Start the studio with network access once to download it, or use a local folder.")
+        return _offline_error(hub_id)
     if isinstance(exc, ConnectionError):
         return DataError(f"Could not reach the Hugging Face Hub to get '{hub_id}', and it is not in the local cache.",
                          "Check the network connection, or use a local folder or the bundled emoji set.")
@@ -550,32 +555,125 @@ def _check_local_dataset_folder(hub_id: str) -> None:
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
 
 
+#: Seconds the first Hub lookup of a dataset id may take before the Hub counts as unreachable.
+HUB_LOOKUP_TIMEOUT = 2.0
+_OFFLINE_SWITCH = threading.Lock()
+
+
+def _hub_cached(hub_id: str) -> bool:
+    """Whether ``datasets`` or the Hub cache may hold ``hub_id`` (checked on disk, no network)."""
+    from huggingface_hub import constants
+
+    namespace, _, name = hub_id.rpartition("/")
+    snake = re.sub(r"([a-z\d])([A-Z])", r"\1_\2", re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1_\2", name)).lower()
+    datasets_cache = Path(os.environ.get("HF_DATASETS_CACHE") or Path(constants.HF_HOME) / "datasets")
+    candidates = [datasets_cache / "___".join(p for p in (namespace, n) if p) for n in {name, snake}]
+    candidates.append(Path(constants.HF_HUB_CACHE) / ("datasets--" + hub_id.replace("/", "--")))
+    return any(path.is_dir() for path in candidates)
+
+
+def _hub_reachable(cfg: DataConfig) -> bool:
+    """Fail fast before ``datasets`` spends ~30 s retrying an unreachable Hub.
+
+    Offline (``HF_HUB_OFFLINE`` / the app's ``--offline``) or unreachable within
+    ``HUB_LOOKUP_TIMEOUT``: a dataset that is not cached is one clear ``DataError`` at once.
+
+    Returns:
+        True when the Hub answered (or the id is a local folder); False when it is offline
+        or unreachable but the dataset may be in the cache (load it from there).
+
+    Raises:
+        DataError: the dataset is not cached and the Hub cannot be used, or it does not exist.
+    """
+    hub_id = cfg.hub_id.strip()
+    if Path(hub_id).expanduser().exists():
+        return True
+    if _hub_offline():
+        if _hub_cached(hub_id):
+            return False
+        raise _offline_error(hub_id)
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+
+    try:
+        HfApi().dataset_info(hub_id, timeout=HUB_LOOKUP_TIMEOUT)
+        return True
+    except GatedRepoError:
+        raise DataError(f"The dataset '{hub_id}' is gated: you must accept its terms on the Hub and be logged in.",
+                        "Accept the terms on its Hub page, then run `hf auth login` and load again.") from None
+    except RepositoryNotFoundError:
+        raise DataError(f"Dataset '{hub_id}' was not found on the Hugging Face Hub (or it is private).",
+                        "Check the spelling (user/name); for a private dataset run `hf auth login`.") from None
+    except HFValidationError:
+        raise DataError(f"'{hub_id}' is not a valid dataset id.",
+                        "Use the form user/name, e.g. nelorth/oxford-flowers.") from None
+    except Exception as exc:  # noqa: BLE001 - any transport failure means "unreachable"
+        if _hub_cached(hub_id):
+            return False
+        raise DataError(f"Could not reach the Hugging Face Hub within {HUB_LOOKUP_TIMEOUT:g} s to get '{hub_id}' "
+                        f"({_first_line(exc)}), and it is not in the local cache.",
+                        "Check the network connection (or HF_ENDPOINT), or use a local folder or the bundled "
+                        "emoji set.") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0][:160] if text else type(exc).__name__)
+
+
+def _offline_datasets() -> Any:
+    """A context in which ``datasets`` reads only its cache (the Hub was found unreachable)."""
+    import contextlib
+
+    import datasets
+    from huggingface_hub import constants
+
+    @contextlib.contextmanager
+    def switched():
+        with _OFFLINE_SWITCH:
+            saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+            datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+            try:
+                yield
+            finally:
+                datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
+
+    return switched()
+
+
 def _load_hub_split(cfg: DataConfig) -> tuple[Any, list[str], str]:
     """The chosen split of a Hub (or local dataset-folder) id, its split names and the split used."""
-    import datasets
+    import contextlib
 
     hub_id = cfg.hub_id.strip()
     _check_local_dataset_folder(hub_id)
+    online = _hub_reachable(cfg)  # before importing datasets: offline or unreachable fails fast
+    import datasets
+
     try:
-        if cfg.split:
-            splits: list[str] = []
-            ds = datasets.load_dataset(hub_id, split=cfg.split)
-            split = cfg.split
-        else:
-            dd = datasets.load_dataset(hub_id)
-            splits = list(dd.keys())
-            split = "train" if "train" in dd else splits[0]
-            ds = dd[split]
+        with contextlib.nullcontext() if online else _offline_datasets():
+            ds, splits, split = _load_split(datasets, cfg, hub_id)
     except DataError:
         raise
     except Exception as exc:  # every failure of the Hub stack becomes a clear DataError
         raise _hub_error(cfg, exc) from None
     if not splits:
         try:
-            splits = list(datasets.get_dataset_split_names(hub_id))
+            with contextlib.nullcontext() if online else _offline_datasets():
+                splits = list(datasets.get_dataset_split_names(hub_id))
         except Exception:  # split names are a convenience for the dropdown
             splits = [split]
     return ds, splits, split
+
+
+def _load_split(datasets: Any, cfg: DataConfig, hub_id: str) -> tuple[Any, list[str], str]:
+    """``load_dataset`` of the chosen split (or of all, then 'train' or the first); splits known so far."""
+    if cfg.split:
+        return datasets.load_dataset(hub_id, split=cfg.split), [], cfg.split
+    dd = datasets.load_dataset(hub_id)
+    splits = list(dd.keys())
+    split = "train" if "train" in dd else splits[0]
+    return dd[split], splits, split
 
 
 def detect_columns(features: dict[str, Any]) -> tuple[list[str], list[str]]:
@@ -594,9 +692,9 @@ def detect_columns(features: dict[str, Any]) -> tuple[list[str], list[str]]:
 
 
 def _scan_hub(cfg: DataConfig) -> _Scan:
+    ds, splits, split = _load_hub_split(cfg)  # first: fails fast offline, before importing datasets
     from datasets import Image as ImageFeature
 
-    ds, splits, split = _load_hub_split(cfg)
     columns = list(ds.column_names)
     image_cols, caption_cols = detect_columns(ds.features)
     hub_id = cfg.hub_id.strip()

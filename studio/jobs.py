@@ -49,7 +49,8 @@ class Snapshot:
         name: Run name (the run folder's name).
         task: "train", "finetune", ...
         run_dir: The run folder.
-        status: "running", "finished", "stopped" or "failed".
+        status: "running", "finished", "stopped" or "failed" ("interrupted" for history
+            restored from a run folder whose log has no final event).
         phase: Latest status text ("caching latents", "training", ...).
         step / total: Progress in optimisation steps.
         losses: (step, loss, smoothed_loss) points.
@@ -97,16 +98,96 @@ class Snapshot:
         return self.samples[-1][1] if self.samples else None
 
 
+def fold_event(s: Snapshot, event: Event) -> None:
+    """Fold one event into snapshot ``s`` in place: the one rule for live jobs and restored history.
+
+    A step at or before steps already seen (a run resumed from an earlier checkpoint after
+    a crash) replaces the points from there on; a sample grid of a step already shown
+    replaces it.
+    """
+    s.version += 1
+    s.updated = event.time
+    if event.total:
+        s.total = event.total
+    if event.step:
+        s.step = max(s.step, event.step) if event.kind != "step" else event.step
+    if event.kind == "status":
+        s.phase = event.message
+    elif event.kind == "step":
+        s.phase = "training"
+        if event.loss is not None:
+            if s.losses and s.losses[-1][0] >= event.step:
+                s.losses = [p for p in s.losses if p[0] < event.step]
+            smoothed = event.smoothed_loss if event.smoothed_loss is not None else event.loss
+            s.losses.append((event.step, float(event.loss), float(smoothed)))
+            if len(s.losses) > MAX_LOSS_POINTS:
+                s.losses = s.losses[: -MAX_LOSS_POINTS // 2 : 2] + s.losses[-MAX_LOSS_POINTS // 2:]
+        s.lr, s.images_per_s, s.eta_s = event.lr, event.images_per_s, event.eta_s
+    elif event.kind == "samples" and event.path:
+        s.samples = [(step, path) for step, path in s.samples if step != event.step]
+        s.samples.append((event.step, event.path))
+    elif event.kind == "quality" and event.quality is not None:
+        s.quality = [(step, q) for step, q in s.quality if step != event.step]
+        s.quality.append((event.step, float(event.quality)))
+        s.noise_level, s.data_level = event.noise_level, event.data_level
+    elif event.kind == "checkpoint" and event.path:
+        s.checkpoints.append((event.step, event.path))
+    elif event.kind == "warning":
+        s.warnings.append(event.message)
+    elif event.kind in FINAL_KINDS:
+        s.status = event.kind
+        s.phase = event.message or event.kind
+        s.eta_s = 0.0 if event.kind == "finished" else s.eta_s
+        if event.kind == "failed":
+            s.error = event.message
+        if event.path:
+            s.result_path = event.path
+
+
+def history_snapshot(run_dir: str | Path, job_id: int = 0) -> Snapshot:
+    """The whole history of a run folder, replayed from its ``events.jsonl``.
+
+    What a reloaded page or a resumed run shows: every loss point and every sample grid
+    since the run began, folded by the same ``fold_event`` as a live job. A log without
+    a final event (the process died, or it trains elsewhere) reads as "interrupted".
+    """
+    from studio.runs import RunDir
+
+    run = RunDir(run_dir)
+    config = run.read_config()
+    s = Snapshot(job_id=job_id, name=run.name, task=str(config.get("task", "")), run_dir=str(run.root))
+    events = run.read_events()
+    for event in events:
+        fold_event(s, event)
+    if s.status == "running":
+        s.status, s.phase = "interrupted", "no final event in events.jsonl (the process ended, or trains elsewhere)"
+    s.images_per_s = s.eta_s = None
+    if events:
+        s.started, s.updated = events[0].time, events[-1].time
+    return s
+
+
+def continued_snapshot(history: Snapshot, job_id: int) -> Snapshot:
+    """A running job's first snapshot that carries on ``history`` (a resumed run keeps its past)."""
+    s = copy.deepcopy(history)
+    s.job_id, s.status, s.phase, s.error, s.result_path, s.version = job_id, "running", "starting", "", "", 0
+    s.started = s.updated = time.time()
+    return s
+
+
 class Job:
     """One background run. Created by ``JobManager.start``; read through ``snapshot()``."""
 
     def __init__(self, job_id: int, name: str, task: str, run_dir: str | Path, device: str,
-                 target: JobTarget, on_event: Callable[[Event], None] | None = None) -> None:
+                 target: JobTarget, on_event: Callable[[Event], None] | None = None,
+                 history: Snapshot | None = None) -> None:
         self.id = job_id
         self.device = device
         self.stop_event = threading.Event()
         self._lock = threading.Lock()
-        self._snapshot = Snapshot(job_id=job_id, name=name, task=task, run_dir=str(run_dir))
+        self._snapshot = (continued_snapshot(history, job_id) if history is not None
+                          else Snapshot(job_id=job_id, name=name, task=task, run_dir=str(run_dir)))
+        self._snapshot.name, self._snapshot.task, self._snapshot.run_dir = name, task, str(run_dir)
         self._target = target
         self._on_event = on_event
         self._done = threading.Event()
@@ -122,6 +203,12 @@ class Job:
     @property
     def running(self) -> bool:
         return not self._done.is_set()
+
+    @property
+    def name(self) -> str:
+        """The run name (without copying the snapshot)."""
+        with self._lock:
+            return self._snapshot.name
 
     @property
     def version(self) -> int:
@@ -142,40 +229,7 @@ class Job:
     def handle(self, event: Event) -> None:
         """Fold one event into the snapshot (called from the trainer's thread)."""
         with self._lock:
-            s = self._snapshot
-            s.version += 1
-            s.updated = event.time
-            if event.total:
-                s.total = event.total
-            if event.step:
-                s.step = max(s.step, event.step) if event.kind != "step" else event.step
-            if event.kind == "status":
-                s.phase = event.message
-            elif event.kind == "step":
-                s.phase = "training"
-                if event.loss is not None:
-                    smoothed = event.smoothed_loss if event.smoothed_loss is not None else event.loss
-                    s.losses.append((event.step, float(event.loss), float(smoothed)))
-                    if len(s.losses) > MAX_LOSS_POINTS:
-                        s.losses = s.losses[: -MAX_LOSS_POINTS // 2 : 2] + s.losses[-MAX_LOSS_POINTS // 2:]
-                s.lr, s.images_per_s, s.eta_s = event.lr, event.images_per_s, event.eta_s
-            elif event.kind == "samples" and event.path:
-                s.samples.append((event.step, event.path))
-            elif event.kind == "quality" and event.quality is not None:
-                s.quality.append((event.step, float(event.quality)))
-                s.noise_level, s.data_level = event.noise_level, event.data_level
-            elif event.kind == "checkpoint" and event.path:
-                s.checkpoints.append((event.step, event.path))
-            elif event.kind == "warning":
-                s.warnings.append(event.message)
-            elif event.kind in FINAL_KINDS:
-                s.status = event.kind
-                s.phase = event.message or event.kind
-                s.eta_s = 0.0 if event.kind == "finished" else s.eta_s
-                if event.kind == "failed":
-                    s.error = event.message
-                if event.path:
-                    s.result_path = event.path
+            fold_event(self._snapshot, event)
         if self._on_event is not None:
             try:
                 self._on_event(event)
@@ -201,8 +255,11 @@ class Job:
 
     def _write_error_log(self, exc: BaseException) -> None:
         try:
-            logs = Path(self._snapshot.run_dir) / "logs"
-            logs.mkdir(parents=True, exist_ok=True)
+            run_dir = Path(self._snapshot.run_dir)
+            if not run_dir.is_dir():  # a failed start removed its folder: nothing to write into
+                return
+            logs = run_dir / "logs"
+            logs.mkdir(exist_ok=True)
             (logs / "error.txt").write_text("".join(traceback.format_exception(exc)), encoding="utf-8")
         except OSError:
             pass
@@ -221,7 +278,8 @@ class JobManager:
         self._device_users: dict[str, str] = {}  # device key -> what holds it outside a job (Generate)
 
     def start(self, name: str, task: str, run_dir: str | Path, target: JobTarget,
-              device: str = "default", on_event: Callable[[Event], None] | None = None) -> Job:
+              device: str = "default", on_event: Callable[[Event], None] | None = None,
+              history: Snapshot | None = None) -> Job:
         """Start ``target`` in a new thread.
 
         Args:
@@ -231,6 +289,8 @@ class JobManager:
             target: ``target(events, stop)``.
             device: Jobs on the same device exclude each other.
             on_event: Extra observer called after each event is folded in.
+            history: The run's past (``history_snapshot``) when it is resumed: the job's
+                snapshot starts from it, so the whole loss curve and every grid stay.
 
         Raises:
             JobError: when a job (or Generate) already uses ``device`` in this process or
@@ -250,7 +310,7 @@ class JobManager:
                 raise JobError(f"{self._device_users[key]} is running on {key}.",
                                "Start again when it has finished (or press its Stop).")
             lock = device_lock(device, f"{task} '{name}'").acquire()
-            job = Job(next(self._ids), name, task, run_dir, device, target, on_event)
+            job = Job(next(self._ids), name, task, run_dir, device, target, on_event, history)
             job.device_lock = lock
             self._jobs[job.id] = job
         try:

@@ -175,3 +175,90 @@ def list_runs(workspace: str | Path) -> list[RunInfo]:
             modified=child.stat().st_mtime,
         ))
     return sorted(runs, key=lambda r: r.modified, reverse=True)
+
+
+# --------------------------------------------------------------------------- status of a run on disk
+@dataclass
+class RunStatus:
+    """Where a run stands, read from the tail of its ``events.jsonl``.
+
+    Attributes:
+        state: "finished", "stopped", "failed" (its last final event), "running" when the
+            log has no final event yet (training now, or interrupted by a crash), or ""
+            when the run has no events at all.
+        step: The last step the log mentions.
+        total: The planned number of steps (0 when unknown).
+        trained: True when at least one optimisation step was logged.
+    """
+
+    state: str = ""
+    step: int = 0
+    total: int = 0
+    trained: bool = False
+
+
+#: Bytes read from the end of ``events.jsonl`` to find a run's status (a few dozen events).
+_TAIL_BYTES = 16384
+
+
+def run_status(root: str | Path) -> RunStatus:
+    """The status of the run folder ``root`` from the last events of its log (cheap for huge logs)."""
+    path = Path(root) / "events.jsonl"
+    if not path.is_file():
+        return RunStatus()
+    with open(path, "rb") as fh:
+        fh.seek(0, 2)
+        size = fh.tell()
+        fh.seek(max(0, size - _TAIL_BYTES))
+        tail = fh.read().decode("utf-8", errors="replace").splitlines()
+    if size > _TAIL_BYTES:
+        tail = tail[1:]  # the first line is cut
+    status = RunStatus()
+    for line in tail:
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        kind = data.get("kind", "")
+        status.step = max(status.step, int(data.get("step") or 0))
+        status.total = int(data.get("total") or status.total)
+        if kind == "step":
+            status.trained = True
+            status.state = "running"
+        elif kind in ("finished", "stopped", "failed"):
+            status.state = kind
+        elif not status.state:
+            status.state = "running"
+    status.trained = status.trained or status.step > 0
+    return status
+
+
+def resumable_runs(workspace: str | Path, task: str) -> list[RunInfo]:
+    """Runs of ``task`` with a complete checkpoint, newest first: what Resume can continue.
+
+    A run whose start failed before training has no checkpoint and is never listed.
+    Checkpoint files are checked for presence and size here; resume verifies hashes.
+    """
+    from studio.checkpoints import list_checkpoints
+
+    return [info for info in list_runs(workspace)
+            if info.task == task and any(c.valid for c in list_checkpoints(info.path / "checkpoints"))]
+
+
+def discard_if_never_trained(run: RunDir) -> bool:
+    """Delete ``run``'s folder when it holds no trained state (no checkpoint, no logged step).
+
+    Called when a new run's start fails before training, so the workspace keeps no
+    half-made run that Resume or Generate could offer. Returns True when it was removed.
+    """
+    import shutil
+
+    from studio.checkpoints import list_checkpoints
+
+    if not run.root.is_dir() or list_checkpoints(run.checkpoints_dir) or run.model_dir.exists() \
+            or run.lora_dir.exists():
+        return False
+    if any(event.kind == "step" for event in run.read_events()):
+        return False
+    shutil.rmtree(run.root, ignore_errors=True)
+    return not run.root.exists()

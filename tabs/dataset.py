@@ -368,13 +368,15 @@ def build_dataset_tab(ctx: StudioContext) -> dict:
     source.change(lambda s: tuple(gr.update(visible=v) for v in source_visibility(s)), inputs=source,
                   outputs=[folder_box, upload_box, hub_box], api_name="choose_source", queue=False)
     upload.upload(on_upload, inputs=upload, outputs=[upload_dir, status], api_name="upload_files")
-    load_button.click(on_load, inputs=config_inputs, outputs=view_outputs, api_name="load_dataset")
+    # progress (and a failure) shows on the status box only, not as a frozen bar on every output
+    load_button.click(on_load, inputs=config_inputs, outputs=view_outputs, api_name="load_dataset",
+                      show_progress_on=status)
     export_button.click(on_export, inputs=[loaded_config, export_dir], outputs=export_status,
                         api_name="export_dataset")
     root = gr.context.Context.root_block
     if root is not None:
         root.load(on_page_load, outputs=view_outputs + config_inputs + [folder_box, upload_box, hub_box],
-                  api_name="preview_current_dataset")
+                  api_name="preview_current_dataset", show_progress_on=status)
     hub_id.input(lambda: ("", ""), outputs=[split, image_column], api_name="reset_hub_columns", queue=False)
     return {"status": status, "gallery": gallery}
 

@@ -269,7 +269,11 @@ def render(snapshot: Snapshot | None) -> FinetuneView:
     losses = [(step, loss, "loss") for step, loss, _ in s.losses] + [(step, sm, "smoothed") for step, _, sm in s.losses]
     gallery = [(path, f"step {step}" + (" (base model)" if step == 0 else "")) for step, path in s.samples
                if Path(path).is_file()]
-    return FinetuneView("\n".join(lines), losses, list(reversed(gallery)), s.run_dir, s.running)
+    if s.status == "failed" and not Path(s.run_dir).is_dir():
+        lines.append("Nothing was trained, so no run folder was kept.")
+    # no folder (a start that failed before training) is nothing to open in Generate
+    return FinetuneView("\n".join(lines), losses, list(reversed(gallery)),
+                        s.run_dir if Path(s.run_dir).is_dir() else "", s.running)
 
 
 def cli_command(run: RunDir | str | None = None) -> str:
@@ -390,6 +394,9 @@ def build_finetune_tab(ctx: StudioContext) -> dict[str, Any]:
                              api_name="finetune_method_help", queue=False)
     show_json.click(lambda *values: config_json(dict(zip(INPUT_NAMES, values)), ctx), inputs=inputs,
                     outputs=json_box, api_name="finetune_config_json", queue=False)
+    tab = gr.context.Context.block
+    if isinstance(tab, gr.Tab):  # the dataset line follows the Dataset tab without a reload
+        tab.select(lambda: _dataset_line(ctx), outputs=dataset_line, api_name="finetune_dataset", queue=False)
     root = gr.context.Context.root_block
     if root is not None:
         root.load(lambda: (_dataset_line(ctx), *view_outputs(current_view())),

@@ -1,32 +1,47 @@
 """Helpers shared by the two training tabs (Train, Fine-tune): starting, stopping and
-resuming a job, and the small formatting both tabs show. No layout lives here."""
+resuming a job, the run on screen (live job or history restored from its folder), and
+the small formatting both tabs show. No layout lives here."""
 
 from __future__ import annotations
 
 import logging
 import math
 import shutil
+from pathlib import Path
 from typing import Any, Callable
 
 import gradio as gr
 
-from studio.checkpoints import find_latest_valid
 from studio.context import StudioContext
 from studio.errors import JobError, StudioError, describe_exception
-from studio.jobs import Snapshot
-from studio.runs import RunDir, list_runs
+from studio.jobs import Snapshot, history_snapshot
+from studio.runs import RunDir, check_run_name, discard_if_never_trained, resumable_runs, run_status
 
 log = logging.getLogger(__name__)
 
 
 def start_job(ctx: StudioContext, task: str, run: RunDir, target: Callable, resuming: bool) -> None:
-    """Start ``target(events, stop)`` as the job of ``run``; a refused start leaves no empty run folder.
+    """Start ``target(events, stop)`` as the job of ``run``.
+
+    A resumed run's job starts from the run's whole history (every loss point and grid
+    in its folder). A new run whose start is refused, or fails before its first training
+    step (bad data, a missing base model...), leaves no run folder behind: nothing is
+    then offered to resume or to open in Generate.
 
     Raises:
         JobError: when a job already runs on the device (naming it).
     """
+    def guarded(events, stop):
+        try:
+            return target(events, stop)
+        except BaseException:
+            if not resuming and discard_if_never_trained(run):
+                log.info("removed %s: its start failed before training", run.root)
+            raise
+
+    history = history_snapshot(run.root) if resuming else None
     try:
-        ctx.jobs.start(run.name, task, run.root, target, device=ctx.settings.device)
+        ctx.jobs.start(run.name, task, run.root, guarded, device=ctx.settings.device, history=history)
     except JobError:
         if not resuming:
             remove_if_unused(run)
@@ -41,16 +56,75 @@ def remove_if_unused(run: RunDir) -> None:
 
 def latest_resumable(ctx: StudioContext, task: str) -> tuple[RunDir, dict[str, Any]] | None:
     """The newest run of ``task`` with an intact checkpoint, and its config (without "task")."""
-    for info in list_runs(ctx.workspace):
-        if info.task != task:
-            continue
-        run = RunDir(info.path)
-        if find_latest_valid(run.checkpoints_dir) is None:
-            continue
-        data = run.read_config()
-        data.pop("task", None)
-        return run, data
+    runs = resumable_runs(ctx.workspace, task)
+    return resumable_run(ctx, task, runs[0].name) if runs else None
+
+
+def resumable_run(ctx: StudioContext, task: str, name: str) -> tuple[RunDir, dict[str, Any]] | None:
+    """The run ``name`` of ``task`` and its config (without "task") if it has a checkpoint, else None."""
+    for info in resumable_runs(ctx.workspace, task):
+        if info.name == name:
+            run = RunDir(info.path)
+            data = run.read_config()
+            data.pop("task", None)
+            return run, data
     return None
+
+
+def run_choices(ctx: StudioContext, task: str) -> list[tuple[str, str]]:
+    """The run picker's (label, run name) pairs: the current job's run, then every resumable run, newest first."""
+    names: list[str] = []
+    job = ctx.jobs.latest(task)
+    if job is not None and Path(job.snapshot().run_dir).is_dir():
+        names.append(job.name)
+    names += [info.name for info in resumable_runs(ctx.workspace, task) if info.name not in names]
+    choices = []
+    for name in names:
+        if job is not None and job.running and name == job.name:
+            choices.append((f"{name} · running", name))
+            continue
+        st = run_status(ctx.workspace / name)
+        where = f" at step {st.step}" + (f"/{st.total}" if st.total else "") if st.trained else ""
+        choices.append((f"{name} · {st.state or 'new'}{where}", name))
+    return choices
+
+
+def shown_run(ctx: StudioContext, task: str, current: str | None = None) -> str | None:
+    """The run a page shows: ``current`` while it still exists, else the latest job's, else the newest resumable."""
+    names = [name for _, name in run_choices(ctx, task)]
+    if current and current in names:
+        return current
+    return names[0] if names else None
+
+
+def run_snapshot(ctx: StudioContext, task: str, name: str | None) -> Snapshot | None:
+    """What to draw for run ``name``: the live job's snapshot when it is that run, else its history from disk.
+
+    With no name, the latest job's snapshot (or None before any job).
+    """
+    job = ctx.jobs.latest(task)
+    if job is not None and (not name or job.name == name):
+        return job.snapshot()
+    if not name:
+        return None
+    try:
+        root = ctx.workspace / check_run_name(name)
+    except StudioError:
+        return None
+    return history_snapshot(root) if (root / "config.json").is_file() else None
+
+
+def run_key(ctx: StudioContext, task: str, name: str | None) -> tuple:
+    """Changes whenever what ``run_snapshot`` would draw changes (a poller redraws only then)."""
+    job = ctx.jobs.latest(task)
+    if job is not None and (not name or job.name == name):
+        return ("job", job.id, job.version, job.running)
+    events = ctx.workspace / (name or "") / "events.jsonl"
+    try:
+        stat = events.stat()
+        return ("disk", name, stat.st_size, stat.st_mtime_ns)
+    except OSError:
+        return ("disk", name, -1, -1)
 
 
 def stop_job(ctx: StudioContext, task: str, noun: str) -> str:

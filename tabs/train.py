@@ -1,12 +1,19 @@
 """The Train tab: train an unconditional DDPM from scratch and watch it learn.
 
 Layout and event wiring live in ``build_train_tab``; the work is done by plain
-functions (``build_config``, ``model_summary``, ``start_training``, ``resume_latest``,
+functions (``build_config``, ``model_summary``, ``start_training``, ``resume_run``,
 ``stop_training``, ``render``, ``loss_frame``, ``quality_frame``, ``cli_command``) that take and return
 plain values, so tests call them without Gradio running. Training runs in a job of
 ``ctx.jobs`` (``studio.trainers.ddpm.train``); a ``gr.Timer`` polls the job's
 snapshot once a second and re-renders only when its version changed, so a reload
 re-attaches to the running (or last) job and a slow browser never slows training.
+
+The tab shows one run at a time, picked in "Run on screen" (the running job's run, then
+every resumable run, newest first). Its whole history comes from the run folder
+(``studio.jobs.history_snapshot`` replays ``events.jsonl``; a resumed job starts from
+it), so a reload, a restart of the app or a resume never loses earlier loss points or
+grids. Resume continues the run on screen, to its own step target unless the person
+changes "Resume until step".
 
 Presets, block types and LR schedules come from ``studio.unet_presets`` and
 ``studio.config.train``: the same tables the CLI and the tests read. Nothing here
@@ -19,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import shlex
+import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +40,8 @@ from studio.errors import CheckpointError, ConfigError, StudioError, describe_ex
 from studio.jobs import Snapshot
 from studio.runs import RunDir
 from tabs import GPU
-from tabs.jobtab import (failure, field_label, format_duration, latest_resumable, latest_snapshot, loss_frame,
-                         poll_key, start_job, stop_job)
+from tabs.jobtab import (failure, field_label, format_duration, latest_resumable, loss_frame, resumable_run,
+                         run_choices, run_key, run_snapshot, shown_run, start_job, stop_job)
 from studio.unet_presets import (CUSTOM, PRESETS, attention_levels_of, block_types, human_bytes, human_count,
                                  memory_estimate, parameter_count, preset_matching)
 
@@ -253,28 +261,49 @@ def _start(ctx: StudioContext, cfg: TrainConfig, run: RunDir) -> tuple[str, str,
             str(run.root), cli_command(run))
 
 
-def resume_latest(ctx: StudioContext, max_train_steps: int | None = None) -> tuple[str, str, str]:
-    """Resume the newest training run that has an intact checkpoint, with its own settings.
+def resume_run(ctx: StudioContext, name: str | None = None, max_train_steps: int | None = None
+               ) -> tuple[str, str, str]:
+    """Resume training run ``name`` from its latest intact checkpoint, with its own settings.
 
     Args:
         ctx: The app context.
-        max_train_steps: Train to this many steps in total (the Training steps box); None or 0
-            keeps the run's own.
+        name: The run to continue (the one on screen); None or "" = the newest resumable run.
+        max_train_steps: Train to this many steps in total; None, 0 or the run's own target
+            keep the run's own ``max_train_steps`` (from its config.json).
 
     Raises:
-        CheckpointError: when no training run has a checkpoint.
+        CheckpointError: when the run (or, without a name, any training run) has no checkpoint.
         JobError: when a job already runs on the device.
     """
-    found = latest_resumable(ctx, TASK)
-    if found is not None:
-        run, data = found
-        cfg = TrainConfig.from_dict(data).replace(resume="latest", workspace=str(ctx.workspace), run_name=run.name,
-                                                 device=ctx.settings.device)
-        if max_train_steps and int(max_train_steps) > 0:
-            cfg = cfg.replace(max_train_steps=int(max_train_steps))
-        return _start(ctx, cfg, run)
-    raise CheckpointError("No training run with a checkpoint to resume in this workspace.",
-                          "Start a new run; Stop saves a checkpoint you can resume.")
+    found = resumable_run(ctx, TASK, name) if name else latest_resumable(ctx, TASK)
+    if found is None:
+        if name:
+            raise CheckpointError(f"Run {name!r} has no checkpoint to resume.",
+                                  "Pick another run in 'Run on screen', or start a new run.")
+        raise CheckpointError("No training run with a checkpoint to resume in this workspace.",
+                              "Start a new run; Stop saves a checkpoint you can resume.")
+    run, data = found
+    cfg = TrainConfig.from_dict(data).replace(resume="latest", workspace=str(ctx.workspace), run_name=run.name,
+                                             device=ctx.settings.device)
+    if max_train_steps and int(max_train_steps) > 0:
+        cfg = cfg.replace(max_train_steps=int(max_train_steps))
+    return _start(ctx, cfg, run)
+
+
+def resume_latest(ctx: StudioContext, max_train_steps: int | None = None) -> tuple[str, str, str]:
+    """Resume the newest training run that has a checkpoint (``resume_run`` without a name)."""
+    return resume_run(ctx, None, max_train_steps)
+
+
+def run_target(ctx: StudioContext, name: str | None) -> int | None:
+    """Run ``name``'s own step target (``max_train_steps`` in its config.json), None when unknown."""
+    found = resumable_run(ctx, TASK, name) if name else None
+    if found is None:
+        return None
+    try:
+        return int(found[1].get("max_train_steps") or 0)
+    except (TypeError, ValueError):
+        return None
 
 
 def stop_training(ctx: StudioContext) -> str:
@@ -300,6 +329,17 @@ class TrainView:
     running: bool = False
 
 
+#: The headline loss is the mean raw loss of this many latest steps.
+RECENT_STEPS = 10
+#: The loss plot's two series, as its legend names them.
+RAW, SMOOTHED = "raw loss", "smoothed (EMA)"
+
+
+def loss_points(losses: list[tuple[int, float, float]]) -> list[tuple[int, float, str]]:
+    """(step, value, series) rows of the loss plot: every raw loss, then the smoothed curve."""
+    return [(step, loss, RAW) for step, loss, _ in losses] + [(step, sm, SMOOTHED) for step, _, sm in losses]
+
+
 def render(snapshot: Snapshot | None) -> TrainView:
     """Turn a job snapshot into status, progress line, loss points, samples and paths."""
     if snapshot is None:
@@ -308,8 +348,13 @@ def render(snapshot: Snapshot | None) -> TrainView:
     lines = [f"{s.name}: {s.status}" + (f" — {s.phase}" if s.running and s.phase else "")]
     if s.status == "failed" and s.error:
         lines.append(f"Error: {s.error}")
+        if not Path(s.run_dir).is_dir():
+            lines.append("Nothing was trained, so no run folder was kept.")
     if s.status == "stopped" and s.result_path:
-        lines.append(f"Checkpoint saved: {s.result_path}. Press Resume latest to go on.")
+        lines.append(f"Checkpoint saved: {s.result_path}. Press Resume to go on.")
+    if s.status == "interrupted":
+        lines.append("This run ended without a final event (the app was closed or crashed). "
+                     "Press Resume to continue from its latest checkpoint.")
     if s.status == "finished" and s.result_path:
         lines.append(f"Model saved to {s.result_path}. Open it in Generate.")
     lines.extend(f"Warning: {w}" for w in s.warnings[-3:])
@@ -317,7 +362,9 @@ def render(snapshot: Snapshot | None) -> TrainView:
     if s.total:
         progress.append(f"step {s.step}/{s.total} ({100 * s.step / s.total:.0f}%)")
     if s.losses:
-        progress.append(f"loss {s.losses[-1][2]:.4f} (last {s.losses[-1][1]:.4f})")
+        recent = [loss for _, loss, _ in s.losses[-RECENT_STEPS:]]
+        progress.append(f"loss {sum(recent) / len(recent):.4f} (raw, mean of last {len(recent)} steps; "
+                        f"smoothed {s.losses[-1][2]:.4f})")
     if s.quality:
         progress.append(f"sample quality {s.quality[-1][1]:.0f} (lower is better)")
     if s.lr is not None:
@@ -326,7 +373,7 @@ def render(snapshot: Snapshot | None) -> TrainView:
         progress.append(f"{s.images_per_s:.1f} img/s")
     if s.running and s.eta_s:
         progress.append(f"ETA {format_duration(s.eta_s)}")
-    losses = [(step, loss, "loss") for step, loss, _ in s.losses] + [(step, sm, "smoothed") for step, _, sm in s.losses]
+    losses = loss_points(s.losses)
     samples = [(path, f"step {step}") for step, path in s.samples if Path(path).is_file()]
     model = str(Path(s.run_dir) / "model")
     return TrainView("\n".join(lines), " · ".join(progress), losses, latest_sample=samples[-1][0] if samples else None,
@@ -362,7 +409,11 @@ def quality_frame(points: list[tuple[int, float]], noise_level: float | None, da
 
 
 def cli_command(run: RunDir | str | None = None) -> str:
-    """The headless command for this configuration: ``python -m studio train --config ...``."""
+    """The headless command for this configuration: ``python -m studio train --config ...``.
+
+    With a run folder: its own config.json names the run, so ``--resume latest`` continues
+    that run from its newest intact checkpoint (not the newest run of the workspace).
+    """
     if run is None:
         return "python -m studio train --config train.json   # train.json: the settings JSON below"
     root = run.root if isinstance(run, RunDir) else Path(run)
@@ -377,6 +428,18 @@ def config_json(values: dict[str, Any], ctx: StudioContext) -> str:
         return build_config(values, ctx).to_json()
     except StudioError as exc:
         return f"// {exc.user_message}"
+
+
+def config_file(values: dict[str, Any], ctx: StudioContext) -> str | None:
+    """The settings JSON written to a fresh temp folder as ``<run name>.json`` ("train.json"
+    without a name), for the download button; None when the settings do not validate."""
+    try:
+        cfg = build_config(values, ctx)
+    except StudioError:
+        return None
+    path = Path(tempfile.mkdtemp(prefix="studio-settings-")) / f"{cfg.run_name or TASK}.json"
+    path.write_text(cfg.to_json() + "\n", encoding="utf-8")
+    return str(path)
 
 
 def dataset_line(ctx: StudioContext) -> str:
@@ -426,22 +489,33 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
             with gr.Accordion("Headless (CLI)", open=False):
                 cli_box = gr.Textbox(label="CLI command", value=cli_command(), interactive=False, lines=2,
                                      elem_id="train-cli", buttons=["copy"])
-                json_box = gr.Code(label="Settings JSON (save as train.json)", language="json", value="",
-                                   interactive=False, elem_id="train-config-json")
                 show_json = gr.Button("Show settings as JSON", size="sm", elem_id="train-show-json")
+                # hidden until there is JSON to show (an empty Code box is a tall blank panel)
+                json_box = gr.Code(label="Settings JSON", language="json", value="", interactive=False,
+                                   visible=False, buttons=["copy"], elem_id="train-config-json")
+                json_file = gr.DownloadButton("Download settings", visible=False, size="sm",
+                                              elem_id="train-config-download")
         with gr.Column(scale=4):
             with gr.Row():
                 start_button = gr.Button("Start", variant="primary", elem_id="train-start")
                 stop_button = gr.Button("Stop", variant="stop", elem_id="train-stop")
-                resume_button = gr.Button("Resume latest", elem_id="train-resume")
+                resume_button = gr.Button("Resume", elem_id="train-resume")
                 open_button = gr.Button("Open in Generate", elem_id="train-open-generate")
+            with gr.Row():
+                run_picker = gr.Dropdown(label="Run on screen", choices=run_choices(ctx, TASK), value=None,
+                                         elem_id="train-run", scale=3,
+                                         info="Its whole loss curve and every grid are shown; Resume continues it.")
+                resume_steps = gr.Number(label="Resume until step", precision=0, minimum=0, value=None,
+                                         elem_id="train-resume-steps", scale=1,
+                                         info="The run's own target; raise it to train longer.")
             status = gr.Textbox(label="Status", lines=3, interactive=False, elem_id="train-status",
                                 value=render(None).status)
             progress = gr.Textbox(label="Progress", interactive=False, elem_id="train-progress")
             log_scale = gr.Checkbox(label="Plot log10(loss)", value=False, elem_id="train-log-scale")
             with gr.Row():
                 loss_plot = gr.LinePlot(x="step", y="loss", color="curve", label="Loss", elem_id="train-loss",
-                                        height=260)
+                                        height=260, color_title="", colors_in_legend=[RAW, SMOOTHED],
+                                        color_map={RAW: "#a5b4fc", SMOOTHED: "#4338ca"})
                 quality_plot = gr.LinePlot(x="step", y="quality", color="curve", elem_id="train-quality",
                                            label="Sample quality (lower is better)", height=260)
             gr.Markdown(QUALITY_HELP, elem_id="train-quality-help")
@@ -452,40 +526,56 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
                                      elem_id="train-gallery")
             run_folder = gr.Textbox(label="Run folder", interactive=False, elem_id="train-run-folder")
             run_path = gr.Textbox(label="Model folder (for Generate)", interactive=False, elem_id="train-run-path")
-    seen = gr.State(value=(-1, -1, False))
+    seen = gr.State(value=None)
     timer = gr.Timer(1.0)
     inputs = [widgets[name] for name in INPUT_NAMES]
     view_components = [status, progress, loss_plot, quality_plot, sample, gallery, run_folder, run_path]
-
-    def current_view() -> TrainView:
-        return render(latest_snapshot(ctx, TASK))
 
     def view_outputs(view: TrainView, log: bool) -> tuple:
         return (view.status, view.progress, loss_frame(view.losses, log),
                 quality_frame(view.quality, view.noise_level, view.data_level), view.latest_sample, view.gallery,
                 view.run_path, view.model_path)
 
+    def show(name: str | None, log: bool) -> tuple:
+        """The view outputs for run ``name`` and the key the poller compares."""
+        key = (*run_key(ctx, TASK, name), bool(log))
+        return (*view_outputs(render(run_snapshot(ctx, TASK, name)), bool(log)), key)
+
+    def picker(name: str | None) -> tuple:
+        """The run picker (fresh choices, ``name`` or the run to show) and that run's step target."""
+        name = shown_run(ctx, TASK, name)
+        return gr.update(choices=run_choices(ctx, TASK), value=name), run_target(ctx, name)
+
     def on_start(*values: Any):
         try:
             message, folder, command = start_training(ctx, dict(zip(INPUT_NAMES, values)))
         except Exception as exc:  # noqa: BLE001 - shown to the person, never a traceback
-            return _failure(exc), gr.skip(), gr.skip()
-        return message, folder, command
+            return _failure(exc), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return (message, folder, command, *picker(Path(folder).name))
 
-    def on_resume(steps: Any):
+    def on_resume(name: str | None, steps: Any):
         try:
-            return resume_latest(ctx, int(steps) if steps not in (None, "") else None)
+            message, folder, command = resume_run(ctx, name or None, int(steps) if steps not in (None, "") else None)
         except Exception as exc:  # noqa: BLE001
-            return _failure(exc), gr.skip(), gr.skip()
+            return _failure(exc), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return (message, folder, command, *picker(Path(folder).name))
 
-    def on_status(log: bool):
-        return view_outputs(current_view(), bool(log))
+    def on_status(log: bool, name: str | None = None):
+        return show(name, bool(log))[:-1]
 
-    def on_tick(last: tuple, log: bool):
-        key = (*poll_key(ctx, TASK), bool(log))
-        if tuple(last) == key:
-            return (*(gr.skip() for _ in view_components), last)
-        return (*view_outputs(current_view(), bool(log)), key)
+    def on_tick(last: Any, log: bool, name: str | None):
+        key = (*run_key(ctx, TASK, name), bool(log))
+        if last is not None and tuple(last) == key:
+            return (*(gr.skip() for _ in view_components), last, gr.skip())
+        # a job that started or ended changes the picker's labels (and what is resumable)
+        relist = last is None or key[0] != last[0] or (key[0] == "job" and (key[1], key[3]) != (last[1], last[3]))
+        return (*show(name, bool(log)), gr.update(choices=run_choices(ctx, TASK)) if relist else gr.skip())
+
+    def on_pick(name: str | None, log: bool):
+        return (*show(name, bool(log)), run_target(ctx, name))
+
+    def on_stop():
+        return stop_training(ctx)
 
     def on_preset(preset: str):
         values = preset_values(preset)
@@ -504,16 +594,30 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
         """Editing the architecture by hand shows which preset (or 'custom') it now is."""
         return architecture_preset(dict(zip(INPUT_NAMES, values)))
 
+    def on_show_json(*values: Any):
+        settings = dict(zip(INPUT_NAMES, values))
+        path = config_file(settings, ctx)
+        download = (gr.update(value=path, label=f"Download {Path(path).name}", visible=True) if path
+                    else gr.update(visible=False))
+        return gr.update(value=config_json(settings, ctx), visible=True), cli_command(), download
+
+    def on_load(*values: Any):
+        name = shown_run(ctx, TASK)
+        return (dataset_line(ctx), on_summary(*values), *show(name, False), *picker(name))
+
     gpu = {"concurrency_id": GPU, "concurrency_limit": 1}
-    start_button.click(on_start, inputs=inputs, outputs=[status, run_folder, cli_box], api_name="start_training",
-                       **gpu)
-    resume_button.click(on_resume, inputs=widgets["max_train_steps"], outputs=[status, run_folder, cli_box],
+    start_outputs = [status, run_folder, cli_box, run_picker, resume_steps]
+    start_button.click(on_start, inputs=inputs, outputs=start_outputs, api_name="start_training", **gpu)
+    resume_button.click(on_resume, inputs=[run_picker, resume_steps], outputs=start_outputs,
                         api_name="resume_training", **gpu)
-    stop_button.click(lambda: stop_training(ctx), outputs=status, api_name="stop_training", queue=False)
-    timer.tick(on_tick, inputs=[seen, log_scale], outputs=[*view_components, seen], api_name="poll_training",
-               queue=False, show_progress="hidden")
+    stop_button.click(on_stop, outputs=status, api_name="stop_training", queue=False)
+    timer.tick(on_tick, inputs=[seen, log_scale, run_picker], outputs=[*view_components, seen, run_picker],
+               api_name="poll_training", queue=False, show_progress="hidden")
+    run_picker.input(on_pick, inputs=[run_picker, log_scale], outputs=[*view_components, seen, resume_steps],
+                     api_name="train_show_run", queue=False)
     status_button = gr.Button("Refresh", size="sm", elem_id="train-refresh", visible=False)
-    status_button.click(on_status, inputs=log_scale, outputs=view_components, api_name="train_status", queue=False)
+    status_button.click(on_status, inputs=[log_scale, run_picker], outputs=view_components, api_name="train_status",
+                        queue=False)
     widgets["preset"].input(on_preset, inputs=widgets["preset"],
                             outputs=[widgets["block_out_channels"], widgets["layers_per_block"],
                                      widgets["attention_levels"], widgets["resolution"]],
@@ -525,16 +629,17 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
                                                      "mixed_precision", *ARCHITECTURE)]
     gr.on(summary_triggers, on_summary, inputs=inputs, outputs=summary, api_name="train_model_summary",
           queue=False, show_progress="hidden")
-    show_json.click(lambda *values: (config_json(dict(zip(INPUT_NAMES, values)), ctx), cli_command()),
-                    inputs=inputs, outputs=[json_box, cli_box], api_name="train_config_json", queue=False)
+    show_json.click(on_show_json, inputs=inputs, outputs=[json_box, cli_box, json_file], api_name="train_config_json",
+                    queue=False)
     tab = gr.context.Context.block
-    if isinstance(tab, gr.Tab):  # refresh the dataset line whenever the tab is opened
-        tab.select(lambda: dataset_line(ctx), outputs=data_md, api_name="train_dataset", queue=False)
+    if isinstance(tab, gr.Tab):  # refresh the dataset line and the run list whenever the tab is opened
+        tab.select(lambda name: (dataset_line(ctx), gr.update(choices=run_choices(ctx, TASK))),
+                   inputs=run_picker, outputs=[data_md, run_picker], api_name="train_dataset", queue=False)
     root = gr.context.Context.root_block
     if root is not None:
-        root.load(lambda *values: (dataset_line(ctx), on_summary(*values), *on_status(False)),
-                  inputs=inputs, outputs=[data_md, summary, *view_components], api_name="train_on_load",
-                  queue=False)
+        root.load(on_load, inputs=inputs,
+                  outputs=[data_md, summary, *view_components, seen, run_picker, resume_steps],
+                  api_name="train_on_load", queue=False)
     return {"open_in_generate": open_button, "run_path": run_path, "status": status}
 
 
@@ -543,5 +648,5 @@ def _failure(exc: BaseException) -> str:
 
 
 __all__ = ["FIELDS", "INPUT_NAMES", "TrainView", "architecture_preset", "build_config", "build_train_tab", "cli_command", "config_json",
-           "default_values", "loss_frame", "model_summary", "preset_values", "quality_frame", "render", "resume_latest",
-           "start_training", "stop_training"]
+           "config_file", "default_values", "loss_frame", "loss_points", "model_summary", "preset_values",
+           "quality_frame", "render", "resume_latest", "resume_run", "run_target", "start_training", "stop_training"]

@@ -101,9 +101,10 @@ def test_render_and_loss_frame():
                     losses=[(4, 0.5, 0.6), (5, 0.4, 0.55)], lr=1e-4, images_per_s=12.5, eta_s=75.0,
                     warnings=["fell back"])
     view = tab.render(snap)
-    assert view.progress == "step 5/10 (50%) · loss 0.5500 (last 0.4000) · lr 1.00e-04 · 12.5 img/s · ETA 1m 15s"
+    assert view.progress == ("step 5/10 (50%) · loss 0.4500 (raw, mean of last 2 steps; smoothed 0.5500) · "
+                             "lr 1.00e-04 · 12.5 img/s · ETA 1m 15s")
     assert "Warning: fell back" in view.status and view.running
-    assert sorted(set(curve for _, _, curve in view.losses)) == ["loss", "smoothed"]
+    assert sorted(set(curve for _, _, curve in view.losses)) == ["raw loss", "smoothed (EMA)"]
     frame = tab.loss_frame(view.losses, log_scale=True)
     assert list(frame.columns) == ["step", "loss", "curve"] and frame["loss"].iloc[0] == pytest.approx(-0.30103, 1e-4)
     assert tab.loss_frame([]) is None  # an empty frame would fix the plot's field types as text
@@ -156,13 +157,13 @@ def test_train_tab_end_to_end_through_gradio_client(launched_app, client):
     app, _ = launched_app
     app.studio_context.dataset.set(DatasetChoice(DataConfig(source="emoji", max_rows=8), "emoji (first 8)", 8, True))
     values = tiny_values(run_name="client")
-    status, folder, command = client.predict(*[values[n] for n in tab.INPUT_NAMES], api_name="/start_training")
+    status, folder, command, *_ = client.predict(*[values[n] for n in tab.INPUT_NAMES], api_name="/start_training")
     assert status.startswith("Started client"), status
     assert folder.endswith("client") and "--resume latest" in command
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         status, progress, plot, quality, sample, gallery, run_folder, model = client.predict(
-            False, api_name="/train_status")
+            False, "client", api_name="/train_status")
         rows = plot.get("data", []) if isinstance(plot, dict) else []
         curves = {row[-1] for row in quality.get("data", [])} if isinstance(quality, dict) else set()
         if sample and len(rows) >= 4 and "samples" in curves:
@@ -177,9 +178,9 @@ def test_train_tab_end_to_end_through_gradio_client(launched_app, client):
     deadline = time.monotonic() + 60
     while "stopped" not in status and time.monotonic() < deadline:
         time.sleep(0.3)
-        status, *_ = client.predict(False, api_name="/train_status")
+        status, *_ = client.predict(False, "client", api_name="/train_status")
     assert "client: stopped" in status and "Checkpoint saved" in status
-    *_, model = client.predict(False, api_name="/train_status")
+    *_, model = client.predict(False, "client", api_name="/train_status")
     assert model.endswith("client/model") and Path(model, "model_index.json").is_file()
     opened = client.predict(model, api_name="/train_open_in_generate")
     assert model in str(opened)  # the Generate tab's model box now holds the run's model

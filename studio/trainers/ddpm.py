@@ -50,7 +50,7 @@ from studio.config.train import BF16_CPU_WARNING, TrainConfig, check_precision_f
 from studio.devices import MODEL_INIT_LOCK
 from studio.errors import CheckpointError, ConfigError, JobError, describe_exception
 from studio.events import EventSink, ignore_events
-from studio.runs import RunDir, list_runs
+from studio.runs import RunDir, resumable_runs
 from studio.trainers.ddpm_outputs import (
     GRID_MIN_SIDE,
     MODEL_CARD,
@@ -158,7 +158,7 @@ def find_resume_run(cfg: TrainConfig) -> RunDir:
     """The run folder a ``resume`` request refers to.
 
     A checkpoint path names its run (``<run>/checkpoints/step-N``); "latest" uses the
-    run named ``run_name``, or the newest train run of the workspace.
+    run named ``run_name``, or the newest train run of the workspace that has a checkpoint.
 
     Raises:
         CheckpointError: when there is no such run.
@@ -173,9 +173,10 @@ def find_resume_run(cfg: TrainConfig) -> RunDir:
             raise CheckpointError(f"No run named {cfg.run_name!r} in {cfg.workspace} to resume.",
                                   "Check run_name, or leave it empty to resume the newest run.")
         return RunDir(cfg.run_root)
-    runs = [r for r in list_runs(cfg.workspace) if r.task == TASK]
+    runs = resumable_runs(cfg.workspace, TASK)  # never a run whose start failed (no checkpoint)
     if not runs:
-        raise CheckpointError(f"No training run in {cfg.workspace} to resume.", "Start a new run first.")
+        raise CheckpointError(f"No training run with a checkpoint in {cfg.workspace} to resume.",
+                              "Start a new run first.")
     return RunDir(runs[0].path)
 
 
