@@ -39,7 +39,7 @@ def ctx(workspace):
     c.jobs.stop_all()
 
 
-def finish(ctx, timeout=120.0):
+def finish(ctx, timeout=600.0):
     job = ctx.jobs.latest("train")
     assert job.wait(timeout), job.snapshot()
     return job.snapshot()
@@ -162,7 +162,7 @@ def test_a_fine_tune_that_fails_before_training_leaves_no_run_folder(ctx, tmp_pa
         assert not (ctx.workspace / "ft-broken").exists(), exc
         pytest.fail(f"expected the start to fail in the job, not before it: {exc}")
     job = ctx.jobs.latest("finetune")
-    assert job.wait(120), job.snapshot()
+    assert job.wait(600), job.snapshot()
     snap = job.snapshot()
     assert snap.status == "failed" and not Path(folder).exists()
     view = finetune.render(snap)
@@ -206,10 +206,12 @@ def test_resume_and_reload_bring_back_the_whole_history_through_gradio_client(la
     assert plot_values(plot, "step") == [1, 2, 3, 4, 5, 6]
     assert plot_values(plot, "curve") == [tab.RAW, tab.SMOOTHED]
     assert [g["caption"] for g in gallery] == ["step 6", "step 4", "step 2", "step 0"]
-    # a restarted app (no job in memory) shows the same from the run folder
+    # a restarted app (no job in memory) shows the same from the run folder, quality curve included
     ctx.jobs._jobs.clear()
-    _, _, plot, quality, sample, gallery, _, _ = client.predict(False, "client-history", api_name="/train_status")
+    _, _, plot, restored_quality, sample, gallery, _, _ = client.predict(False, "client-history",
+                                                                         api_name="/train_status")
     assert plot_values(plot, "step") == [1, 2, 3, 4, 5, 6] and len(gallery) == 4
+    assert restored_quality == quality
 
     # (issue 8.6) the Dataset tab shows a load's progress on its status box only, not on every output
     status_id = next(b._id for b in app.blocks.values() if getattr(b, "elem_id", None) == "dataset-status")
