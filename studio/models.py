@@ -438,18 +438,38 @@ class PipelineManager:
         ref = resolve_reference(text, self.workspace, offline=False)
         if ref.kind != "hub":
             return f"{ref.label} is on this machine already; nothing to download."
-        import diffusers
+        from studio.hub import download_pipeline
 
-        report(0.1, f"Downloading {ref.location}…")
+        report(0.02, f"Looking up {ref.location}…")
+        sizes: list[str] = []
+
+        def on_bytes(p: Any) -> None:
+            sizes[:] = [p.message(ref.location)]
+            report(p.fraction, sizes[0])
+
         try:
-            folder = diffusers.DiffusionPipeline.download(ref.location, revision=ref.revision, variant=ref.variant,
-                                                          use_safetensors=True)
+            folder = download_pipeline(ref.location, revision=ref.revision, variant=ref.variant, on_progress=on_bytes)
         except Exception as exc:
-            raise ModelError(f"Downloading {ref.location} failed ({type(exc).__name__}: "
-                             f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}).",
-                             "Check your connection; for gated/private models: " + _LOGIN_HINT) from None
-        report(1.0, "Downloaded.")
-        return f"{ref.location} is downloaded ({folder}); it now loads offline."
+            raise _download_error(ref.location, exc) from None
+        done = sizes[0] if sizes else f"Downloaded {ref.location}."
+        return f"{done} It now loads offline (cached in {Path(folder).name})."
+
+
+def _download_error(repo_id: str, exc: BaseException) -> ModelError:
+    """The one-line reason a download failed: gated, missing, no such revision, or no connection."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    if isinstance(exc, GatedRepoError):
+        return ModelError(f"{repo_id} is gated: accept its licence on its Hub page and log in.", _LOGIN_HINT)
+    if isinstance(exc, RevisionNotFoundError):
+        return ModelError(f"{repo_id} has no such revision.", "Check the branch, tag or commit after '@'.")
+    if isinstance(exc, RepositoryNotFoundError):
+        return ModelError(f"{repo_id} was not found on the Hugging Face Hub (or it is private).",
+                          "Check the spelling; for a private model: " + _LOGIN_HINT)
+    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    return ModelError(f"Downloading {repo_id} failed: {first}",
+                      "Check your connection and press Download again: finished files are kept and a "
+                      "partial file resumes where it stopped.")
 
 
 def free_memory() -> None:

@@ -21,6 +21,7 @@ implemented, checked against ``huggingface_hub``'s source (``hf_api.py``,
 - Errors with the Hub's ``X-Error-Code`` header: ``RepoNotFound`` (401, as the Hub
   answers anonymous callers), ``GatedRepo`` (401 on files of a gated repo),
   ``RevisionNotFound`` and ``EntryNotFound`` (404).
+- ``throttle_bps``: file bodies trickle at that rate, so progress can be watched.
 - ``cut_after(path, nbytes)``: the next GET of that file sends ``nbytes`` and then
   closes the connection (an interrupted download); later GETs are whole.
 
@@ -107,6 +108,8 @@ class LocalHub:
         self.repos: dict[tuple[str, str], Repo] = {}
         self.requests: list[tuple[str, str, int]] = []
         self._cuts: dict[str, int] = {}
+        #: When set, file bodies are sent at about this many bytes per second (to watch progress).
+        self.throttle_bps: float | None = None
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -389,6 +392,15 @@ class _HubHandler(BaseHTTPRequestHandler):
                 self.connection.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+            return
+        if self.owner.throttle_bps:
+            import time
+
+            piece = 64 * 1024
+            for i in range(0, len(data), piece):
+                self.wfile.write(data[i:i + piece])
+                self.wfile.flush()
+                time.sleep(piece / self.owner.throttle_bps)
             return
         self.wfile.write(data)
 

@@ -16,6 +16,15 @@ import pytest
 from tiny_pipelines import make_tiny_sd, tiny_ddpm  # noqa: F401  (fixture)
 
 
+@pytest.fixture
+def settings(workspace, local_hub):
+    """The launched app of this module is online, talking to the loopback Hub."""
+    from conftest import free_port
+    from studio.settings import LaunchSettings
+
+    return LaunchSettings(host="127.0.0.1", port=free_port(), workspace=workspace, device="cpu", offline=False)
+
+
 def _files(folder) -> dict[str, bytes]:
     from hub_server import files_of
 
@@ -25,13 +34,13 @@ def _files(folder) -> dict[str, bytes]:
 def test_repo_info_tree_and_snapshot_follow_the_hub_protocol(local_hub, tiny_ddpm):  # noqa: F811
     import huggingface_hub as hf
 
-    commit = local_hub.add_repo("acme/tiny-ddpm", _files(tiny_ddpm))
-    info = hf.model_info("acme/tiny-ddpm")
+    commit = local_hub.add_repo("acme/ddpm-snapshot", _files(tiny_ddpm))
+    info = hf.model_info("acme/ddpm-snapshot")
     assert info.sha == commit.sha
     assert "model_index.json" in [s.rfilename for s in info.siblings]
-    tree = {f.path for f in hf.list_repo_tree("acme/tiny-ddpm", recursive=True)}
+    tree = {f.path for f in hf.list_repo_tree("acme/ddpm-snapshot", recursive=True)}
     assert "unet/diffusion_pytorch_model.safetensors" in tree and "unet" in tree
-    folder = hf.snapshot_download("acme/tiny-ddpm")
+    folder = hf.snapshot_download("acme/ddpm-snapshot")
     assert (open(os.path.join(folder, "model_index.json"), "rb").read()
             == commit.files["model_index.json"])
     # weights went through the CDN redirect, metadata read from the redirect like on the Hub
@@ -44,13 +53,13 @@ def test_load_pipeline_by_hub_id_then_offline_from_cache(local_hub, tiny_ddpm, m
 
     from studio.models import load_pipeline
 
-    local_hub.add_repo("acme/tiny-ddpm", _files(tiny_ddpm))
-    pipe = load_pipeline("acme/tiny-ddpm", device="cpu", offline=False)
+    local_hub.add_repo("acme/ddpm-load", _files(tiny_ddpm))
+    pipe = load_pipeline("acme/ddpm-load", device="cpu", offline=False)
     assert type(pipe).__name__ == "DDPMPipeline"
     served = len(local_hub.requests)
     # offline now: the cached copy loads and the server sees nothing
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    pipe = load_pipeline("acme/tiny-ddpm", device="cpu", offline=True)
+    pipe = load_pipeline("acme/ddpm-load", device="cpu", offline=True)
     assert type(pipe).__name__ == "DDPMPipeline"
     assert len(local_hub.requests) == served
 
@@ -130,3 +139,55 @@ def test_hub_dataset_by_id(local_hub):
     assert len(ds) == 3
     assert ds.captions == ["colour 0", "colour 1", "colour 2"]
     assert ds.image(1).getpixel((3, 3)) == (0, 255, 0)
+
+
+def test_download_for_offline_use_reports_bytes_speed_and_time_left(local_hub, tiny_ddpm, workspace,  # noqa: F811
+                                                                     monkeypatch):
+    from huggingface_hub import constants
+
+    from studio.hub import pipeline_download_size, repo_file_sizes
+    from studio.models import PipelineManager, load_pipeline
+
+    files = _files(tiny_ddpm)
+    files["unet/diffusion_pytorch_model.bin"] = b"x" * 1000  # pickle weights a safetensors download skips
+    local_hub.add_repo("acme/ddpm-download", files)
+    local_hub.throttle_bps = 400_000
+    expected = pipeline_download_size(repo_file_sizes("acme/ddpm-download"))
+    assert expected == sum(len(v) for k, v in files.items() if not k.endswith(".bin"))
+    reports: list[tuple[float, str]] = []
+    manager = PipelineManager(device="cpu", workspace=workspace, offline=False)
+    text = manager.prefetch("acme/ddpm-download", progress=lambda f, m: reports.append((f, m)))
+    byte_reports = [(f, m) for f, m in reports if " of " in m]
+    assert byte_reports, reports
+    assert any("/s" in m and "left" in m for _, m in byte_reports), byte_reports
+    fractions = [f for f, _ in byte_reports]
+    assert fractions == sorted(fractions) and 0 < fractions[-1] <= 1
+    assert "kB" in text and "loads offline" in text
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert type(load_pipeline("acme/ddpm-download", device="cpu", offline=True)).__name__ == "DDPMPipeline"
+
+
+def test_download_button_through_the_app_then_offline(local_hub, tiny_ddpm, client):  # noqa: F811
+    """What a person sees: "Download for offline use" ends with the size and "loads offline"."""
+    local_hub.add_repo("acme/ddpm-button", _files(tiny_ddpm))
+    text = client.predict("acme/ddpm-button", api_name="/download_model")
+    assert text.startswith("Downloaded acme/ddpm-button:") and "kB" in text and "loads offline" in text, text
+    local_hub.stop()  # the Hub is gone: the cached copy still answers a lookup-free offline load
+    from huggingface_hub import constants
+
+    constants.HF_HUB_OFFLINE = True  # restored by the fixture's monkeypatch
+    from studio.models import load_pipeline
+
+    assert type(load_pipeline("acme/ddpm-button", device="cpu", offline=True)).__name__ == "DDPMPipeline"
+
+
+def test_unreachable_hub_is_one_clear_line(local_hub, workspace):
+    from studio.errors import ModelError
+    from studio.models import PipelineManager
+
+    local_hub.stop()
+    with pytest.raises(ModelError) as caught:
+        PipelineManager("cpu", workspace, offline=False).prefetch("acme/anything")
+    text = str(caught.value)
+    assert "\n" not in text.strip() or "Traceback" not in text
+    assert "reach" in text.lower() or "failed" in text.lower()

@@ -254,36 +254,6 @@ def test_hf_hub_offline_environment_is_respected(workspace):
         manager.prefetch("someone/uncached")
 
 
-def test_download_for_offline_use_when_online(monkeypatch, workspace):
-    import diffusers
-    import huggingface_hub
-
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-
-    class Info:
-        siblings = [type("S", (), {"rfilename": n})() for n in ("model_index.json", "unet/w.safetensors")]
-
-    monkeypatch.setattr(huggingface_hub, "model_info", lambda *a, **k: Info())
-    calls = []
-
-    def fake_download(repo, **kwargs):
-        calls.append((repo, kwargs))
-        return "/cache/snapshot"
-
-    monkeypatch.setattr(diffusers.DiffusionPipeline, "download", staticmethod(fake_download))
-    manager = PipelineManager("cpu", workspace, offline=False)
-    message = manager.prefetch("org/model@main:fp16")
-    assert "downloaded" in message and "offline" in message
-    assert calls == [("org/model", {"revision": "main", "variant": "fp16", "use_safetensors": True})]
-
-    def failing(repo, **kwargs):
-        raise OSError("Connection refused")
-
-    monkeypatch.setattr(diffusers.DiffusionPipeline, "download", staticmethod(failing))
-    with pytest.raises(ModelError, match="Downloading org/model failed.*hf auth login"):
-        manager.prefetch("org/model")
-
-
 @pytest.mark.parametrize("keys, pipeline_class", [
     (["model.diffusion_model.input_blocks.0.0.weight"], "StableDiffusionPipeline"),
     (["model.diffusion_model.input_blocks.0.0.weight",
