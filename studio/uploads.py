@@ -83,12 +83,13 @@ def extract_zip(zip_path: Path, dest: Path, *, max_bytes: int = MAX_UPLOAD_BYTES
     return Path(dest)
 
 
-def _extract_counted(zip_path: Path, dest: Path, max_bytes: int, max_files: int = MAX_UPLOAD_FILES) -> int:
+def _extract_counted(zip_path: Path, dest: Path, max_bytes: int, max_files: int = MAX_UPLOAD_FILES,
+                     left_out: list[str] | None = None) -> int:
     """``extract_zip``, returning the bytes it used of the budget (what the headers declare, or more
     when they lie); removes ``dest`` again when it made it and then refused."""
     existed = dest.exists()
     try:
-        used = _extract_zip(zip_path, dest, max_bytes, max_files)
+        used = _extract_zip(zip_path, dest, max_bytes, max_files, left_out)
     except BaseException:
         if not existed:
             shutil.rmtree(dest, ignore_errors=True)
@@ -101,7 +102,8 @@ def _size(n: int) -> str:
     return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"
 
 
-def _extract_zip(zip_path: Path, dest: Path, max_bytes: int, max_files: int) -> int:
+def _extract_zip(zip_path: Path, dest: Path, max_bytes: int, max_files: int,
+                 left_out: list[str] | None = None) -> int:
     """The unpacking itself; returns max(declared, written) bytes."""
     dest_resolved = dest.resolve()
     try:
@@ -123,7 +125,11 @@ def _extract_zip(zip_path: Path, dest: Path, max_bytes: int, max_files: int) -> 
             if name.startswith("/") or re.match(r"^[A-Za-z]:", name) or ".." in parts:
                 raise DataError(f"{Path(zip_path).name} holds an unsafe path ({entry.filename!r}) that points "
                                 "outside the upload folder; refusing to unpack it.")
-            if not parts or _is_junk(Path(*parts)) or not is_kept(parts[-1]):
+            if not parts or _is_junk(Path(*parts)):
+                continue
+            if not is_kept(parts[-1]):
+                if left_out is not None:
+                    left_out.append(f"{zip_path.name}/{'/'.join(parts)}")
                 continue
             if stat.S_ISLNK(entry.external_attr >> 16):
                 continue  # symbolic links could point anywhere on disk
@@ -144,13 +150,15 @@ def _extract_zip(zip_path: Path, dest: Path, max_bytes: int, max_files: int) -> 
     return max(declared, written)
 
 
-def unpack_upload(files: Iterable[str | Path], dest: Path, *, max_bytes: int = MAX_UPLOAD_BYTES) -> Path:
+def unpack_upload(files: Iterable[str | Path], dest: Path, *, max_bytes: int = MAX_UPLOAD_BYTES,
+                  left_out: list[str] | None = None) -> Path:
     """Gather uploaded files into one folder: images and caption files copied, zips unpacked.
 
     Args:
         files: Paths of the uploaded files (images, .txt / metadata.jsonl, .zip).
         dest: A new folder (e.g. ``<workspace>/uploads/<id>``).
         max_bytes: Most bytes all zips together may expand to.
+        left_out: When given, receives the name of every file left out as not dataset content.
 
     Returns:
         ``dest``, ready for ``DataConfig(source="upload", path=str(dest))``.
@@ -171,9 +179,13 @@ def unpack_upload(files: Iterable[str | Path], dest: Path, *, max_bytes: int = M
             if not path.is_file():
                 raise DataError(f"The uploaded file {path.name} is gone.", "Upload it again.")
             if path.suffix.lower() == ".zip":
-                budget -= _extract_counted(path, dest / _unique(path.stem, used), budget)
+                budget -= _extract_counted(path, dest / _unique(path.stem, used), budget, left_out=left_out)
                 continue
-            if _is_junk(Path(path.name)) or not is_kept(path.name):
+            if _is_junk(Path(path.name)):
+                continue
+            if not is_kept(path.name):
+                if left_out is not None:
+                    left_out.append(path.name)
                 continue
             size = path.stat().st_size
             if size > budget:

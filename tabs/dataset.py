@@ -164,11 +164,13 @@ def preview_dataset(cfg: DataConfig, *, preview_count: int = PREVIEW_COUNT,
                        caption_columns=list(ds.info.caption_columns), choice=choice)
 
 
-def save_upload(files: list[Any] | None, workspace: Path, max_bytes: int | None = None) -> str:
+def save_upload(files: list[Any] | None, workspace: Path, max_bytes: int | None = None,
+                left_out: list[str] | None = None) -> str:
     """Unpack uploaded files (images, caption files, .zip) into ``<workspace>/uploads/<id>``.
 
     Args:
         max_bytes: Most bytes the upload may unpack to (``unpack_limit(--max-file-size)``).
+        left_out: Receives the files left out because they are not images or captions.
 
     Returns:
         The folder, for ``DataConfig(source="upload", path=...)``.
@@ -179,7 +181,8 @@ def save_upload(files: list[Any] | None, workspace: Path, max_bytes: int | None 
     paths = [_file_path(f) for f in (files or [])]
     upload_id = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
     limit = {} if max_bytes is None else {"max_bytes": max_bytes}
-    return str(unpack_upload([p for p in paths if p], Path(workspace) / "uploads" / upload_id, **limit))
+    return str(unpack_upload([p for p in paths if p], Path(workspace) / "uploads" / upload_id, left_out=left_out,
+                             **limit))
 
 
 def _file_path(value: Any) -> str:
@@ -347,12 +350,15 @@ def build_dataset_tab(ctx: StudioContext) -> dict:
 
     def on_upload(files: list[Any] | None) -> tuple[str, str]:
         try:
-            folder_path = save_upload(files, workspace, unpack_limit(ctx.settings.max_file_size))
+            left_out: list[str] = []
+            folder_path = save_upload(files, workspace, unpack_limit(ctx.settings.max_file_size), left_out)
         except Exception as exc:  # noqa: BLE001
             message = describe_exception(exc)
             gr.Warning(message)
             return "", f"Upload failed: {message}"
-        return folder_path, f"Uploaded to {folder_path}. Press Load to check and preview the images."
+        dropped = (f" Left out {len(left_out)} file(s) that are not images or captions: "
+                   f"{', '.join(left_out[:5])}{' ...' if len(left_out) > 5 else ''}." if left_out else "")
+        return folder_path, f"Uploaded to {folder_path}.{dropped} Press Load to check and preview the images."
 
     def on_export(state: dict | None, target: str, progress: gr.Progress = gr.Progress()) -> str:
         try:

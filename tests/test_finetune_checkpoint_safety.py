@@ -113,7 +113,7 @@ def test_two_processes_resume_each_with_its_own_random_state(tiny_sd, workspace,
         proc = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
              str(free_port()), "-m", "studio", "finetune", "--config", str(config), "--quiet", *extra],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
 
     torchrun()

@@ -118,9 +118,14 @@ def test_an_upload_keeps_only_images_and_captions(tmp_path: Path):
         "x.js": b"alert(1)", "page.htm": b"<b>", "run.sh": b"rm -rf /"})
     loose = tmp_path / "loose.html"
     loose.write_text("<script>alert(1)</script>")
-    dest = unpack_upload([archive, loose, tmp_path / "set.zip"], tmp_path / "u")
+    left_out: list[str] = []
+    dest = unpack_upload([archive, loose, tmp_path / "set.zip"], tmp_path / "u", left_out=left_out)
     assert every_file(dest) == {"set", "set/a.png", "set/a.txt", "set/metadata.jsonl",
                                 "set-2", "set-2/a.png", "set-2/a.txt", "set-2/metadata.jsonl"}
+    assert sorted(left_out) == sorted(["set.zip/evil.html", "set.zip/evil.svg", "set.zip/x.js", "set.zip/page.htm",
+                                       "set.zip/run.sh", "loose.html"] + ["set.zip/evil.html", "set.zip/evil.svg",
+                                                                          "set.zip/x.js", "set.zip/page.htm",
+                                                                          "set.zip/run.sh"])
 
 
 def test_a_small_zip_that_unpacks_to_far_over_the_limit_is_refused_early(tmp_path: Path):
@@ -264,7 +269,7 @@ def test_uploaded_html_and_svg_are_never_served_inline(client, launched_app, tmp
         "a.png": png(), "evil.html": b"<script>fetch('/config')</script>",
         "evil.svg": b"<svg xmlns='http://www.w3.org/2000/svg' onload='alert(1)'/>"})
     folder, status = client.predict([handle_file(str(archive))], api_name="/upload_files")
-    assert "Press Load" in status
+    assert "Left out 2 file(s) that are not images or captions: xss.zip/evil.html, xss.zip/evil.svg." in status
     folder = Path(folder)
     planted = ws / "planted"  # a page that reached the workspace some other way
     planted.mkdir()
