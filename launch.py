@@ -3,6 +3,10 @@
 Parses the command line into ``LaunchSettings``, enforces the safety rules (a
 public app always has a login), builds the app with ``tabs.build_app`` and
 launches it. Nothing else happens at import time.
+
+Exit codes: 0 after a normal shutdown; 2 for anything you can fix (a bad flag, an
+unreadable ``--auth-file``, a workspace that is a file or cannot be written, a port
+in use), always as one ``error:`` line.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import argparse
 import os
 import sys
 
-from studio.errors import StudioError
+from studio.errors import StudioError, storage_error
 from studio.settings import (DEFAULT_MAX_FILE_SIZE, DEVICES, LaunchSettings, parse_auth, read_auth_file,
                              running_on_colab, secure)
 from studio.versions import add_report_flags
@@ -20,7 +24,9 @@ from studio.versions import add_report_flags
 def parse_args(argv: list[str] | None = None) -> LaunchSettings:
     """Turn command-line flags into checked, secured ``LaunchSettings``."""
     colab = running_on_colab()
-    p = argparse.ArgumentParser(description="Diffusion Studio: datasets, training, fine-tuning and generation.")
+    p = argparse.ArgumentParser(description="Diffusion Studio: datasets, training, fine-tuning and generation.",
+                                epilog="exit codes: 0 normal shutdown; 2 something you can fix (bad flag, auth "
+                                       "file, workspace, port), printed as one 'error:' line.")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     p.add_argument("--share", action=argparse.BooleanOptionalAction, default=colab,
@@ -65,9 +71,17 @@ def main(argv: list[str] | None = None) -> int:
               f"  user: {user}\n  password: {password}\n"
               f"  (choose your own with --auth user:password)\n{bar}\n", flush=True)
     print(f"Workspace: {settings.workspace}", flush=True)
-    app = build_app(settings)
+    try:
+        app = build_app(settings)
+    except StudioError as exc:
+        print(f"error: {exc.user_message}", file=sys.stderr)
+        return 2
     try:
         app.launch(**launch_kwargs(settings))
+    except OSError as exc:  # the port is taken, the disk is full...: one line, not a traceback
+        problem = storage_error(exc)
+        print(f"error: {problem.user_message if problem else exc}", file=sys.stderr)
+        return 2
     finally:
         app.studio_context.jobs.stop_all()
     return 0

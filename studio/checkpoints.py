@@ -119,12 +119,17 @@ def validate_checkpoint(path: str | Path, verify_hashes: bool = True) -> str:
         return "folder is missing"
     if not marker.is_file():
         return "it was never completed (no COMPLETE.json: the save was interrupted)"
-    try:
-        files = json.loads(marker.read_text(encoding="utf-8"))["files"]
-    except (json.JSONDecodeError, KeyError, OSError):
+    files = read_marker(marker)
+    if files is None:
         return "its COMPLETE.json is unreadable"
     for rel, meta in files.items():
         f = path / rel
+        try:
+            inside = f.resolve().is_relative_to(path.resolve())
+        except (OSError, ValueError):
+            inside = False
+        if not inside:
+            return f"its COMPLETE.json lists {rel!r}, outside the checkpoint"
         if not f.is_file():
             return f"{rel} is missing"
         if f.stat().st_size != meta["size"]:
@@ -132,6 +137,28 @@ def validate_checkpoint(path: str | Path, verify_hashes: bool = True) -> str:
         if verify_hashes and _sha256(f) != meta["sha256"]:
             return f"{rel} is damaged (checksum mismatch)"
     return ""
+
+
+def read_marker(marker: Path) -> dict[str, dict] | None:
+    """The ``files`` table of a COMPLETE.json, or None when it is unreadable in any way.
+
+    Anything but ``{"files": {name: {"size": int, "sha256": 64 hex}}}`` (bad bytes, bad
+    JSON, a list, a missing or mistyped field) counts as unreadable, so resume falls
+    back to an older checkpoint instead of crashing on it.
+    """
+    try:
+        data = json.loads(marker.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    files = data.get("files") if isinstance(data, dict) else None
+    if not isinstance(files, dict):
+        return None
+    for rel, meta in files.items():
+        if not (isinstance(rel, str) and rel and isinstance(meta, dict)
+                and type(meta.get("size")) is int and isinstance(meta.get("sha256"), str)
+                and re.fullmatch(r"[0-9a-f]{64}", meta["sha256"])):
+            return None
+    return files
 
 
 def list_checkpoints(root: str | Path, verify_hashes: bool = False) -> list[CheckpointInfo]:
@@ -203,7 +230,8 @@ def resolve_resume(resume: str, checkpoints_root: str | Path,
         found = find_latest_valid(checkpoints_root, warn)
         if found is None:
             raise CheckpointError(f"No usable checkpoint to resume from in {checkpoints_root}.",
-                                  "Start a new run instead, or pick a checkpoint folder.")
+                                  "The run ended before its first checkpoint: start it again under the same "
+                                  "name (its folder is reused), or pick a checkpoint folder.")
         return found
     path = Path(resume).expanduser()
     if not path.exists():

@@ -11,7 +11,14 @@ process (rank 0) shows progress and writes the run folder. Ctrl-C (or SIGTERM) a
 the job to stop after the current step and save a resumable checkpoint; a second
 Ctrl-C aborts at once.
 
-Exit codes: 0 finished or stopped, 1 the job failed, 2 bad command line or config.
+Exit codes (also in ``--help`` and the README):
+
+    0   finished, or stopped (Ctrl-C) with a resumable checkpoint
+    1   an unexpected error (a bug: the traceback is printed)
+    2   something you can fix: bad command line or config, unreadable data or model,
+        no usable checkpoint, the device or run folder busy with another job, the disk
+        full or a folder not writable (one line on stderr says which)
+    130 aborted by a second Ctrl-C
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import sys
 import threading
 from typing import Any, Callable
 
-from studio.errors import ConfigError, StudioError
+from studio.errors import StudioError, describe_exception, storage_error
 
 #: command -> (config class "module:Class", runner "module:function").
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -32,6 +39,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("studio.config.finetune:FinetuneConfig", "studio.trainers.text_to_image:train"),
     "generate": ("studio.config.generate:GenerateConfig", "studio.generate:run_cli"),
 }
+
+#: The exit codes, as ``--help`` prints them.
+EXIT_CODES = """exit codes:
+  0    finished, or stopped (Ctrl-C) with a resumable checkpoint
+  1    an unexpected error (a bug: the traceback is printed)
+  2    something you can fix: bad config, unreadable data or model, no usable
+       checkpoint, device or run folder busy, disk full or folder not writable
+  130  aborted by a second Ctrl-C"""
 
 #: Command-line flags that override config fields of the same name.
 OVERRIDES = (
@@ -50,10 +65,12 @@ def _load(path: str) -> Any:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser: one sub-command per row of ``COMMANDS``."""
-    parser = argparse.ArgumentParser(prog="python -m studio", description="Diffusion Studio, headless.")
+    parser = argparse.ArgumentParser(prog="python -m studio", description="Diffusion Studio, headless.",
+                                     epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (config_path, _) in COMMANDS.items():
-        p = sub.add_parser(name, help=f"run '{name}' from a JSON config ({config_path.split(':')[1]})")
+        p = sub.add_parser(name, help=f"run '{name}' from a JSON config ({config_path.split(':')[1]})",
+                           epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--config", required=True, help="JSON file with the settings (e.g. a run's config.json).")
         for flag, _field, help_text in OVERRIDES:
             p.add_argument(flag, default=None, help=help_text)
@@ -152,6 +169,21 @@ def _install_stop_handlers(stop: threading.Event) -> Callable[[], None]:
     return lambda: [signal.signal(sig, h) for sig, h in previous.items()]
 
 
+def _device_held(cfg: Any, command: str) -> Any:
+    """The machine-wide device lock for this run (one per machine: local rank 0 only), or a no-op.
+
+    So a CLI run and a studio app (or two CLI runs) never use one device at once.
+    """
+    import contextlib
+
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        return contextlib.nullcontext()
+    from studio.locks import device_lock
+
+    name = getattr(cfg, "run_name", "") or ""
+    return device_lock(getattr(cfg, "device", "auto"), f"CLI {command}{f' {name!r}' if name else ''}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the process exit code (see the module docstring)."""
     parser = build_parser()
@@ -164,20 +196,27 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.command, args.config,
                           {name: getattr(args, name) for _flag, name, _ in OVERRIDES})
     except StudioError as exc:
-        print(f"error: {exc.user_message}", file=sys.stderr)
+        print(f"error: {describe_exception(exc)}", file=sys.stderr)
         return 2
     runner = _load(COMMANDS[args.command][1])
     stop = threading.Event()
     printer = ProgressPrinter(quiet=args.quiet or not is_main)
     restore = _install_stop_handlers(stop)
     try:
-        result = runner(cfg, printer, stop)
-    except ConfigError as exc:
-        print(f"error: {exc.user_message}", file=sys.stderr)
-        return 2
+        with _device_held(cfg, args.command):
+            result = runner(cfg, printer, stop)
     except StudioError as exc:
-        print(f"error: {exc.user_message}", file=sys.stderr)
-        return 1
+        print(f"error: {describe_exception(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        problem = storage_error(exc)
+        if problem is None:
+            raise
+        print(f"error: {problem.user_message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("aborted", file=sys.stderr)
+        return 130
     finally:
         restore()
     final = printer.final

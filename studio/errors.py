@@ -7,6 +7,9 @@ short generic line for those and the traceback goes to the run's log, not the pa
 
 from __future__ import annotations
 
+import errno
+import re
+
 
 class StudioError(Exception):
     """An error with a message a person can act on.
@@ -47,8 +50,43 @@ class CheckpointError(StudioError):
     """A checkpoint is missing, incomplete or damaged."""
 
 
+class StorageError(StudioError):
+    """The disk is full, or a file or folder cannot be written or read (permissions, a file for a folder)."""
+
+
+_ANSI = re.compile(r"\x1b(\[[0-9;?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)?|[@-Z\\-_])")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def clean_text(text: str) -> str:
+    """``text`` without ANSI escape sequences or control characters (safe to show on a page)."""
+    return _CONTROL.sub("", _ANSI.sub("", text))
+
+
+def storage_error(exc: OSError) -> StorageError | None:
+    """The ``StorageError`` a person can act on for a disk/permission ``OSError`` (None for others)."""
+    where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+    code = exc.errno
+    if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        return StorageError(f"The disk is full{where}.",
+                            "Free some space, then resume: the last complete checkpoint is intact.")
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return StorageError(f"Cannot write or read here: {exc.strerror or 'permission denied'}{where}.",
+                            "Choose a workspace folder you may write to (--workspace).")
+    if code in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
+        return StorageError(f"A file stands where a folder should be, or the other way round{where}.",
+                            "Move it aside or choose another workspace folder (--workspace).")
+    if code in (errno.ENAMETOOLONG, errno.ELOOP, errno.EMFILE, errno.ENFILE, errno.EIO, errno.EFBIG):
+        return StorageError(f"{exc.strerror or 'Input/output error'}{where}.",
+                            "Check the disk and the path, then try again.")
+    return None
+
+
 def describe_exception(exc: BaseException) -> str:
     """One line for the UI: the StudioError message, or a generic line for bugs.
+
+    Disk and permission errors become a ``StorageError`` message; ANSI escapes and
+    control characters never reach the page.
 
     Args:
         exc: The exception that ended an action.
@@ -56,10 +94,13 @@ def describe_exception(exc: BaseException) -> str:
     Returns:
         A message without a traceback.
     """
+    if isinstance(exc, OSError) and not isinstance(exc, StudioError):
+        exc = storage_error(exc) or exc
     if isinstance(exc, StudioError):
-        return exc.user_message
+        return clean_text(exc.user_message)
     if isinstance(exc, MemoryError):
         return "Out of memory. Try a smaller batch size or resolution."
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    plain = clean_text(str(exc)).strip()
+    text = plain.splitlines()[0] if plain else ""
     name = type(exc).__name__
     return f"Unexpected error ({name}{': ' + text[:300] if text else ''}). Details are in the terminal log."

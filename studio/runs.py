@@ -22,10 +22,13 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from studio.errors import ConfigError
 from studio.events import Event
+
+if TYPE_CHECKING:
+    from studio.locks import ProcessLock
 
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -55,16 +58,26 @@ class RunDir:
     def create(cls, workspace: str | Path, task: str, name: str = "") -> "RunDir":
         """Make a new run folder ``<workspace>/<name>``; a default name is ``<task>-<time>``.
 
+        A run folder of that name that never got a checkpoint, a model or LoRA weights
+        (the run died or failed before its first checkpoint) is restarted in place: it
+        is emptied and reused, so the name is never lost to a dead run.
+
         Raises:
-            ConfigError: if ``name`` is unsafe or a run with that name already exists.
+            ConfigError: if ``name`` is unsafe or a run with that name already exists
+                (with something in it worth resuming).
+            JobError: if another process is training into that folder right now.
         """
-        workspace = Path(workspace)
-        workspace.mkdir(parents=True, exist_ok=True)
+        from studio.settings import check_workspace
+
+        workspace = check_workspace(workspace)  # a file, or a folder that cannot be made: ConfigError
         if name:
             root = workspace / check_run_name(name)
             if root.exists():
-                raise ConfigError(f"A run named {name!r} already exists in {workspace}. "
-                                  "Pick another name, or resume it instead.")
+                if not cls(root).restartable():
+                    raise ConfigError(f"A run named {name!r} already exists in {workspace}. "
+                                      "Pick another name, or resume it instead.")
+                cls(root).reset_for_restart()
+                return cls(root)
         else:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             root, n = workspace / f"{task}-{stamp}", 1
@@ -76,6 +89,47 @@ class RunDir:
         for sub in (run.samples_dir, run.checkpoints_dir, run.logs_dir):
             sub.mkdir(exist_ok=True)
         return run
+
+    def lock(self, what: str) -> "ProcessLock":
+        """This folder's lock (``.lock``), not yet taken: one trainer per run folder, across processes."""
+        from studio.locks import run_lock
+
+        return run_lock(self.root, what)
+
+    def restartable(self) -> bool:
+        """True for a folder that holds nothing worth resuming: no intact checkpoint, no model/, no LoRA."""
+        from studio.checkpoints import find_latest_valid
+
+        if not self.root.is_dir() or (self.model_dir / "model_index.json").is_file():
+            return False
+        if self.lora_dir.is_dir() and any(self.lora_dir.glob("*.safetensors")):
+            return False
+        return find_latest_valid(self.checkpoints_dir) is None
+
+    def reset_for_restart(self) -> None:
+        """Empty a ``restartable`` folder for a fresh start under the same name.
+
+        The last error log is kept as ``logs/previous-error.txt``.
+
+        Raises:
+            JobError: when another process holds the folder's lock (it is training now).
+        """
+        import shutil
+
+        with self.lock("restart"):  # refuses while another process trains here
+            error = self.logs_dir / "error.txt"
+            previous = error.read_bytes() if error.is_file() else None
+            for child in self.root.iterdir():
+                if child.name == ".lock":
+                    continue
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
+            for sub in (self.samples_dir, self.checkpoints_dir, self.logs_dir):
+                sub.mkdir(exist_ok=True)
+            if previous is not None:
+                (self.logs_dir / "previous-error.txt").write_bytes(previous)
 
     @property
     def name(self) -> str:

@@ -49,7 +49,7 @@ class LaunchSettings:
     generated_password: bool = False
 
     def __post_init__(self) -> None:
-        self.workspace = Path(self.workspace).expanduser().resolve()
+        self.workspace = check_workspace(self.workspace)
         if self.device not in DEVICES:
             raise ConfigError(f"--device must be one of {', '.join(DEVICES)} (got {self.device!r}).")
         if not (0 <= int(self.port) <= 65535):
@@ -84,12 +84,43 @@ def parse_auth(value: str) -> tuple[str, str]:
     return user, password
 
 
+def check_workspace(path: str | Path) -> Path:
+    """The workspace folder, resolved and created; a ``ConfigError`` when it cannot be used.
+
+    Refuses a path that is a file, a folder that cannot be created, and one this user may
+    not write to, each with one line saying so (never a traceback at launch or in the CLI).
+    """
+    try:
+        folder = Path(path).expanduser().resolve()
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise ConfigError(f"Workspace {path} cannot be used: {exc}.") from None
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"Workspace {folder} is a file, not a folder.",
+                          "Choose another --workspace (or move the file aside).")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"Workspace {folder} cannot be created: {exc.strerror or exc}.",
+                          "Choose a folder you may write to with --workspace.") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"Workspace {folder} is not writable by this user.",
+                          "Choose a folder you may write to with --workspace.")
+    return folder
+
+
 def read_auth_file(path: str | Path) -> list[tuple[str, str]]:
-    """Read one 'user:password' per line; blank lines and '#' comments are skipped."""
+    """Read one 'user:password' per line (UTF-8, a BOM allowed); blank lines and '#' comments are skipped."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--auth-file not found: {path}")
-    pairs = [parse_auth(line.strip()) for line in path.read_text(encoding="utf-8").splitlines()
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"--auth-file {path} is not UTF-8 text (byte {exc.start}).",
+                          "Save it as UTF-8 with one user:password per line.") from None
+    except OSError as exc:
+        raise ConfigError(f"--auth-file {path} cannot be read: {exc.strerror or exc}.") from None
+    pairs = [parse_auth(line.strip()) for line in text.splitlines()
              if line.strip() and not line.strip().startswith("#")]
     if not pairs:
         raise ConfigError(f"--auth-file {path} holds no user:password line.")

@@ -17,6 +17,7 @@ import gradio as gr
 from studio import preload_engine
 from studio.context import StudioContext
 from studio.settings import LaunchSettings
+from tabs.server import server_app_kwargs
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
@@ -96,5 +97,7 @@ def launch_kwargs(settings: LaunchSettings) -> dict[str, Any]:
         "theme": gr.themes.Soft(primary_hue="indigo", secondary_hue="violet"),
         "css": css_path.read_text(encoding="utf-8") if css_path.is_file() else None,
         "footer_links": ["settings"],
-        "app_kwargs": {"middleware": [Middleware(SafeFileHeaders)]},
+        # nosniff/attachment headers for served files (tabs/file_headers.py); login rate limit,
+        # 404 for unknown endpoints, no public route map (tabs/server.py)
+        "app_kwargs": server_app_kwargs(extra_middleware=[Middleware(SafeFileHeaders)]),
     }

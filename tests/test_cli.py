@@ -75,7 +75,7 @@ def test_bad_config_exits_2_without_a_traceback(tmp_path, capsys, content, messa
 
 def test_mistyped_resume_path_exits_with_a_message(tmp_path, workspace, capsys):
     config = write_config(tmp_path / "run.json", workspace)
-    assert cli.main(["train", "--config", str(config), "--resume", str(tmp_path / "no-such-checkpoint")]) == 1
+    assert cli.main(["train", "--config", str(config), "--resume", str(tmp_path / "no-such-checkpoint")]) == 2
     err = capsys.readouterr().err
     assert "Checkpoint not found" in err and "Traceback" not in err
 

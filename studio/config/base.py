@@ -116,9 +116,13 @@ def read_json_object(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"Config file not found: {path}")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg}).") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}).", "Save it as UTF-8 JSON.") from None
+    except (OSError, RecursionError, ValueError) as exc:
+        raise ConfigError(f"{path} cannot be read as JSON ({type(exc).__name__}).") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a JSON object of settings.")
     return data

@@ -213,11 +213,17 @@ def train(cfg: TrainConfig, events: EventSink = ignore_events, stop: threading.E
     # -- run folder (created by the main process; the others learn its path) -----------
     warnings: list[str] = []
     resume_from: Path | None = None
+    run_lock = None
     if is_main:
         if run is None:
             run = find_resume_run(cfg) if cfg.resume else RunDir.create(cfg.workspace, TASK, cfg.run_name)
-        if cfg.resume:
-            resume_from = resolve_resume(cfg.resume, run.checkpoints_dir, warn=warnings.append)
+        run_lock = run.lock(f"{TASK} '{run.name}'").acquire()  # one trainer per run folder, across processes
+        try:
+            if cfg.resume:
+                resume_from = resolve_resume(cfg.resume, run.checkpoints_dir, warn=warnings.append)
+        except BaseException:
+            run_lock.release()
+            raise
     if distributed:
         from accelerate.utils import broadcast_object_list
 
@@ -233,6 +239,8 @@ def train(cfg: TrainConfig, events: EventSink = ignore_events, stop: threading.E
         raise
     finally:
         report.close()
+        if run_lock is not None:
+            run_lock.release()
 
 
 def _train(cfg: TrainConfig, report: Reporter, stop: threading.Event, run: RunDir, accelerator: Any,

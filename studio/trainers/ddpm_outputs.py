@@ -83,29 +83,37 @@ def sample_images(unet: torch.nn.Module, noise_scheduler: Any, cfg: TrainConfig,
 
 def save_samples(run: RunDir, step: int, images: np.ndarray, writer: Any = None) -> Path:
     """``samples/step-N.png``: ``images`` as one grid, also sent to TensorBoard when ``writer`` is open."""
+    from studio.atomic import save_image
+
     path = run.sample_path(step)
     grid = make_grid(images)
-    grid.save(path)
+    save_image(grid, path)  # atomic: a kill mid-write never leaves a truncated grid
     if writer is not None:
         writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
     return path
 
 
 def write_progress_gif(run: RunDir) -> Path | None:
-    """``samples/progress.gif``: every ``step-N.png`` grid in step order (None when fewer than 2)."""
+    """``samples/progress.gif``: every readable ``step-N.png`` grid in step order (None when fewer than 2)."""
     from PIL import Image
 
-    frames = sorted(run.samples_dir.glob("step-*.png"))
-    if len(frames) < 2:
+    from studio.atomic import remove_stale_temporaries, save_image
+
+    remove_stale_temporaries(run.samples_dir)
+    images = []
+    for frame in sorted(run.samples_dir.glob("step-*.png")):
+        try:  # a grid damaged earlier (a 0-byte file from a killed run) is left out, not fatal
+            with Image.open(frame) as im:
+                images.append(im.convert("RGB"))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            continue
+    if len(images) < 2:
         return None
-    images = [Image.open(f).convert("RGB") for f in frames]
     size = images[-1].size
     images = [im if im.size == size else im.resize(size) for im in images]
     target = run.samples_dir / "progress.gif"
-    tmp = target.with_suffix(".tmp.gif")
     durations = [400] * (len(images) - 1) + [1500]
-    images[0].save(tmp, save_all=True, append_images=images[1:], duration=durations, loop=0)
-    os.replace(tmp, target)
+    save_image(images[0], target, save_all=True, append_images=images[1:], duration=durations, loop=0)
     return target
 
 

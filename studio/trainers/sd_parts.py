@@ -143,7 +143,7 @@ def make_class_images(pipe: Any, cfg: FinetuneConfig, folder: Path, device: torc
 
     folder.mkdir(exist_ok=True)
     paths = [folder / f"{i:04d}.png" for i in range(cfg.num_class_images)]
-    todo = [i for i, p in enumerate(paths) if not p.is_file()]
+    todo = [i for i, p in enumerate(paths) if not p.is_file() or p.stat().st_size == 0]
     if todo:
         report("status", message=f"generating {len(todo)} class images of '{cfg.class_prompt}'")
         pipe.unet.to(device)
@@ -155,7 +155,9 @@ def make_class_images(pipe: Any, cfg: FinetuneConfig, folder: Path, device: torc
             with autocast():  # fp16 text encoder/VAE with an fp32 UNet on a GPU
                 image = pipe(cfg.class_prompt, height=cfg.resolution, width=cfg.resolution,
                              num_inference_steps=cfg.num_inference_steps, generator=gen).images[0]
-            image.save(paths[i])
+            from studio.atomic import save_image
+
+            save_image(image, paths[i])  # atomic: a kill mid-write leaves no truncated class image
     if stop.is_set():
         return None
     arrays = [np.asarray(Image.open(p).convert("RGB"), dtype=np.uint8) for p in paths if p.is_file()]
@@ -184,6 +186,6 @@ def save_grid(images: list[Any], resolution: int, path: Path) -> Path:
     grid = Image.new("RGB", (resolution * len(images), resolution), "white")
     for i, image in enumerate(images):
         grid.paste(image, (i * resolution, 0))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
-    return path
+    from studio.atomic import save_image
+
+    return save_image(grid, path)  # atomic: a kill mid-write never leaves a truncated PNG

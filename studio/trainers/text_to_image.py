@@ -227,7 +227,18 @@ def train(cfg: FinetuneConfig, events: EventSink, stop: threading.Event, run: Ru
         StudioError: a problem a person can fix (data, model, memory, non-finite loss).
     """
     run = open_run(cfg, run)
-    report = _Reporter(events, run, cfg.max_train_steps, main=int(os.environ.get("RANK", "0")) == 0)
+    main = int(os.environ.get("RANK", "0")) == 0
+    run_lock = run.lock(f"{TASK} '{run.name}'").acquire() if main else None  # one trainer per run folder
+    try:
+        return _train_in(cfg, events, stop, run, main)
+    finally:
+        if run_lock is not None:
+            run_lock.release()
+
+
+def _train_in(cfg: FinetuneConfig, events: EventSink, stop: threading.Event, run: RunDir, main: bool) -> RunDir:
+    """``train`` once its run folder is open and locked."""
+    report = _Reporter(events, run, cfg.max_train_steps, main=main)
     try:
         _Trainer(cfg, report, stop, run).fit()
     except BaseException as exc:
