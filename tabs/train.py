@@ -38,7 +38,7 @@ from studio.config.train import BETA_SCHEDULES, LR_SCHEDULERS, MIXED_PRECISIONS,
 from studio.context import StudioContext
 from studio.errors import CheckpointError, ConfigError, StudioError, describe_exception
 from studio.jobs import Snapshot
-from studio.runs import RunDir
+from studio.runs import RunDir, check_run_name
 from tabs import GPU
 from tabs.jobtab import (failure, field_label, format_duration, latest_resumable, loss_frame, resumable_run,
                          run_choices, run_key, run_snapshot, shown_run, start_job, stop_job)
@@ -297,12 +297,11 @@ def resume_latest(ctx: StudioContext, max_train_steps: int | None = None) -> tup
 
 def run_target(ctx: StudioContext, name: str | None) -> int | None:
     """Run ``name``'s own step target (``max_train_steps`` in its config.json), None when unknown."""
-    found = resumable_run(ctx, TASK, name) if name else None
-    if found is None:
+    if not name:
         return None
-    try:
-        return int(found[1].get("max_train_steps") or 0)
-    except (TypeError, ValueError):
+    try:  # read directly: a running resume rewrites config.json and its checkpoints meanwhile
+        return int(RunDir(ctx.workspace / check_run_name(name)).read_config().get("max_train_steps") or 0)
+    except (StudioError, OSError, TypeError, ValueError):
         return None
 
 
@@ -558,7 +557,8 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
             message, folder, command = resume_run(ctx, name or None, int(steps) if steps not in (None, "") else None)
         except Exception as exc:  # noqa: BLE001
             return _failure(exc), gr.skip(), gr.skip(), gr.skip(), gr.skip()
-        return (message, folder, command, *picker(Path(folder).name))
+        choices, target = picker(Path(folder).name)
+        return message, folder, command, choices, steps if steps not in (None, "", 0) else target
 
     def on_status(log: bool, name: str | None = None):
         return show(name, bool(log))[:-1]
