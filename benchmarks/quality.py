@@ -2,7 +2,8 @@
 
 Trains the default Train-tab run (``TrainConfig()`` as it stands: the default tiny
 preset on the bundled emoji set) with the studio's own trainer for a fixed wall-clock
-budget, then scores the exported model's fixed-seed samples with the studio's quality
+budget (counted from the first optimisation step; loading and the step-0 grid are not
+counted), then scores the exported model's fixed-seed samples with the studio's quality
 figure (``studio.quality``: sliced Wasserstein distance of 7x7 patches of a Laplacian
 pyramid, Karras et al. 2018, x 1000). **Lower is better.** The figure is printed with
 its two reference levels, measured the same way at the same sample count:
@@ -87,7 +88,10 @@ def score_pipeline(path: str | Path, *, samples: int = 16, inference_steps: int 
 
 
 def train_for(minutes: float, workspace: Path, **overrides: Any) -> tuple[Path, int, float, list[tuple[int, float]]]:
-    """Train ``TrainConfig()``'s defaults for ``minutes`` of wall-clock time (or until it finishes).
+    """Train ``TrainConfig()``'s defaults for ``minutes`` of wall-clock training (or until it finishes).
+
+    The clock starts at the first optimisation step: loading the data, building the model
+    and the step-0 grid are not counted (on a busy machine they alone can take a minute).
 
     ``overrides`` change settings (the smoke test trains a tiny model); the benchmark passes none.
 
@@ -104,20 +108,23 @@ def train_for(minutes: float, workspace: Path, **overrides: Any) -> tuple[Path, 
     stop = threading.Event()
     steps = [0]
 
+    timer = threading.Timer(minutes * 60.0, stop.set)
+    start: list[float] = []
+
     def on_event(event) -> None:
         if event.kind == "step":
+            if not start:
+                start.append(time.perf_counter())
+                timer.start()
             steps[0] = event.step
         elif event.kind == "quality" and getattr(event, "quality", None) is not None:
             print(f"  step {event.step}: quality {event.quality:.1f}", flush=True)
 
-    timer = threading.Timer(minutes * 60.0, stop.set)
-    start = time.perf_counter()
-    timer.start()
     try:
         run = train(cfg, on_event, stop)
     finally:
         timer.cancel()
-    elapsed = time.perf_counter() - start
+    elapsed = time.perf_counter() - start[0] if start else 0.0
     curve = [(e.step, e.quality) for e in run.read_events()
              if e.kind == "quality" and getattr(e, "quality", None) is not None]
     return run.root, steps[0], elapsed, curve
