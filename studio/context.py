@@ -3,7 +3,8 @@
 ``StudioContext`` is built once per app by ``tabs.build_app``: the launch settings,
 the ``JobManager`` that owns training threads, the dataset selection handed from
 the Dataset tab to the Train and Fine-tune tabs, and the pipeline manager of the
-Generate tab (created lazily, on first use, because it imports torch).
+Generate tab (created lazily, on first use, because it imports torch), and the
+``EngineLoader`` that imports torch and diffusers in the background at launch.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.config.data import DataConfig
+from studio.engine import EngineLoader
 from studio.jobs import JobManager
 from studio.settings import LaunchSettings
 
@@ -58,6 +60,7 @@ class StudioContext:
     settings: LaunchSettings
     jobs: JobManager = field(default_factory=JobManager)
     dataset: DatasetSelection = field(default_factory=DatasetSelection)
+    engine: EngineLoader = field(default_factory=EngineLoader)
     _services: dict[str, Any] = field(default_factory=dict)
     _services_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -67,7 +70,8 @@ class StudioContext:
 
     @property
     def pipelines(self) -> Any:
-        """The Generate tab's ``studio.models.PipelineManager`` (created on first use)."""
+        """The Generate tab's ``studio.models.PipelineManager`` (created on first use, once the engine is loaded)."""
+        self.engine.wait()
         with self._services_lock:
             if "pipelines" not in self._services:
                 from studio.models import PipelineManager

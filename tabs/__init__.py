@@ -3,7 +3,10 @@
 Importing this package does nothing; ``build_app(settings)`` builds the Blocks
 (tests call it without launching) and ``launch_kwargs(settings)`` says how to
 launch it safely. Tabs receive the app-level ``StudioContext`` and return the
-handful of components other tabs link to (e.g. "Open in Generate").
+handful of components other tabs link to (e.g. "Open in Generate"), and under
+"engine_buttons" the buttons that wait for the engine (``tabs.engine_gate``).
+The page is served first; ``build_app`` starts loading the engine (torch,
+diffusers) in a background thread, so no tab imports torch while it is built.
 """
 
 from __future__ import annotations
@@ -14,10 +17,10 @@ from typing import Any
 
 import gradio as gr
 
-from studio import preload_engine
 from studio.context import StudioContext
 from studio.settings import LaunchSettings
 from tabs.server import server_app_kwargs
+from tabs.engine_gate import wire_engine_gate
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
@@ -43,7 +46,6 @@ def build_app(settings: LaunchSettings, ctx: StudioContext | None = None) -> gr.
     """
     ctx = ctx or StudioContext(settings)
     settings.workspace.mkdir(parents=True, exist_ok=True)
-    preload_engine()  # resolve diffusers' lazy imports here, not racing in worker threads
     with gr.Blocks(title="Diffusion Studio") as app:
         gr.Markdown("# Diffusion Studio\nPrepare a dataset, train or fine-tune a diffusion model, "
                     "and generate images — on this machine.", elem_id="studio-header")
@@ -53,8 +55,10 @@ def build_app(settings: LaunchSettings, ctx: StudioContext | None = None) -> gr.
                 with gr.Tab(label, id=tab_id, elem_id=f"tab-{tab_id}"):
                     handles[tab_id] = getattr(importlib.import_module(module), builder)(ctx) or {}
         _link_tabs(tabs, handles)
+        wire_engine_gate(ctx.engine, [b for h in handles.values() for b in h.get("engine_buttons", ())])
     app.queue(max_size=settings.queue_size, default_concurrency_limit=4)
     app.studio_context = ctx
+    ctx.engine.start()  # torch and diffusers load in the background while the page is served
     return app
 
 

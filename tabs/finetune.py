@@ -39,6 +39,7 @@ from studio.errors import CheckpointError, ConfigError, StudioError
 from studio.jobs import Snapshot
 from studio.runs import RunDir
 from tabs import GPU
+from tabs.engine_gate import engine_button
 from tabs.jobtab import (failure, field_label, format_duration, latest_resumable, latest_snapshot, loss_frame,
                          poll_key, start_job, stop_job)
 
@@ -338,9 +339,9 @@ def build_finetune_tab(ctx: StudioContext) -> dict[str, Any]:
                 show_json = gr.Button("Show settings as JSON", size="sm", elem_id="ft-show-json")
         with gr.Column(scale=4):
             with gr.Row():
-                start_button = gr.Button("Start", variant="primary", elem_id="ft-start")
+                start_button = engine_button("Start", variant="primary", elem_id="ft-start")
                 stop_button = gr.Button("Stop", variant="stop", elem_id="ft-stop")
-                resume_button = gr.Button("Resume latest", elem_id="ft-resume")
+                resume_button = engine_button("Resume latest", elem_id="ft-resume")
                 open_button = gr.Button("Open in Generate", elem_id="ft-open-generate")
             status = gr.Textbox(label="Status", lines=3, interactive=False, elem_id="ft-status",
                                 value=render(None).status)
@@ -402,7 +403,8 @@ def build_finetune_tab(ctx: StudioContext) -> dict[str, Any]:
         root.load(lambda: (_dataset_line(ctx), *view_outputs(current_view())),
                   outputs=[dataset_line, status, loss_plot, gallery, run_path], api_name="finetune_on_load",
                   queue=False)
-    return {"open_in_generate": open_button, "run_path": run_path, "status": status, "gallery": gallery}
+    return {"open_in_generate": open_button, "run_path": run_path, "status": status, "gallery": gallery,
+            "engine_buttons": [start_button, resume_button]}
 
 
 def _dataset_line(ctx: StudioContext) -> str:

@@ -39,6 +39,7 @@ from studio.models import lora_choices, model_choices
 from studio.pnginfo import config_updates, parse_parameters, read_png_parameters
 from studio.schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
 from tabs import GPU
+from tabs.engine_gate import engine_button
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +284,7 @@ def build_generate_tab(ctx: StudioContext) -> dict:
                                 info=help_("model"), elem_id="gen-model", filterable=True)
         with gr.Column(scale=1, min_width=200):
             with gr.Row():
-                load_button = gr.Button("Load", variant="primary", elem_id="gen-load")
+                load_button = engine_button("Load", variant="primary", elem_id="gen-load")
                 refresh_button = gr.Button("↻ Refresh list", size="sm", elem_id="gen-refresh")
             download_button = gr.Button("Download for offline use", size="sm", elem_id="gen-download")
     model_status = gr.Textbox(label="Model status", interactive=False, elem_id="gen-model-status",
@@ -323,7 +324,7 @@ def build_generate_tab(ctx: StudioContext) -> dict:
                 lora_scale = gr.Slider(-1, 2, value=1.0, step=0.05, label="LoRA scale", info=help_("lora_scale"),
                                        elem_id="gen-lora-scale")
             with gr.Row():
-                generate_button = gr.Button("Generate", variant="primary", elem_id="gen-generate")
+                generate_button = engine_button("Generate", variant="primary", elem_id="gen-generate")
                 stop_button = gr.Button("Stop", variant="stop", elem_id="gen-stop")
             with gr.Accordion("Reuse parameters from a PNG", open=False):
                 reuse_file = gr.File(label="PNG saved by the studio or another SD tool", file_types=[".png"],
@@ -436,7 +437,7 @@ def build_generate_tab(ctx: StudioContext) -> dict:
             message = describe_exception(exc)
             gr.Warning(message)
             return (gr.update(),) * len(fields) + (f"Not reused: {message}",)
-        manager_loaded = ctx.pipelines.loaded
+        manager_loaded = ctx.pipelines.loaded if ctx.engine.ready else None
         offered = ctx.pipelines.scheduler_names() if manager_loaded is not None else list(SCHEDULER_NAMES)
         if updates.get("scheduler") not in offered:
             notes.append(f"Scheduler {updates.get('scheduler')!r} does not fit the loaded model; kept "
@@ -460,7 +461,7 @@ def build_generate_tab(ctx: StudioContext) -> dict:
     root = gr.context.Context.root_block
     if root is not None:
         root.load(on_refresh, outputs=[model, lora], api_name="refresh_models_on_load", queue=False)
-    return {"model": model, "status": model_status}
+    return {"model": model, "status": model_status, "engine_buttons": [load_button, generate_button]}
 
 
 __all__ = ["ModelView", "build_config", "load_model", "is_local_model", "reuse_parameters", "gallery_items",

@@ -28,9 +28,14 @@ def start_job(ctx: StudioContext, task: str, run: RunDir, target: Callable, resu
     step (bad data, a missing base model...), leaves no run folder behind: nothing is
     then offered to resume or to open in Generate.
 
+    Waits for the engine first (the trainers import torch and diffusers).
+
     Raises:
         JobError: when a job already runs on the device (naming it).
+        ModelError: when the engine failed to load.
     """
+    ctx.engine.wait()
+
     def guarded(events, stop):
         try:
             return target(events, stop)

@@ -18,7 +18,7 @@ changes "Resume until step".
 Presets, block types and LR schedules come from ``studio.unet_presets`` and
 ``studio.config.train``: the same tables the CLI and the tests read. Nothing here
 imports torch at import time (the parameter count builds the UNet on torch's meta
-device inside a handler).
+device inside a handler, once the engine has loaded).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from studio.errors import CheckpointError, ConfigError, StudioError, describe_ex
 from studio.jobs import Snapshot
 from studio.runs import RunDir, check_run_name
 from tabs import GPU
+from tabs.engine_gate import LOADING_LABEL, engine_button
 from tabs.jobtab import (failure, field_label, format_duration, latest_resumable, loss_frame, resumable_run,
                          run_choices, run_key, run_snapshot, shown_run, start_job, stop_job)
 from studio.unet_presets import (CUSTOM, PRESETS, attention_levels_of, block_types, human_bytes, human_count,
@@ -484,7 +485,8 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
                     for name in names:
                         kind, extra = next((k, e) for n, k, e in FIELDS if n == name)
                         widgets[name] = _widget(name, kind, extra, defaults[name])
-            summary = gr.Markdown("", elem_id="train-model-summary")
+            summary = gr.Markdown(f"*Parameter count and memory estimate: {LOADING_LABEL}*",
+                                  elem_id="train-model-summary")
             with gr.Accordion("Headless (CLI)", open=False):
                 cli_box = gr.Textbox(label="CLI command", value=cli_command(), interactive=False, lines=2,
                                      elem_id="train-cli", buttons=["copy"])
@@ -496,9 +498,9 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
                                               elem_id="train-config-download")
         with gr.Column(scale=4):
             with gr.Row():
-                start_button = gr.Button("Start", variant="primary", elem_id="train-start")
+                start_button = engine_button("Start", variant="primary", elem_id="train-start")
                 stop_button = gr.Button("Stop", variant="stop", elem_id="train-stop")
-                resume_button = gr.Button("Resume", elem_id="train-resume")
+                resume_button = engine_button("Resume", elem_id="train-resume")
                 open_button = gr.Button("Open in Generate", elem_id="train-open-generate")
             with gr.Row():
                 run_picker = gr.Dropdown(label="Run on screen", choices=run_choices(ctx, TASK), value=None,
@@ -586,6 +588,7 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
 
     def on_summary(*values: Any):
         try:
+            ctx.engine.wait()  # the parameter count builds the UNet with diffusers (on torch's meta device)
             return model_summary(dict(zip(INPUT_NAMES, values)))
         except Exception as exc:  # noqa: BLE001
             return f"⚠️ {describe_exception(exc)}"
@@ -601,9 +604,9 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
                     else gr.update(visible=False))
         return gr.update(value=config_json(settings, ctx), visible=True), cli_command(), download
 
-    def on_load(*values: Any):
+    def on_load(*values: Any):  # the model summary is its own load event: it waits for the engine
         name = shown_run(ctx, TASK)
-        return (dataset_line(ctx), on_summary(*values), *show(name, False), *picker(name))
+        return (dataset_line(ctx), *show(name, False), *picker(name))
 
     gpu = {"concurrency_id": GPU, "concurrency_limit": 1}
     start_outputs = [status, run_folder, cli_box, run_picker, resume_steps]
@@ -638,9 +641,11 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
     root = gr.context.Context.root_block
     if root is not None:
         root.load(on_load, inputs=inputs,
-                  outputs=[data_md, summary, *view_components, seen, run_picker, resume_steps],
+                  outputs=[data_md, *view_components, seen, run_picker, resume_steps],
                   api_name="train_on_load", queue=False)
-    return {"open_in_generate": open_button, "run_path": run_path, "status": status}
+        root.load(on_summary, inputs=inputs, outputs=summary, api_name=False, queue=False, show_progress="hidden")
+    return {"open_in_generate": open_button, "run_path": run_path, "status": status,
+            "engine_buttons": [start_button, resume_button]}
 
 
 def _failure(exc: BaseException) -> str:
