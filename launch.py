@@ -77,11 +77,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc.user_message}", file=sys.stderr)
         return 2
     try:
-        app.launch(**launch_kwargs(settings))
+        app.launch(**launch_kwargs(settings), prevent_thread_lock=True)
     except OSError as exc:  # the port is taken, the disk is full...: one line, not a traceback
         problem = storage_error(exc)
         print(f"error: {problem.user_message if problem else exc}", file=sys.stderr)
+        app.studio_context.jobs.stop_all()
         return 2
+    try:
+        app.studio_context.engine.start()  # the page is served: torch and diffusers now load behind it
+        app.block_thread()
     finally:
         app.studio_context.jobs.stop_all()
     return 0

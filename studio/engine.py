@@ -2,8 +2,8 @@
 
 Importing torch and diffusers takes 10-20 s on a small machine, longer than Gradio
 itself. The app serves its page first and loads the engine in one background thread
-(``EngineLoader.start``, called by ``tabs.build_app`` at launch, never at import
-time); the buttons that need it say "loading the engine…" until ``ready``. Code that
+(``EngineLoader.start``, called by ``launch.py`` once the page is served, never
+at import time); the buttons that need it say "loading the engine…" until ``ready``. Code that
 needs the engine calls ``EngineLoader.wait()`` first, so nothing resolves diffusers'
 lazy imports while the loader thread does (two threads resolving them at once can
 fail with ImportError). Nothing here imports torch at import time.

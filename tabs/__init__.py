@@ -5,8 +5,8 @@ Importing this package does nothing; ``build_app(settings)`` builds the Blocks
 launch it safely. Tabs receive the app-level ``StudioContext`` and return the
 handful of components other tabs link to (e.g. "Open in Generate"), and under
 "engine_buttons" the buttons that wait for the engine (``tabs.engine_gate``).
-The page is served first; ``build_app`` starts loading the engine (torch,
-diffusers) in a background thread, so no tab imports torch while it is built.
+No tab imports torch while it is built: ``launch.py`` serves the page first and
+then starts ``ctx.engine`` (torch, diffusers) in a background thread.
 """
 
 from __future__ import annotations
@@ -58,7 +58,6 @@ def build_app(settings: LaunchSettings, ctx: StudioContext | None = None) -> gr.
         wire_engine_gate(ctx.engine, [b for h in handles.values() for b in h.get("engine_buttons", ())])
     app.queue(max_size=settings.queue_size, default_concurrency_limit=4)
     app.studio_context = ctx
-    ctx.engine.start()  # torch and diffusers load in the background while the page is served
     return app
 
 

@@ -83,7 +83,7 @@ def launch_app(settings):
     kwargs = launch_kwargs(settings)
     kwargs.update(prevent_thread_lock=True, quiet=True)
     app.launch(**kwargs)
-    app.studio_context.engine.wait(timeout=600)  # tests drive the app, not its loading state (test_startup does)
+    app.studio_context.engine.wait()  # loads it here: tests drive the app, not its loading state (test_startup does)
     return app, f"http://127.0.0.1:{settings.port}/"
 
 

@@ -60,7 +60,10 @@ def _gated_app(tmp_path: Path):
     settings = LaunchSettings(host="127.0.0.1", port=free_port(), workspace=tmp_path / "ws", device="cpu",
                               offline=True)
     ctx = StudioContext(settings, engine=EngineLoader(load=gate.wait))
-    return build_app(settings, ctx), gate
+    app = build_app(settings, ctx)
+    assert ctx.engine.state == IDLE  # building starts nothing; launch.py starts the engine once serving
+    ctx.engine.start()
+    return app, gate
 
 
 def test_engine_buttons_wait_for_the_engine(tmp_path):
@@ -68,7 +71,7 @@ def test_engine_buttons_wait_for_the_engine(tmp_path):
 
     app, gate = _gated_app(tmp_path)
     engine = app.studio_context.engine
-    assert engine.state == LOADING  # build_app started it
+    assert engine.state == LOADING
     props = {c["props"].get("elem_id"): c["props"] for c in app.get_config_file()["components"]}
     gated = ["train-start", "train-resume", "ft-start", "ft-resume", "gen-load", "gen-generate"]
     for elem_id in gated:
@@ -154,3 +157,27 @@ def test_page_and_emoji_preview_come_before_the_engine(browser, tmp_path):
         gate.set()
         context.close()
         app.close()
+
+
+@pytest.mark.integration
+def test_launch_serves_the_page_then_starts_the_engine(tmp_path, monkeypatch):
+    import urllib.request
+
+    import gradio as gr
+
+    import launch
+
+    seen = {}
+
+    def block_thread(app):  # instead of blocking: look at the running studio, then close it
+        seen["engine_state"] = app.studio_context.engine.state
+        with urllib.request.urlopen(app.local_url, timeout=30) as response:
+            seen["page"] = response.status
+        app.studio_context.engine.wait(timeout=600)
+        seen["ready"] = app.studio_context.engine.ready
+        app.close()
+
+    monkeypatch.setattr(gr.Blocks, "block_thread", block_thread)
+    port = free_port()
+    assert launch.main(["--port", str(port), "--workspace", str(tmp_path / "ws"), "--offline"]) == 0
+    assert seen["engine_state"] in ("loading", "ready") and seen["page"] == 200 and seen["ready"]
