@@ -7,13 +7,15 @@ A *model reference* is what a person types or picks in the Generate tab:
     /path/to/model.safetensors        a single-file checkpoint (SD 1.x/2.x/XL/3, FLUX)
     /path/to/<run> or a run name      a run of this workspace: ``model/`` (Train, full
                                       fine-tune) or ``lora/`` + the base model in config.json
+    bundled:<name> (or <name>)        a model shipped in assets/models (``studio.bundled``)
 
 This module is responsible for turning that text into a ``ModelRef`` (or a ``ModelError``
 that says what to do) without loading anything: ``resolve_reference`` (Hub id parsing and
 cheap Hub/cache checks, local folders and files, workspace runs), ``resolve_lora`` and
 ``find_lora_file`` for LoRA weights, offline detection (``is_offline``: ``--offline`` or
 ``HF_HUB_OFFLINE``; offline only the Hugging Face cache is looked at), and the dropdown
-choices (workspace runs, cached Hub pipelines and ``CURATED_MODELS``). Loading the
+choices (bundled models first, then workspace runs, cached Hub pipelines and
+``CURATED_MODELS``). Loading the
 resolved reference lives in ``studio.models``.
 """
 
@@ -25,6 +27,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from studio.bundled import PREFIX as BUNDLED_PREFIX
+from studio.bundled import bundled_models, find_bundled
 from studio.errors import ModelError
 from studio.runs import list_runs
 
@@ -107,6 +111,12 @@ def resolve_reference(reference: str, workspace: str | Path | None = None, offli
     path = Path(text).expanduser()
     if workspace is not None and not path.is_absolute() and not path.exists() and (Path(workspace) / text).exists():
         path = Path(workspace) / text
+    bundled = find_bundled(text)
+    if bundled is not None and (text.startswith(BUNDLED_PREFIX) or not path.exists()):
+        return ModelRef(text=text, kind="folder", location=str(bundled.path), label=f"{bundled.name} (bundled)")
+    if text.startswith(BUNDLED_PREFIX):
+        raise ModelError(f"No bundled model named {text[len(BUNDLED_PREFIX):]!r}.",
+                         "Bundled models: " + (", ".join(m.reference for m in bundled_models()) or "none") + ".")
     if path.exists():
         return _resolve_local(text, path, workspace, offline)
     if _looks_like_path(text):
@@ -310,9 +320,9 @@ def _check_hub(ref: ModelRef, workspace: str | Path | None, offline: bool) -> No
 
 
 def model_choices(workspace: str | Path | None) -> list[tuple[str, str]]:
-    """(label, value) pairs for the model dropdown: workspace runs, cached ids, curated ids."""
-    choices: list[tuple[str, str]] = []
-    seen: set[str] = set()
+    """(label, value) pairs for the model dropdown: bundled models, workspace runs, cached ids, curated ids."""
+    choices: list[tuple[str, str]] = [(f"{m.name} ({m.description})", m.reference) for m in bundled_models()]
+    seen: set[str] = {value for _, value in choices}
     if workspace is not None:
         for run in list_runs(workspace):
             if run.has_model:

@@ -21,7 +21,8 @@ from typing import Any
 DOWN_BLOCK_TYPES = ("DownBlock2D", "AttnDownBlock2D")
 #: Up block without / with self-attention.
 UP_BLOCK_TYPES = ("UpBlock2D", "AttnUpBlock2D")
-#: Channels per attention head (diffusers' ``attention_head_dim`` default for UNet2DModel).
+#: Channels per attention head of diffusers' UNet2DModel by default; what a config that spells
+#: out its architecture without ``attention_head_dim`` (every run before presets had one) means.
 ATTENTION_HEAD_DIM = 8
 
 CUSTOM = "custom"
@@ -38,6 +39,10 @@ class UNetPreset:
         attention_levels: 0-based levels (highest resolution first) that use self-attention.
         resolution: Image size the preset was designed for (the UI suggests it).
         description: One line for the UI.
+        attention_head_dim: Channels per attention head (same parameter count for any value).
+        training: The training settings this architecture is meant to start from
+            (``TrainConfig`` field -> value); ``TrainConfig`` and the Train tab take
+            every field named here from the preset unless it is set.
     """
 
     name: str
@@ -46,6 +51,13 @@ class UNetPreset:
     attention_levels: tuple[int, ...]
     resolution: int
     description: str
+    attention_head_dim: int = ATTENTION_HEAD_DIM
+    training: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def training_defaults(self) -> dict[str, Any]:
+        """``training`` as a dict."""
+        return dict(self.training)
 
     @property
     def down_block_types(self) -> tuple[str, ...]:
@@ -56,16 +68,41 @@ class UNetPreset:
         return block_types(len(self.block_out_channels), self.attention_levels)[1]
 
 
-#: Every preset, in dropdown order. The first is the default.
+#: Training settings of diffusers' train_unconditional.py (its defaults); also what a custom
+#: architecture starts from, since nothing is known about how fast it learns.
+DIFFUSERS_TRAINING: tuple[tuple[str, Any], ...] = (
+    ("learning_rate", 1e-4), ("lr_warmup_steps", 500), ("prediction_type", "epsilon"),
+    ("beta_schedule", "linear"), ("snr_gamma", 0.0), ("ema_max_decay", 0.9999), ("ema_power", 0.75),
+)
+
+#: Every preset, in dropdown order. The first is the default. Why the tiny preset's training
+#: settings are what they are: benchmarks/README.md, "Why the default run showed noise".
 PRESETS: dict[str, UNetPreset] = {p.name: p for p in (
     UNetPreset("tiny (CPU demo)", (32, 64, 64), 1, (1,), 32,
-               "About 1.1 M parameters; trains visibly on a laptop CPU at 32 px in minutes."),
+               "About 1.1 M parameters; trains visibly on a laptop CPU at 32 px in minutes.",
+               attention_head_dim=32,
+               training=(("learning_rate", 1e-3), ("lr_warmup_steps", 50), ("prediction_type", "v_prediction"),
+                         ("beta_schedule", "linear"), ("snr_gamma", 0.0), ("ema_max_decay", 0.999),
+                         ("ema_power", 0.75))),
     UNetPreset("diffusers example (128 px)", (128, 128, 256, 256, 512, 512), 2, (4,), 128,
-               "The UNet of diffusers' train_unconditional.py: attention at the 5th level; wants a GPU."),
+               "The UNet of diffusers' train_unconditional.py: attention at the 5th level; wants a GPU.",
+               attention_head_dim=8, training=DIFFUSERS_TRAINING),
     UNetPreset("lucidrains Unet(dim=64, dim_mults=(1,2,4,8))", (64, 128, 256, 512), 2, (3,), 128,
-               "denoising-diffusion-pytorch's classic tutorial UNet mapped onto UNet2DModel; wants a GPU."),
+               "denoising-diffusion-pytorch's classic tutorial UNet mapped onto UNet2DModel; wants a GPU.",
+               attention_head_dim=32,
+               training=(("learning_rate", 1e-4), ("lr_warmup_steps", 100), ("prediction_type", "v_prediction"),
+                         ("beta_schedule", "squaredcos_cap_v2"), ("snr_gamma", 0.0), ("ema_max_decay", 0.9999),
+                         ("ema_power", 0.75))),
 )}
 DEFAULT_PRESET = next(iter(PRESETS))
+#: The TrainConfig fields a preset supplies (every preset names all of them).
+PRESET_TRAINING_FIELDS: tuple[str, ...] = tuple(name for name, _ in DIFFUSERS_TRAINING)
+
+
+def training_defaults(preset: str) -> dict[str, Any]:
+    """The training settings ``preset`` starts from (a custom architecture: diffusers' defaults)."""
+    p = PRESETS.get(preset)
+    return p.training_defaults if p is not None else dict(DIFFUSERS_TRAINING)
 
 
 def block_types(levels: int, attention_levels: tuple[int, ...] | list[int]) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -92,12 +129,17 @@ def attention_levels_of(down_block_types: tuple[str, ...] | list[str]) -> tuple[
 
 
 def preset_matching(block_out_channels: tuple[int, ...], layers_per_block: int,
-                    down_block_types: tuple[str, ...], up_block_types: tuple[str, ...]) -> str:
-    """The name of the preset with exactly this architecture, or ``"custom"``."""
+                    down_block_types: tuple[str, ...], up_block_types: tuple[str, ...],
+                    attention_head_dim: int | None = None) -> str:
+    """The name of the preset with exactly this architecture, or ``"custom"``.
+
+    ``attention_head_dim`` None matches any head size.
+    """
     for preset in PRESETS.values():
         if (tuple(block_out_channels) == preset.block_out_channels and int(layers_per_block) == preset.layers_per_block
                 and tuple(down_block_types) == preset.down_block_types
-                and tuple(up_block_types) == preset.up_block_types):
+                and tuple(up_block_types) == preset.up_block_types
+                and (attention_head_dim is None or int(attention_head_dim) == preset.attention_head_dim)):
             return preset.name
     return CUSTOM
 
@@ -111,7 +153,8 @@ def norm_groups(block_out_channels: tuple[int, ...]) -> int:
 
 
 def unet_kwargs(resolution: int, block_out_channels: tuple[int, ...], layers_per_block: int,
-                down_block_types: tuple[str, ...], up_block_types: tuple[str, ...]) -> dict[str, Any]:
+                down_block_types: tuple[str, ...], up_block_types: tuple[str, ...],
+                attention_head_dim: int = ATTENTION_HEAD_DIM) -> dict[str, Any]:
     """Constructor arguments of ``diffusers.UNet2DModel`` for an RGB model of this architecture."""
     return {
         "sample_size": int(resolution),
@@ -122,7 +165,7 @@ def unet_kwargs(resolution: int, block_out_channels: tuple[int, ...], layers_per
         "down_block_types": tuple(down_block_types),
         "up_block_types": tuple(up_block_types),
         "norm_num_groups": norm_groups(tuple(block_out_channels)),
-        "attention_head_dim": ATTENTION_HEAD_DIM,
+        "attention_head_dim": int(attention_head_dim),
     }
 
 
@@ -163,7 +206,7 @@ class MemoryEstimate:
 
 def memory_estimate(params: int, resolution: int, batch_size: int, block_out_channels: tuple[int, ...],
                     layers_per_block: int, down_block_types: tuple[str, ...], use_ema: bool = True,
-                    mixed_precision: str = "no") -> MemoryEstimate:
+                    mixed_precision: str = "no", attention_head_dim: int = ATTENTION_HEAD_DIM) -> MemoryEstimate:
     """Estimate training memory: fp32 weights, AdamW state + grads, EMA copy and activations.
 
     Activations are a rule of thumb (about a dozen saved tensors per ResNet layer and
@@ -177,6 +220,7 @@ def memory_estimate(params: int, resolution: int, batch_size: int, block_out_cha
         block_out_channels / layers_per_block / down_block_types: The architecture.
         use_ema: Whether an EMA copy of the weights is kept.
         mixed_precision: "no", "fp16" or "bf16" (halves activation bytes).
+        attention_head_dim: Channels per attention head (fewer heads, smaller attention matrices).
     """
     act_bytes = 2 if mixed_precision in ("fp16", "bf16") else 4
     attn = set(attention_levels_of(down_block_types))
@@ -187,7 +231,7 @@ def memory_estimate(params: int, resolution: int, batch_size: int, block_out_cha
         # down path: layers_per_block ResNets; up path: layers_per_block + 1; ~12 saved tensors each
         elements += 12 * channels * pixels * (2 * layers_per_block + 1)
         if level in attn:
-            heads = max(1, channels // ATTENTION_HEAD_DIM)
+            heads = max(1, channels // max(1, int(attention_head_dim)))
             elements += (2 * layers_per_block + 1) * (heads * pixels * pixels + 4 * channels * pixels)
     activations = int(elements * batch_size * act_bytes)
     return MemoryEstimate(weights=params * 4, optimizer_and_grads=params * 12,

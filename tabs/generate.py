@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator
 
 import gradio as gr
 
+from studio.bundled import PREFIX as BUNDLED_PREFIX
 from studio.config.generate import MAX_BATCH_COUNT, MAX_BATCH_SIZE, GenerateConfig
 from studio.context import StudioContext
 from studio.errors import ConfigError, StudioError, describe_exception
@@ -280,7 +281,9 @@ def build_generate_tab(ctx: StudioContext) -> dict:
     stops = SessionStops()
     with gr.Row():
         with gr.Column(scale=3):
-            model = gr.Dropdown(model_choices(workspace), value=None, allow_custom_value=True, label="Model",
+            choices = model_choices(workspace)
+            first_bundled = next((v for _, v in choices if v.startswith(BUNDLED_PREFIX)), None)
+            model = gr.Dropdown(choices, value=first_bundled, allow_custom_value=True, label="Model",
                                 info=help_("model"), elem_id="gen-model", filterable=True)
         with gr.Column(scale=1, min_width=200):
             with gr.Row():

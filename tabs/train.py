@@ -43,8 +43,9 @@ from tabs import GPU
 from tabs.engine_gate import LOADING_LABEL, engine_button
 from tabs.jobtab import (failure, field_label, format_duration, latest_resumable, loss_frame, resumable_run,
                          run_choices, run_key, run_snapshot, shown_run, start_job, stop_job)
-from studio.unet_presets import (CUSTOM, PRESETS, attention_levels_of, block_types, human_bytes, human_count,
-                                 memory_estimate, parameter_count, preset_matching)
+from studio.pretrained import init_from_choices
+from studio.unet_presets import (CUSTOM, PRESET_TRAINING_FIELDS, PRESETS, attention_levels_of, block_types,
+                                 human_bytes, human_count, memory_estimate, parameter_count, preset_matching)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ TASK = "train"
 FIELDS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("run_name", "text", {"label": "Run name", "placeholder": "empty: train-<date>-<time>"}),
     ("preset", "choice", {"label": "UNet preset", "choices": [*PRESETS, CUSTOM]}),
+    ("init_from", "pretrained", {"label": "Start from (pretrained DDPM)"}),
     ("resolution", "int", {"label": "Resolution (px)", "minimum": 8}),
     ("train_batch_size", "int", {"label": "Batch size", "minimum": 1}),
     ("max_train_steps", "int", {"label": "Training steps", "minimum": 0}),
@@ -89,12 +91,14 @@ FIELDS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("block_out_channels", "csv", {"label": "block_out_channels", "placeholder": "32, 64, 64"}),
     ("layers_per_block", "int", {"label": "layers_per_block", "minimum": 1}),
     ("attention_levels", "csv", {"label": "Attention at levels (1 = highest resolution)", "placeholder": "2"}),
+    ("attention_head_dim", "int", {"label": "attention_head_dim", "minimum": 1}),
 )
 #: Widget names in the order the event handlers receive them.
 INPUT_NAMES = tuple(name for name, _, _ in FIELDS)
 #: Layout: (accordion title or "" for always visible, open?, fields).
 SECTIONS = (
-    ("", True, ("run_name", "preset", "resolution", "train_batch_size", "max_train_steps", "learning_rate")),
+    ("", True, ("run_name", "preset", "init_from", "resolution", "train_batch_size", "max_train_steps",
+                "learning_rate")),
     ("Schedule and optimizer", False, ("num_epochs", "lr_scheduler", "lr_warmup_steps", "gradient_accumulation_steps",
                                        "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
                                        "max_grad_norm", "mixed_precision")),
@@ -103,12 +107,15 @@ SECTIONS = (
     ("EMA", False, ("use_ema", "ema_max_decay", "ema_power", "ema_inv_gamma", "ema_update_after_step")),
     ("Samples and checkpoints", False, ("seed", "sample_every", "num_samples", "sample_inference_steps",
                                         "save_every", "checkpoints_total_limit")),
-    ("Architecture (advanced)", False, ("block_out_channels", "layers_per_block", "attention_levels")),
+    ("Architecture (advanced)", False, ("block_out_channels", "layers_per_block", "attention_levels",
+                                         "attention_head_dim")),
 )
 ATTENTION_HELP = ("Levels whose down and up blocks use self-attention (AttnDownBlock2D / AttnUpBlock2D), "
                   "comma-separated; empty = none.")
 #: Fields of the architecture that the preset dropdown fills in.
-ARCHITECTURE = ("block_out_channels", "layers_per_block", "attention_levels")
+ARCHITECTURE = ("block_out_channels", "layers_per_block", "attention_levels", "attention_head_dim")
+#: Widgets the preset dropdown fills in: the architecture, its resolution, its training settings.
+PRESET_FILLED = (*ARCHITECTURE, "resolution", *PRESET_TRAINING_FIELDS)
 
 
 def default_values() -> dict[str, Any]:
@@ -119,14 +126,23 @@ def default_values() -> dict[str, Any]:
     return values
 
 
+def _is_int(hint: Any) -> bool:
+    """Whether a field's type hint is ``int`` or ``int | None``."""
+    return hint is int or (int in typing.get_args(hint) and float not in typing.get_args(hint))
+
+
 def preset_values(preset: str) -> dict[str, Any]:
-    """The architecture widgets' values for ``preset`` (nothing changes for 'custom')."""
+    """The widget values ``preset`` fills in: architecture, resolution and its training settings
+    (nothing changes for 'custom')."""
     p = PRESETS.get(preset)
     if p is None:
         return {}
     return {"block_out_channels": ", ".join(str(c) for c in p.block_out_channels),
             "layers_per_block": p.layers_per_block,
-            "attention_levels": ", ".join(str(i + 1) for i in p.attention_levels)}
+            "attention_levels": ", ".join(str(i + 1) for i in p.attention_levels),
+            "attention_head_dim": p.attention_head_dim,
+            "resolution": p.resolution,
+            **p.training_defaults}
 
 
 def _ints(text: Any, label: str) -> tuple[int, ...]:
@@ -169,7 +185,7 @@ def build_config(values: dict[str, Any], ctx: StudioContext | None = None, **ove
             if value is None or value == "":
                 raise ConfigError(f"{_label(name)} needs a number.")
             number = float(value)
-            if hints.get(name) is int:
+            if _is_int(hints.get(name)):
                 if not math.isfinite(number) or number != int(number):
                     raise ConfigError(f"{_label(name)} must be a whole number (got {value}).")
                 value = int(number)
@@ -177,7 +193,7 @@ def build_config(values: dict[str, Any], ctx: StudioContext | None = None, **ove
                 value = number
         elif kind == "bool":
             value = bool(value)
-        elif kind == "text":
+        elif kind in ("text", "pretrained"):
             value = str(value or "").strip()
         data[name] = value
     levels = data.pop("attention_levels", None)
@@ -206,7 +222,9 @@ def architecture_preset(values: dict[str, Any]) -> str:
         channels = _ints(values.get("block_out_channels"), "block_out_channels")
         levels = tuple(i - 1 for i in _ints(values.get("attention_levels"), "attention levels"))
         down, up = block_types(len(channels), levels)
-        return preset_matching(channels, int(values.get("layers_per_block") or 0), down, up)
+        head = values.get("attention_head_dim")
+        return preset_matching(channels, int(values.get("layers_per_block") or 0), down, up,
+                               int(head) if head not in (None, "") else None)
     except (StudioError, TypeError, ValueError):
         return CUSTOM
 
@@ -219,12 +237,17 @@ def model_summary(values: dict[str, Any]) -> str:
         return f"⚠️ {exc.user_message}"
     params = parameter_count(cfg.block_out_channels, cfg.layers_per_block, cfg.down_block_types, cfg.up_block_types)
     mem = memory_estimate(params, cfg.resolution, cfg.train_batch_size, cfg.block_out_channels,
-                          cfg.layers_per_block, cfg.down_block_types, cfg.use_ema, cfg.mixed_precision)
+                          cfg.layers_per_block, cfg.down_block_types, cfg.use_ema, cfg.mixed_precision,
+                          attention_head_dim=cfg.attention_head_dim)
     attention = ", ".join(str(i + 1) for i in attention_levels_of(cfg.down_block_types)) or "none"
-    return (f"**{cfg.preset}** · **{human_count(params)} parameters** · attention at level(s) {attention} · "
+    text = (f"**{cfg.preset}** · **{human_count(params)} parameters** · attention at level(s) {attention} · "
             f"estimated training memory **{human_bytes(mem.total)}** (weights {human_bytes(mem.weights)}, "
             f"AdamW + gradients {human_bytes(mem.optimizer_and_grads)}, EMA {human_bytes(mem.ema)}, "
             f"activations ≈ {human_bytes(mem.activations)} at batch {cfg.train_batch_size}, {cfg.resolution} px)")
+    if cfg.init_from:
+        text += (f"\n\nStarting from **{cfg.init_from}**: its architecture and noise schedule "
+                 f"({cfg.prediction_type}, {cfg.beta_schedule}) replace the preset's.")
+    return text + "".join(f"\n\n⚠️ {w}" for w in cfg.run_length_warnings())
 
 
 # --------------------------------------------------------------------------- actions
@@ -453,6 +476,8 @@ def dataset_line(ctx: StudioContext) -> str:
 def _widget(name: str, kind: str, extra: dict[str, Any], value: Any) -> gr.components.Component:
     info = ATTENTION_HELP if name == "attention_levels" else TrainConfig.help_for(name)
     kwargs = dict(extra, info=info, elem_id=f"train-{name.replace('_', '-')}", value=value)
+    if kind == "pretrained":
+        return gr.Dropdown(allow_custom_value=True, **kwargs)
     if kind in ("text", "csv"):
         return gr.Textbox(**kwargs)
     if kind == "choice":
@@ -484,6 +509,8 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
                 with container:
                     for name in names:
                         kind, extra = next((k, e) for n, k, e in FIELDS if n == name)
+                        if kind == "pretrained":
+                            extra = dict(extra, choices=init_from_choices(ctx.workspace))
                         widgets[name] = _widget(name, kind, extra, defaults[name])
             summary = gr.Markdown(f"*Parameter count and memory estimate: {LOADING_LABEL}*",
                                   elem_id="train-model-summary")
@@ -582,9 +609,8 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
     def on_preset(preset: str):
         values = preset_values(preset)
         if not values:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
-        return (values["block_out_channels"], values["layers_per_block"], values["attention_levels"],
-                PRESETS[preset].resolution)
+            return tuple(gr.skip() for _ in PRESET_FILLED)
+        return tuple(values[name] for name in PRESET_FILLED)
 
     def on_summary(*values: Any):
         try:
@@ -621,15 +647,16 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
     status_button = gr.Button("Refresh", size="sm", elem_id="train-refresh", visible=False)
     status_button.click(on_status, inputs=[log_scale, run_picker], outputs=view_components, api_name="train_status",
                         queue=False)
-    widgets["preset"].input(on_preset, inputs=widgets["preset"],
-                            outputs=[widgets["block_out_channels"], widgets["layers_per_block"],
-                                     widgets["attention_levels"], widgets["resolution"]],
+    widgets["preset"].input(on_preset, inputs=widgets["preset"], outputs=[widgets[n] for n in PRESET_FILLED],
                             api_name="train_preset", queue=False)
     for name in ARCHITECTURE:
         widgets[name].change(on_architecture_edit, inputs=inputs, outputs=widgets["preset"], queue=False,
                              api_name=False)
-    summary_triggers = [widgets[n].change for n in ("preset", "resolution", "train_batch_size", "use_ema",
-                                                     "mixed_precision", *ARCHITECTURE)]
+    summary_triggers = [widgets[n].change for n in ("preset", "init_from", "resolution", "train_batch_size", "use_ema",
+                                                     "mixed_precision", "max_train_steps", "num_epochs",
+                                                     "lr_scheduler", "lr_warmup_steps", "sample_every", "save_every",
+                                                     "ema_max_decay", "ema_power", "ema_inv_gamma",
+                                                     "ema_update_after_step", *ARCHITECTURE)]
     gr.on(summary_triggers, on_summary, inputs=inputs, outputs=summary, api_name="train_model_summary",
           queue=False, show_progress="hidden")
     show_json.click(on_show_json, inputs=inputs, outputs=[json_box, cli_box, json_file], api_name="train_config_json",
@@ -638,6 +665,8 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
     if isinstance(tab, gr.Tab):  # refresh the dataset line and the run list whenever the tab is opened
         tab.select(lambda name: (dataset_line(ctx), gr.update(choices=run_choices(ctx, TASK))),
                    inputs=run_picker, outputs=[data_md, run_picker], api_name="train_dataset", queue=False)
+        tab.select(lambda: gr.update(choices=init_from_choices(ctx.workspace)), outputs=widgets["init_from"],
+                   api_name=False, queue=False)
     root = gr.context.Context.root_block
     if root is not None:
         root.load(on_load, inputs=inputs,

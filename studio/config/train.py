@@ -8,7 +8,14 @@ trainer checks what needs the resolved device (fp16 on a CPU, for one).
 
 The architecture comes from ``studio.unet_presets``: when ``block_out_channels`` is
 empty the preset fills it in, so a saved ``config.json`` always holds the full
-architecture.
+architecture. So do the training settings a preset names (learning rate, warm-up,
+prediction type, noise schedule, min-SNR, EMA): a field left at ``None`` takes the
+preset's value, so ``TrainConfig(preset=...)`` and the Train tab's preset dropdown give
+that preset's recipe, and ``config.json`` records the values used.
+
+``run_length_warnings(cfg)`` lists settings that make no sense for the run's length
+(warm-up longer than half the run, no sample grid or checkpoint before the end...);
+the Train tab shows them and the trainer reports them as warnings.
 """
 
 from __future__ import annotations
@@ -19,8 +26,8 @@ from pathlib import Path
 
 from studio.config.base import ConfigBase, option, require, require_choice
 from studio.config.data import DataConfig
-from studio.unet_presets import (CUSTOM, DEFAULT_PRESET, DOWN_BLOCK_TYPES, PRESETS, UP_BLOCK_TYPES,
-                                 preset_matching)
+from studio.unet_presets import (ATTENTION_HEAD_DIM, CUSTOM, DEFAULT_PRESET, DOWN_BLOCK_TYPES, PRESETS,
+                                 UP_BLOCK_TYPES, attention_levels_of, preset_matching, training_defaults)
 
 #: Learning-rate schedules (diffusers.optimization.get_scheduler names), UI order.
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -48,6 +55,10 @@ class TrainConfig(ConfigBase):
     run_name: str = option("", "Name of the run folder; empty makes train-<date>-<time>.")
     resume: str = option("", "Continue a run: empty = new run, 'latest' = newest intact checkpoint "
                              "of the run named above (or the newest run), or a checkpoint folder.")
+    init_from: str = option("", "Start from a pretrained DDPM instead of random weights: a bundled model "
+                                "(bundled:emoji-ddpm), a run of this workspace, or a DDPMPipeline folder inside "
+                                "the workspace. Its architecture and noise schedule replace the preset's; "
+                                "empty = train from scratch.")
     # -- images ------------------------------------------------------------------
     resolution: int = option(32, "Training image size in pixels (images are resized once, then cached).")
     center_crop: bool = option(True, "Crop to a centred square before resizing (else squash).")
@@ -55,9 +66,10 @@ class TrainConfig(ConfigBase):
     # -- optimisation ------------------------------------------------------------
     train_batch_size: int = option(16, "Images per step on each device.")
     gradient_accumulation_steps: int = option(1, "Micro-batches added up before each optimizer step.")
-    learning_rate: float = option(1e-4, "Peak learning rate of AdamW.")
+    learning_rate: float | None = option(None, "Peak learning rate of AdamW (empty = the preset's).")
     lr_scheduler: str = option("cosine", "Learning-rate schedule after the warm-up.")
-    lr_warmup_steps: int = option(100, "Optimizer steps of linear warm-up from 0 to the learning rate.")
+    lr_warmup_steps: int | None = option(None, "Optimizer steps of linear warm-up from 0 to the learning rate "
+                                               "(empty = the preset's).")
     adam_beta1: float = option(0.95, "AdamW beta1.")
     adam_beta2: float = option(0.999, "AdamW beta2.")
     adam_weight_decay: float = option(1e-6, "AdamW weight decay.")
@@ -68,15 +80,18 @@ class TrainConfig(ConfigBase):
     mixed_precision: str = option("no", "no = fp32 (the only fast choice on CPU), fp16 or bf16 on a GPU.")
     # -- EMA -------------------------------------------------------------------
     use_ema: bool = option(True, "Keep an exponential moving average of the weights (exported and sampled).")
-    ema_max_decay: float = option(0.9999, "Largest EMA decay.")
-    ema_power: float = option(0.75, "EMA warm-up power: decay = 1 - (1 + step / inv_gamma) ** -power.")
+    ema_max_decay: float | None = option(None, "Largest EMA decay (empty = the preset's).")
+    ema_power: float | None = option(None, "EMA warm-up power: decay = 1 - (1 + step / inv_gamma) ** -power; "
+                                           "smaller follows the weights more closely (empty = the preset's).")
     ema_inv_gamma: float = option(1.0, "EMA warm-up inverse gamma.")
     ema_update_after_step: int = option(0, "Steps before the EMA starts averaging (it copies until then).")
     # -- diffusion ---------------------------------------------------------------
     num_train_timesteps: int = option(1000, "Diffusion steps of the DDPM noise schedule.")
-    beta_schedule: str = option("linear", "How the noise level grows over the timesteps.")
-    prediction_type: str = option("epsilon", "What the UNet predicts: the noise, the velocity v, or the clean image.")
-    snr_gamma: float = option(0.0, "Min-SNR loss weighting gamma (5 is the paper's value); 0 = off.")
+    beta_schedule: str | None = option(None, "How the noise level grows over the timesteps (empty = the preset's).")
+    prediction_type: str | None = option(None, "What the UNet predicts: the noise, the velocity v, or the clean "
+                                               "image (empty = the preset's).")
+    snr_gamma: float | None = option(None, "Min-SNR loss weighting gamma (5 is the paper's value); 0 = off "
+                                           "(empty = the preset's).")
     noise_offset: float = option(0.0, "Offset noise strength (helps very dark/bright images); 0 = off.")
     # -- reproducibility and outputs --------------------------------------------
     seed: int = option(0, "Seed of the weights, the data order, the noise and the sample grids.")
@@ -91,6 +106,9 @@ class TrainConfig(ConfigBase):
     layers_per_block: int = option(0, "ResNet layers per level (0 = from the preset).")
     down_block_types: tuple[str, ...] = option((), "Down blocks, one per level: DownBlock2D or AttnDownBlock2D.")
     up_block_types: tuple[str, ...] = option((), "Up blocks, lowest resolution first: UpBlock2D or AttnUpBlock2D.")
+    attention_head_dim: int = option(0, "Channels per attention head (0 = the preset's; 8, diffusers' default, "
+                                        "when the architecture above is spelled out; at most the channels of "
+                                        "the narrowest attention level, i.e. one head).")
     device: str = option("auto", "auto, cpu, cuda or mps. Under torchrun/accelerate launch each process uses its own.")
 
     def __post_init__(self) -> None:
@@ -106,6 +124,10 @@ class TrainConfig(ConfigBase):
 
             check_run_name(self.run_name)
         self.resume = (self.resume or "").strip()
+        self.init_from = (self.init_from or "").strip()
+        self._fill_from_preset()
+        if self.init_from and not self.resume:  # a resumed run's config.json already holds the model's settings
+            self._take_from_pretrained()
         _positive_int(self.resolution, "Resolution")
         require(self.resolution >= 8, f"Resolution must be at least 8 pixels (got {self.resolution}).")
         _positive_int(self.train_batch_size, "Batch size (train_batch_size)")
@@ -149,17 +171,27 @@ class TrainConfig(ConfigBase):
         _positive_int(self.checkpoints_total_limit, "Checkpoints kept (checkpoints_total_limit)")
         self._check_architecture()
 
-    def _check_architecture(self) -> None:
+    def _fill_from_preset(self) -> None:
+        """Training settings left at None take the named preset's values."""
         require(self.preset == CUSTOM or self.preset in PRESETS,
                 f"Unknown preset {self.preset!r}: use one of {', '.join(PRESETS)} or '{CUSTOM}'.")
+        for name, value in training_defaults(self.preset).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+
+    def _check_architecture(self) -> None:
         base = PRESETS.get(self.preset) or PRESETS[DEFAULT_PRESET]
         if not self.block_out_channels:
             require(self.preset != CUSTOM, "A custom architecture needs block_out_channels.")
             self.block_out_channels = base.block_out_channels
             self.down_block_types = self.down_block_types or base.down_block_types
             self.up_block_types = self.up_block_types or base.up_block_types
+            self.attention_head_dim = self.attention_head_dim or base.attention_head_dim
         if not self.layers_per_block:
             self.layers_per_block = base.layers_per_block
+        if not self.attention_head_dim:  # an architecture spelled out without it: diffusers' default
+            self.attention_head_dim = ATTENTION_HEAD_DIM
+        _positive_int(self.attention_head_dim, "attention_head_dim")
         self.block_out_channels = tuple(self.block_out_channels)
         levels = len(self.block_out_channels)
         require(levels >= 1, "block_out_channels needs at least one level.")
@@ -183,8 +215,80 @@ class TrainConfig(ConfigBase):
         require(self.resolution % (2 ** (levels - 1)) == 0,
                 f"Resolution {self.resolution} must be divisible by {2 ** (levels - 1)} "
                 f"(the UNet halves it {levels - 1} times).")
+        attention = attention_levels_of(self.down_block_types)
+        narrowest = min((self.block_out_channels[level] for level in attention), default=0)
+        if narrowest and self.attention_head_dim > narrowest:  # heads wider than the channels: one head
+            self.attention_head_dim = narrowest
+        for level in attention:
+            channels = self.block_out_channels[level]
+            require(channels % self.attention_head_dim == 0,
+                    f"attention_head_dim {self.attention_head_dim} must divide the {channels} channels of "
+                    f"attention level {level + 1}.")
         self.preset = preset_matching(self.block_out_channels, self.layers_per_block,
-                                      self.down_block_types, self.up_block_types)
+                                      self.down_block_types, self.up_block_types, self.attention_head_dim)
+
+    def _take_from_pretrained(self) -> None:
+        """Architecture and noise schedule from the ``init_from`` model's JSON configs (no torch)."""
+        from studio.pretrained import read_ddpm_configs
+
+        unet, scheduler = read_ddpm_configs(self.init_from, self.workspace)
+        size = unet.get("sample_size")
+        require(unet.get("in_channels", 3) == 3 and unet.get("out_channels", 3) == 3,
+                f"{self.init_from} is not an RGB image model (in/out channels {unet.get('in_channels')}/"
+                f"{unet.get('out_channels')}); start from an unconditional RGB DDPM.")
+        require(size in (None, self.resolution),
+                f"{self.init_from} was trained at {size} px but this run is set to {self.resolution} px; "
+                f"set Resolution to {size} to start from it (or train from scratch).")
+        self.preset = CUSTOM
+        self.block_out_channels = tuple(int(c) for c in unet["block_out_channels"])
+        self.layers_per_block = int(unet.get("layers_per_block", 2))
+        self.down_block_types = tuple(unet["down_block_types"])
+        self.up_block_types = tuple(unet["up_block_types"])
+        self.attention_head_dim = int(unet.get("attention_head_dim") or ATTENTION_HEAD_DIM)
+        for name in ("num_train_timesteps", "beta_schedule", "prediction_type"):
+            if name in scheduler:
+                setattr(self, name, scheduler[name])
+
+    def run_length_warnings(self, num_images: int | None = None) -> list[str]:
+        """Settings that make no sense for this run's length, one sentence each (empty when all is well).
+
+        Args:
+            num_images: Dataset size, to know the length of a run given in epochs (None: such
+                runs are not checked).
+        """
+        if self.max_train_steps > 0:
+            total = self.max_train_steps
+        elif num_images:
+            per_step = self.train_batch_size * self.gradient_accumulation_steps
+            total = self.num_epochs * max(1, -(-num_images // per_step))
+        else:
+            return []
+        out = []
+        if self.lr_scheduler == "constant" and self.lr_warmup_steps:
+            out.append(f"The 'constant' LR schedule ignores the {self.lr_warmup_steps} warm-up steps; "
+                       "use 'constant_with_warmup' to warm up.")
+        elif self.lr_warmup_steps * 2 >= total:
+            out.append(f"Warm-up ({self.lr_warmup_steps} steps) is at least half the run ({total} steps): the "
+                       "learning rate is low for most of it. Use a warm-up of at most a tenth of the steps.")
+        if self.sample_every > total:
+            out.append(f"Sample grid every {self.sample_every} steps but the run has {total}: you see only the "
+                       "grids at the start and the end.")
+        if self.save_every > total:
+            out.append(f"Checkpoint every {self.save_every} steps but the run has {total}: no checkpoint is "
+                       "saved before the end (Stop still saves one).")
+        if self.use_ema:
+            averaging = total - self.ema_update_after_step
+            if averaging <= 0:
+                out.append(f"EMA starts averaging after step {self.ema_update_after_step}, at or after the end "
+                           f"({total} steps): the EMA weights are just a copy. Lower 'EMA starts after step'.")
+            else:
+                decay = min(self.ema_max_decay, 1 - (1 + averaging / self.ema_inv_gamma) ** -self.ema_power)
+                window = 1 / max(1e-12, 1 - decay)
+                if window * 2 > total:
+                    out.append(f"The EMA averages over about the last {window:,.0f} steps, more than half of "
+                               f"this {total}-step run: grids and the exported model lag the training. Lower "
+                               "the EMA power or max decay, or turn EMA off for short runs.")
+        return out
 
     @property
     def run_root(self) -> Path:

@@ -278,6 +278,9 @@ def _train(cfg: TrainConfig, report: Reporter, stop: threading.Event, run: RunDi
         pixels = pixels.to(device)
     total = total_steps(cfg, len(pixels), world)
     report.total = total
+    if resume_from is None:
+        for text in cfg.run_length_warnings(len(pixels)):
+            report("warning", message=text)
 
     # -- model, noise schedule, optimizer, LR schedule, EMA ------------------------------------
     report("status", message="building the model")
@@ -286,7 +289,12 @@ def _train(cfg: TrainConfig, report: Reporter, stop: threading.Event, run: RunDi
     random.seed(cfg.seed)
     with MODEL_INIT_LOCK:  # a pipeline loading in another thread must not patch this construction
         model = UNet2DModel(**unet_kwargs(cfg.resolution, cfg.block_out_channels, cfg.layers_per_block,
-                                          cfg.down_block_types, cfg.up_block_types))
+                                          cfg.down_block_types, cfg.up_block_types, cfg.attention_head_dim))
+    if cfg.init_from and resume_from is None:
+        from studio.pretrained import load_unet_weights
+
+        report("status", message=f"starting from the weights of {cfg.init_from}")
+        load_unet_weights(model, cfg.init_from, cfg.workspace)
     model = prepare_unet_for_training(model, device)  # same math, faster kernels/batching (see speed.py)
     noise_scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
                                     prediction_type=cfg.prediction_type)

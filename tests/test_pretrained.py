@@ -1,0 +1,129 @@
+"""The bundled emoji DDPM and starting a Train run from pretrained weights (``init_from``)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from studio.bundled import BUNDLED_MODELS, bundled_models, find_bundled
+from studio.config.data import DataConfig
+from studio.config.train import TrainConfig
+from studio.errors import ConfigError
+from studio.unet_presets import unet_kwargs
+
+EMOJI = BUNDLED_MODELS["emoji-ddpm"]
+DOWN, UP = ("DownBlock2D", "AttnDownBlock2D"), ("AttnUpBlock2D", "UpBlock2D")
+
+
+def make_pretrained(folder: Path, resolution: int = 8, prediction_type: str = "epsilon", seed: int = 1) -> Path:
+    """A tiny (8, 16) DDPMPipeline saved as safetensors, as a finished studio run would export it."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DModel(**unet_kwargs(resolution, (8, 16), 1, DOWN, UP, 8))
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(prediction_type=prediction_type, beta_schedule="linear")
+                 ).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def config(workspace: Path, **changes) -> TrainConfig:
+    values = dict(data=DataConfig(source="emoji", max_rows=8), workspace=str(workspace), resolution=8,
+                  train_batch_size=4, max_train_steps=2, learning_rate=1e-3, lr_scheduler="constant",
+                  lr_warmup_steps=0, num_samples=1, sample_inference_steps=1, sample_every=0, save_every=0,
+                  device="cpu", seed=0)
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+def test_the_bundled_model_loads_with_plain_diffusers_and_samples():
+    from diffusers import DDPMPipeline
+
+    assert EMOJI.available, f"{EMOJI.path} must hold the bundled pipeline"
+    pipe = DDPMPipeline.from_pretrained(str(EMOJI.path))
+    assert pipe.unet.config.sample_size == 32
+    images = pipe(batch_size=1, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                  output_type="np").images
+    assert images.shape == (1, 32, 32, 3) and float(images.std()) > 0
+    weights = sum(p.stat().st_size for p in EMOJI.path.rglob("*") if p.is_file())
+    assert weights <= 25 * 1024 ** 2 and not list(EMOJI.path.rglob("*.bin"))
+    card = (EMOJI.path / "README.md").read_text(encoding="utf-8")
+    assert card.startswith("---\n") and "license: cc-by-4.0" in card and "library_name: diffusers" in card
+
+
+def test_generate_lists_bundled_models_first_and_resolves_them_offline(workspace):
+    from studio.model_refs import model_choices, resolve_reference
+
+    first_label, first_value = model_choices(workspace)[0]
+    assert first_value == "bundled:emoji-ddpm" and "emoji" in first_label
+    ref = resolve_reference("bundled:emoji-ddpm", workspace, offline=True)
+    assert ref.kind == "folder" and Path(ref.location) == EMOJI.path
+    assert resolve_reference("emoji-ddpm", workspace, offline=True).location == str(EMOJI.path)
+    assert find_bundled("bundled:nope") is None and [m.name for m in bundled_models("ddpm")][0] == "emoji-ddpm"
+
+
+def test_init_from_takes_the_architecture_and_schedule_from_the_model(workspace):
+    make_pretrained(Path(workspace) / "pre", prediction_type="epsilon")
+    cfg = config(workspace, init_from="pre", prediction_type="v_prediction", attention_head_dim=32)
+    assert cfg.block_out_channels == (8, 16) and cfg.down_block_types == DOWN and cfg.attention_head_dim == 8
+    assert cfg.prediction_type == "epsilon" and cfg.preset == "custom"
+    with pytest.raises(ConfigError, match="trained at 8 px but this run is set to 16 px"):
+        config(workspace, init_from="pre", resolution=16)
+    bundled = TrainConfig(init_from="bundled:emoji-ddpm", workspace=str(workspace))
+    assert bundled.resolution == 32 and bundled.block_out_channels == (32, 64, 64)
+
+
+def test_init_from_is_confined_and_refuses_pickles(workspace, tmp_path):
+    outside = make_pretrained(tmp_path / "outside")
+    with pytest.raises(ConfigError, match="outside the workspace"):
+        config(workspace, init_from=str(outside))
+    pickled = make_pretrained(Path(workspace) / "pickled")
+    weights = pickled / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.rename(weights.with_suffix(".bin"))
+    with pytest.raises(ConfigError, match="only pickle weights"):
+        config(workspace, init_from="pickled")
+    with pytest.raises(ConfigError, match="not found"):
+        config(workspace, init_from="no-such-run")
+    with pytest.raises(ConfigError, match="No bundled model named 'nope'"):
+        config(workspace, init_from="bundled:nope")
+
+
+def test_training_starts_from_the_pretrained_weights_and_fine_tunes(workspace):
+    from safetensors.torch import load_file
+
+    from studio.checkpoints import list_checkpoints
+    from studio.trainers.ddpm import train
+
+    pre = make_pretrained(Path(workspace) / "pre")
+    pretrained = load_file(str(pre / "unet" / "diffusion_pytorch_model.safetensors"))
+
+    stop = threading.Event()  # stop before the first step: the step-0 checkpoint holds the starting weights
+
+    def events(event):
+        if event.kind == "status" and event.message == "training":
+            stop.set()
+
+    run = train(config(workspace, init_from="pre", run_name="start"), events, stop)
+    start = load_file(str(list_checkpoints(run.checkpoints_dir)[-1].path / "unet.safetensors"))
+    assert start.keys() == pretrained.keys()
+    assert all(torch.equal(start[k], pretrained[k]) for k in pretrained)
+
+    run = train(config(workspace, init_from="pre", run_name="tuned"))
+    tuned = load_file(str(run.model_dir / "unet" / "diffusion_pytorch_model.safetensors"))
+    changed = [k for k in pretrained if not torch.equal(tuned[k], pretrained[k])]
+    assert changed and all(torch.allclose(tuned[k], pretrained[k], atol=0.05) for k in pretrained)
+    assert run.read_config()["init_from"] == "pre"
+
+
+def test_init_from_a_finished_run_by_name_and_the_train_tab_offers_it(workspace):
+    from studio.pretrained import init_from_choices
+    from studio.trainers.ddpm import train
+
+    make_pretrained(Path(workspace) / "pre")
+    train(config(workspace, init_from="pre", run_name="first", max_train_steps=1))
+    cfg = config(workspace, init_from="first")
+    assert cfg.block_out_channels == (8, 16)
+    values = [value for _, value in init_from_choices(workspace)]
+    assert values[:2] == ["", "bundled:emoji-ddpm"] and "first" in values
