@@ -311,6 +311,7 @@ def resume_run(ctx: StudioContext, name: str | None = None, max_train_steps: int
                                              device=ctx.settings.device)
     if max_train_steps and int(max_train_steps) > 0:
         cfg = cfg.replace(max_train_steps=int(max_train_steps))
+    run.write_config(TASK, cfg.replace(resume="").to_dict())  # the new target shows at once, not when the job gets to it
     return _start(ctx, cfg, run)
 
 

@@ -93,3 +93,10 @@ def test_the_summary_shows_run_length_warnings():
     text = tab.model_summary(values)
     assert "⚠️ Warm-up (50 steps) is at least half the run (60 steps)" in text
     assert "⚠️" not in tab.model_summary(tab.default_values())
+
+
+def test_head_dim_also_fits_the_middle_blocks_attention():
+    # no attention levels, but UNet2DModel's middle block always attends over the last level's 16 channels
+    cfg = TrainConfig(block_out_channels=(8, 16), layers_per_block=1, resolution=8, attention_head_dim=32,
+                      down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    assert cfg.attention_head_dim == 16

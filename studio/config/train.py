@@ -108,7 +108,7 @@ class TrainConfig(ConfigBase):
     up_block_types: tuple[str, ...] = option((), "Up blocks, lowest resolution first: UpBlock2D or AttnUpBlock2D.")
     attention_head_dim: int = option(0, "Channels per attention head (0 = the preset's; 8, diffusers' default, "
                                         "when the architecture above is spelled out; at most the channels of "
-                                        "the narrowest attention level, i.e. one head).")
+                                        "the narrowest attention layer, i.e. one head).")
     device: str = option("auto", "auto, cpu, cuda or mps. Under torchrun/accelerate launch each process uses its own.")
 
     def __post_init__(self) -> None:
@@ -215,15 +215,16 @@ class TrainConfig(ConfigBase):
         require(self.resolution % (2 ** (levels - 1)) == 0,
                 f"Resolution {self.resolution} must be divisible by {2 ** (levels - 1)} "
                 f"(the UNet halves it {levels - 1} times).")
-        attention = attention_levels_of(self.down_block_types)
-        narrowest = min((self.block_out_channels[level] for level in attention), default=0)
-        if narrowest and self.attention_head_dim > narrowest:  # heads wider than the channels: one head
+        # self-attention at the chosen levels and always in the middle block (the last level's channels)
+        widths = {f"attention level {level + 1}": self.block_out_channels[level]
+                  for level in attention_levels_of(self.down_block_types)}
+        widths["the middle block"] = self.block_out_channels[-1]
+        narrowest = min(widths.values())
+        if self.attention_head_dim > narrowest:  # heads wider than the channels: one head
             self.attention_head_dim = narrowest
-        for level in attention:
-            channels = self.block_out_channels[level]
+        for where, channels in widths.items():
             require(channels % self.attention_head_dim == 0,
-                    f"attention_head_dim {self.attention_head_dim} must divide the {channels} channels of "
-                    f"attention level {level + 1}.")
+                    f"attention_head_dim {self.attention_head_dim} must divide the {channels} channels of {where}.")
         self.preset = preset_matching(self.block_out_channels, self.layers_per_block,
                                       self.down_block_types, self.up_block_types, self.attention_head_dim)
 
