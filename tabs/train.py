@@ -357,6 +357,8 @@ class TrainView:
 RECENT_STEPS = 10
 #: The loss plot's two series, as its legend names them.
 RAW, SMOOTHED = "raw loss", "smoothed (EMA)"
+#: The loss plot's label, naming its two series by colour.
+LOSS_LEGEND = f"Loss — light: {RAW} of each step · dark: {SMOOTHED}"
 
 
 def loss_points(losses: list[tuple[int, float, float]]) -> list[tuple[int, float, str]]:
@@ -542,7 +544,8 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
             progress = gr.Textbox(label="Progress", interactive=False, elem_id="train-progress")
             log_scale = gr.Checkbox(label="Plot log10(loss)", value=False, elem_id="train-log-scale")
             with gr.Row():
-                loss_plot = gr.LinePlot(x="step", y="loss", color="curve", label="Loss", elem_id="train-loss",
+                # Vega's legend sits under the chart and this narrow plot clips it: the label is the legend
+                loss_plot = gr.LinePlot(x="step", y="loss", color="curve", label=LOSS_LEGEND, elem_id="train-loss",
                                         height=260, color_title="", colors_in_legend=[RAW, SMOOTHED],
                                         color_map={RAW: "#a5b4fc", SMOOTHED: "#4338ca"})
                 quality_plot = gr.LinePlot(x="step", y="quality", color="curve", elem_id="train-quality",

@@ -60,6 +60,7 @@ def test_resume_and_reload_show_the_whole_curve_and_every_grid(page, launched_ap
         assert f"step {step}" in captions, captions
     page.wait_for_function("() => document.querySelector('#train-loss canvas, #train-loss svg') !== null",
                            timeout=60_000)
+    assert tab.LOSS_LEGEND in page.locator("#train-loss").inner_text()  # the series are named on screen
     progress = page.locator("#train-progress textarea").input_value()
     assert progress.startswith("step 6/6") and "raw, mean of last" in progress
     shots = os.environ.get("STUDIO_SCREENSHOTS")
