@@ -31,7 +31,7 @@ import sys
 import threading
 from typing import Any, Callable
 
-from studio.errors import StudioError, describe_exception, storage_error
+from studio.errors import ConfigError, StudioError, describe_exception, storage_error
 
 #: command -> (config class "module:Class", runner "module:function").
 COMMANDS: dict[str, tuple[str, str]] = {
