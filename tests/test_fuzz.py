@@ -1,6 +1,7 @@
 """A bounded fuzz of the launched app's API: every named endpoint, a few hundred junk calls.
 
-Fixed seed; 326 calls took 188 s on a 2-core box at load ~10 (marked slow). Asserts what an attacker with a login must never
+Fixed seed; 326 calls took 188 s on a 2-core box at load ~10 (marked slow).
+Asserts what an attacker with a login must never
 get: an HTTP 5xx, traceback text in any response, a file written outside the
 workspace, a call that hangs, a job left running after Stop, or a server that stops
 serving. The junk: wrong types, huge and negative numbers, NaN, path traversal and
