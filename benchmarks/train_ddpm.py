@@ -76,11 +76,12 @@ EMA = dict(decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=0.75)
 WARMUP_STEPS = 500
 
 
-def w1_unet(seed: int = 0):
+def w1_unet(seed: int = 0, head_dim: int = 8):
+    """The W1 UNet; ``head_dim`` sets ``attention_head_dim`` (the parameter count does not change)."""
     from diffusers import UNet2DModel
 
     torch.manual_seed(seed)
-    return UNet2DModel(**W1_UNET)
+    return UNet2DModel(**W1_UNET, attention_head_dim=head_dim)
 
 
 # ----------------------------------------------------------------------------- reference (the example)
@@ -298,22 +299,18 @@ def alternate(blocks: int, steps: int, workspace: str) -> tuple[list[float], lis
 class StepVariant:
     """One way to run the W1 training step (synthetic batch, no data loading)."""
 
-    def __init__(self, name: str, *, shard: bool = False, fused_adamw: bool = False, foreach_ema: bool = False,
+    def __init__(self, name: str, *, fused_adamw: bool = False, foreach_ema: bool = False,
                  channels_last: bool = False, compile_mode: str | None = None, qkv_cat: bool = False,
-                 mkldnn: bool = True, math_sdpa: bool = False, attn8: bool = False) -> None:
+                 mkldnn: bool = True, math_sdpa: bool = False, head_dim: int = 8) -> None:
         from diffusers import DDPMScheduler
         from diffusers.training_utils import EMAModel
 
         from studio.trainers import speed
 
         self.name, self.mkldnn, self.math_sdpa = name, mkldnn, math_sdpa
-        self.model = w1_unet()
+        self.model = w1_unet(head_dim=head_dim)
         if qkv_cat:
             set_cat_qkv_processor(self.model)
-        if attn8:
-            speed.use_fast_attention(self.model)
-        if shard:
-            speed.shard_batches(self.model)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -383,15 +380,15 @@ LEVERS: dict[str, dict[str, Any]] = {
     "eager (baseline)": {},
     "fused AdamW": {"fused_adamw": True},
     "foreach EMA": {"foreach_ema": True},
-    "head_dim-8 attention kernel": {"attn8": True},
-    "batch shards over threads": {"shard": True},
     "channels_last": {"channels_last": True},
     "q/k/v as one matmul": {"qkv_cat": True},
     "oneDNN (mkldnn) off": {"mkldnn": False},
     "SDPA math backend": {"math_sdpa": True},
     "torch.compile default": {"compile_mode": "default"},
     "torch.compile max-autotune-no-cudagraphs": {"compile_mode": "max-autotune-no-cudagraphs"},
-    "all kept levers": {"attn8": True, "shard": True, "fused_adamw": True, "foreach_ema": True},
+    "all kept levers": {"fused_adamw": True, "foreach_ema": True},
+    "wide heads (head_dim 32, SDPA)": {"head_dim": 32},
+    "one head (head_dim 64 = channels, SDPA)": {"head_dim": 64},
 }
 
 

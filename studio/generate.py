@@ -277,6 +277,13 @@ def generate(manager: Any, cfg: GenerateConfig, on_progress: ProgressFn | None =
         every = preview_every or max(1, cfg.num_inference_steps // 4)
         base_seed = pick_seed(cfg.seed)
         sampler = describe_scheduler(pipe, cfg.scheduler)
+        if caps["size"] or unconditional:  # refuse what cannot fit before allocating the batch
+            from studio.budget import pipeline_plan
+
+            plan = pipeline_plan(pipe, size[0], size[1], cfg.batch_size, caps["prompt"] and cfg.guidance_scale > 1,
+                                 manager.device)
+            if plan is not None:
+                plan.check()
         folder = output_dir(manager.workspace) if save else None
         # UNet passes per batch: PLMS adds one, Heun/DPM2 nearly double them; read from the
         # scheduler once the pipeline has set its timesteps (at the first step).

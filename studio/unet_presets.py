@@ -1,4 +1,6 @@
-"""The one table of UNet presets and block types, plus size and memory estimates.
+"""The one table of UNet presets and block types, plus the parameter count.
+
+Memory estimates live in ``studio.budget`` (one estimator for Train, Fine-tune and Generate).
 
 The Train tab's preset dropdown, its advanced architecture editor, the CLI's
 config validation and the tests all read ``PRESETS`` and the block-type tables
@@ -188,63 +190,6 @@ def parameter_count(block_out_channels: tuple[int, ...], layers_per_block: int,
     """
     return _count(tuple(int(c) for c in block_out_channels), int(layers_per_block),
                   tuple(down_block_types), tuple(up_block_types))
-
-
-@dataclass
-class MemoryEstimate:
-    """A rough training-memory budget in bytes."""
-
-    weights: int
-    optimizer_and_grads: int
-    ema: int
-    activations: int
-
-    @property
-    def total(self) -> int:
-        return self.weights + self.optimizer_and_grads + self.ema + self.activations
-
-
-def memory_estimate(params: int, resolution: int, batch_size: int, block_out_channels: tuple[int, ...],
-                    layers_per_block: int, down_block_types: tuple[str, ...], use_ema: bool = True,
-                    mixed_precision: str = "no", attention_head_dim: int = ATTENTION_HEAD_DIM) -> MemoryEstimate:
-    """Estimate training memory: fp32 weights, AdamW state + grads, EMA copy and activations.
-
-    Activations are a rule of thumb (about a dozen saved tensors per ResNet layer and
-    level, twice for the up path, plus the attention matrices); real use varies with
-    kernels and allocator, so the UI calls this an estimate.
-
-    Args:
-        params: Parameter count (``parameter_count``).
-        resolution: Image size in pixels.
-        batch_size: Images per micro-batch.
-        block_out_channels / layers_per_block / down_block_types: The architecture.
-        use_ema: Whether an EMA copy of the weights is kept.
-        mixed_precision: "no", "fp16" or "bf16" (halves activation bytes).
-        attention_head_dim: Channels per attention head (fewer heads, smaller attention matrices).
-    """
-    act_bytes = 2 if mixed_precision in ("fp16", "bf16") else 4
-    attn = set(attention_levels_of(down_block_types))
-    elements = 0
-    for level, channels in enumerate(block_out_channels):
-        side = max(1, resolution // (2 ** level))
-        pixels = side * side
-        # down path: layers_per_block ResNets; up path: layers_per_block + 1; ~12 saved tensors each
-        elements += 12 * channels * pixels * (2 * layers_per_block + 1)
-        if level in attn:
-            heads = max(1, channels // max(1, int(attention_head_dim)))
-            elements += (2 * layers_per_block + 1) * (heads * pixels * pixels + 4 * channels * pixels)
-    activations = int(elements * batch_size * act_bytes)
-    return MemoryEstimate(weights=params * 4, optimizer_and_grads=params * 12,
-                          ema=params * 4 if use_ema else 0, activations=activations)
-
-
-def human_bytes(n: float) -> str:
-    """``1536`` -> ``'1.5 KiB'``."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def human_count(n: int) -> str:

@@ -35,7 +35,7 @@ from studio.config.finetune import (
     bitsandbytes_available,
 )
 from studio.context import StudioContext
-from studio.errors import CheckpointError, ConfigError, StudioError
+from studio.errors import CheckpointError, ConfigError, StudioError, describe_exception
 from studio.jobs import Snapshot
 from studio.runs import RunDir
 from tabs import GPU
@@ -196,7 +196,22 @@ def start_finetune(ctx: StudioContext, values: dict[str, Any]) -> tuple[str, str
         StudioError: bad settings, a taken run name, or another job on the device.
     """
     cfg = build_config(values, ctx)
+    _plan(cfg).check()  # refuse what cannot fit before making a run folder or loading the model
     return _start(ctx, cfg, RunDir.create(cfg.workspace, TASK, cfg.run_name))
+
+
+def _plan(cfg: FinetuneConfig):
+    from studio.budget import finetune_plan, local_unet_config
+
+    return finetune_plan(cfg, unet_config=local_unet_config(cfg.pretrained_model_name_or_path))
+
+
+def memory_plan(ctx: StudioContext, values: dict[str, Any]) -> str:
+    """Markdown: the predicted peak memory of these settings, the GPUs it fits, what would make it fit."""
+    try:
+        return _plan(build_config(values, ctx)).markdown()
+    except Exception as exc:  # noqa: BLE001 - a half-typed setting: say what is wrong, never a traceback
+        return f"Memory plan: {describe_exception(exc)}"
 
 
 def _start(ctx: StudioContext, cfg: FinetuneConfig, run: RunDir) -> tuple[str, str, str]:
@@ -324,6 +339,7 @@ def build_finetune_tab(ctx: StudioContext) -> dict[str, Any]:
                 "prompts and a fixed seed arrive as it trains; step 0 is the untouched base model.")
     dataset_line = gr.Markdown(_dataset_line(ctx), elem_id="ft-dataset")
     method_help = gr.Markdown(f"*{METHOD_HELP[defaults['method']]}*", elem_id="ft-method-help")
+    plan_md = gr.Markdown("", elem_id="ft-memory-plan")
     with gr.Row():
         with gr.Column(scale=3):
             for title, open_, names in SECTIONS:
@@ -398,6 +414,12 @@ def build_finetune_tab(ctx: StudioContext) -> dict[str, Any]:
     tab = gr.context.Context.block
     if isinstance(tab, gr.Tab):  # the dataset line follows the Dataset tab without a reload
         tab.select(lambda: _dataset_line(ctx), outputs=dataset_line, api_name="finetune_dataset", queue=False)
+    plan_triggers = [widgets[n].change for n in ("pretrained_model_name_or_path", "method", "resolution",
+                                                 "train_batch_size", "mixed_precision", "gradient_checkpointing",
+                                                 "use_8bit_adam", "train_text_encoder", "cache_latents", "use_ema",
+                                                 "rank", "with_prior_preservation") if n in widgets]
+    gr.on(plan_triggers, lambda *values: memory_plan(ctx, dict(zip(INPUT_NAMES, values))), inputs=inputs,
+          outputs=plan_md, api_name="finetune_memory_plan", show_progress="hidden")
     root = gr.context.Context.root_block
     if root is not None:
         root.load(lambda: (_dataset_line(ctx), *view_outputs(current_view())),
@@ -419,4 +441,4 @@ def _failure(exc: BaseException) -> str:
 
 
 __all__ = ["FIELDS", "INPUT_NAMES", "FinetuneView", "build_config", "build_finetune_tab", "cli_command",
-           "config_json", "default_values", "render", "resume_latest", "start_finetune", "stop_finetune"]
+           "config_json", "default_values", "memory_plan", "render", "resume_latest", "start_finetune", "stop_finetune"]

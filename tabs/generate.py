@@ -326,6 +326,7 @@ def build_generate_tab(ctx: StudioContext) -> dict:
                                    label="LoRA (.safetensors file or Fine-tune run)", elem_id="gen-lora")
                 lora_scale = gr.Slider(-1, 2, value=1.0, step=0.05, label="LoRA scale", info=help_("lora_scale"),
                                        elem_id="gen-lora-scale")
+            plan_md = gr.Markdown("", elem_id="gen-memory-plan")
             with gr.Row():
                 generate_button = engine_button("Generate", variant="primary", elem_id="gen-generate")
                 stop_button = gr.Button("Stop", variant="stop", elem_id="gen-stop")
@@ -347,6 +348,18 @@ def build_generate_tab(ctx: StudioContext) -> dict:
                      height]
     config_inputs = [model, prompt, negative_prompt, width, height, steps, guidance, seed, batch_size,
                      batch_count, scheduler, lora, lora_scale]
+
+    def on_plan(w: Any, h: Any, b: Any, g: Any) -> str:
+        try:
+            from studio.budget import request_plan
+
+            plan = request_plan(ctx.pipelines, int(w or 0), int(h or 0), int(b or 1), float(g or 0) > 1)
+            return plan.markdown() if plan is not None else ""
+        except Exception as exc:  # noqa: BLE001 - a half-typed size: say what is wrong, never a traceback
+            return f"Memory plan: {describe_exception(exc)}"
+
+    gr.on([width.change, height.change, batch_size.change], on_plan, inputs=[width, height, batch_size, guidance],
+          outputs=plan_md, api_name="generate_memory_plan", show_progress="hidden")
 
     def view_updates(view: ModelView, current_scheduler: str | None) -> tuple:
         value = current_scheduler if current_scheduler in view.schedulers else DEFAULT_SCHEDULER

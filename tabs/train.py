@@ -45,7 +45,7 @@ from tabs.jobtab import (failure, field_label, format_duration, latest_resumable
                          run_choices, run_key, run_snapshot, shown_run, start_job, stop_job)
 from studio.pretrained import init_from_choices
 from studio.unet_presets import (CUSTOM, PRESET_TRAINING_FIELDS, PRESETS, attention_levels_of, block_types,
-                                 human_bytes, human_count, memory_estimate, parameter_count, preset_matching)
+                                 human_count, parameter_count, preset_matching)
 
 log = logging.getLogger(__name__)
 
@@ -235,15 +235,12 @@ def model_summary(values: dict[str, Any]) -> str:
         cfg = build_config(values)
     except StudioError as exc:
         return f"⚠️ {exc.user_message}"
+    from studio.budget import train_plan
+
     params = parameter_count(cfg.block_out_channels, cfg.layers_per_block, cfg.down_block_types, cfg.up_block_types)
-    mem = memory_estimate(params, cfg.resolution, cfg.train_batch_size, cfg.block_out_channels,
-                          cfg.layers_per_block, cfg.down_block_types, cfg.use_ema, cfg.mixed_precision,
-                          attention_head_dim=cfg.attention_head_dim)
     attention = ", ".join(str(i + 1) for i in attention_levels_of(cfg.down_block_types)) or "none"
-    text = (f"**{cfg.preset}** · **{human_count(params)} parameters** · attention at level(s) {attention} · "
-            f"estimated training memory **{human_bytes(mem.total)}** (weights {human_bytes(mem.weights)}, "
-            f"AdamW + gradients {human_bytes(mem.optimizer_and_grads)}, EMA {human_bytes(mem.ema)}, "
-            f"activations ≈ {human_bytes(mem.activations)} at batch {cfg.train_batch_size}, {cfg.resolution} px)")
+    text = (f"**{cfg.preset}** · **{human_count(params)} parameters** · attention at level(s) {attention}\n\n"
+            + train_plan(cfg).markdown())
     if cfg.init_from:
         text += (f"\n\nStarting from **{cfg.init_from}**: its architecture and noise schedule "
                  f"({cfg.prediction_type}, {cfg.beta_schedule}) replace the preset's.")
@@ -261,6 +258,9 @@ def start_training(ctx: StudioContext, values: dict[str, Any]) -> tuple[str, str
         StudioError: bad settings, a taken run name, or a job already running on the device.
     """
     cfg = build_config(values, ctx)
+    from studio.budget import train_plan
+
+    train_plan(cfg).check()  # refuse what cannot fit before making a run folder or allocating
     if cfg.mixed_precision == "fp16":  # 'auto' may be a CPU: refuse before making a run folder
         from studio.config.train import check_precision_for_device
         from studio.devices import resolve_device

@@ -9,7 +9,7 @@ import pytest
 
 from studio.config.train import LR_SCHEDULERS, TrainConfig
 from studio.errors import ConfigError
-from studio.unet_presets import (PRESETS, block_types, human_bytes, memory_estimate, parameter_count,
+from studio.unet_presets import (PRESETS, block_types, parameter_count,
                                  preset_matching, unet_kwargs)
 
 
@@ -96,16 +96,6 @@ def test_presets_match_the_issue_and_count_parameters_like_diffusers():
     for preset in PRESETS.values():
         assert preset_matching(preset.block_out_channels, preset.layers_per_block, preset.down_block_types,
                                preset.up_block_types) == preset.name
-
-
-def test_memory_estimate_grows_with_batch_and_resolution():
-    tiny = PRESETS["tiny (CPU demo)"]
-    n = 1_000_000
-    small = memory_estimate(n, 32, 4, tiny.block_out_channels, 1, tiny.down_block_types)
-    big = memory_estimate(n, 64, 16, tiny.block_out_channels, 1, tiny.down_block_types)
-    assert big.activations > 4 * small.activations and small.weights == 4 * n
-    assert memory_estimate(n, 32, 4, tiny.block_out_channels, 1, tiny.down_block_types, use_ema=False).ema == 0
-    assert human_bytes(1536) == "1.5 KiB"
 
 
 def test_block_types_mirror_attention_levels():

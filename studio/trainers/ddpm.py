@@ -207,6 +207,9 @@ def train(cfg: TrainConfig, events: EventSink = ignore_events, stop: threading.E
 
         device_name = resolve_device(cfg.device)
     check_precision_for_device(cfg.mixed_precision, device_name)
+    from studio.budget import train_plan
+
+    train_plan(cfg, "cpu" if device_name == "auto" else device_name).check()  # refuse before allocating
     accelerator = fresh_accelerator(cfg, device_name)
     is_main = accelerator.is_main_process
 
@@ -295,7 +298,7 @@ def _train(cfg: TrainConfig, report: Reporter, stop: threading.Event, run: RunDi
 
         report("status", message=f"starting from the weights of {cfg.init_from}")
         load_unet_weights(model, cfg.init_from, cfg.workspace)
-    model = prepare_unet_for_training(model, device)  # same math, faster kernels/batching (see speed.py)
+    model = prepare_unet_for_training(model, device)  # stock kernels; torch.compile only when asked (speed.py)
     noise_scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
                                     prediction_type=cfg.prediction_type)
     optimizer = make_optimizer(model.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),

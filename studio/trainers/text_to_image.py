@@ -292,7 +292,11 @@ class _Trainer:
                                                     resume="").to_dict())
         self.seed_all(cfg.seed)
 
-        # 2. the base model
+        # 2. the base model, once the memory plan says the run fits (refused before allocating)
+        from studio.budget import finetune_plan, local_unet_config
+
+        finetune_plan(cfg, str(self.device) if self.device.type != "cpu" else "cpu",
+                      unet_config=local_unet_config(cfg.pretrained_model_name_or_path)).check()
         report("status", message=f"loading base model {cfg.pretrained_model_name_or_path}")
         pipe = load_base_pipeline(cfg.pretrained_model_name_or_path, cfg.workspace)
         from diffusers import DDPMScheduler
