@@ -163,8 +163,8 @@ class Plan:
 
     def message(self) -> str:
         """The refusal text: what was asked, the prediction, the limit."""
-        return (f"This {TASK_NAMES[self.task]} ({self.summary}) needs about {human_bytes(self.peak)} but "
-                f"{self.limit_name} allow {human_bytes(self.limit)}.")
+        return (f"This {TASK_NAMES[self.task]} ({self.summary}) needs about {human_bytes(self.peak)} of memory; "
+                f"the limit is {human_bytes(self.limit)}: {self.limit_name}.")
 
     def check(self) -> "Plan":
         """Raise ``BudgetError`` when the plan does not fit the device; return self otherwise."""

@@ -91,7 +91,7 @@ def test_bad_widget_values_are_clear_errors(ctx, changes, message):
 
 def test_model_summary_shows_parameters_and_memory():
     text = tab.model_summary(tab.default_values())
-    assert "tiny (CPU demo)" in text and "1.11 M parameters" in text and "estimated training memory" in text
+    assert "tiny (CPU demo)" in text and "1.11 M parameters" in text and "Memory plan" in text and "fits" in text
     assert tab.model_summary(tiny_values(attention_levels="9")).startswith("⚠️ Attention level 9")
 
 
