@@ -112,11 +112,11 @@ def test_generate_4096_on_cpu_is_refused_before_any_work(tiny_sd, workspace, mon
 
 
 @pytest.mark.slow
-def test_sd15_sized_generate_at_4096_does_not_fit_32_gib_but_512_does(monkeypatch):
-    monkeypatch.setenv(budget.MEMORY_LIMIT_ENV, "32")
+def test_sd15_sized_generate_at_4096_does_not_fit_8_gib_but_512_does(monkeypatch):
+    monkeypatch.setenv(budget.MEMORY_LIMIT_ENV, "8")
     big = generate_plan(4096, 4096, 1, device="cpu", family="sd1")
     assert not big.fits and big.suggestion and "x" in big.suggestion
-    with pytest.raises(BudgetError, match="32 GiB"):
+    with pytest.raises(BudgetError, match="STUDIO_MEMORY_LIMIT_GB=8"):
         big.check()
     assert generate_plan(512, 512, 1, device="cpu", family="sd1").fits
 
