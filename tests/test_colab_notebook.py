@@ -127,6 +127,7 @@ def test_offline_cells_run_and_the_launch_cell_prints_a_working_login(tmp_path):
     check, gpu, train, grid, launch = (outputs[i] for i in sorted(outputs))
     assert re.search(r"^torch\s+\S+\s+(yes|no)", check, re.M) and re.search(r"^device\s+cpu", check, re.M), check
     assert "No GPU" in gpu, gpu
+    assert "Memory plan" in gpu and "T4 16 GB" in gpu, gpu  # the SD 1.5 LoRA plan for this device
     assert (tmp_path / "runs" / "colab-emoji" / "model" / "model_index.json").is_file(), train
     assert "sample grids; the last:" in grid
     assert any(out.get("output_type") == "display_data" and "image/png" in out.get("data", {})
