@@ -391,6 +391,8 @@ def build_generate_tab(ctx: StudioContext) -> dict:
         return on_load(text, current_scheduler, progress)
 
     def on_download(reference: str, progress: gr.Progress = gr.Progress()) -> str:
+        if not isinstance(reference, str) or not reference.strip():  # the API can send anything
+            return "Not downloaded: type a model reference (a Hub id such as owner/name) first."
         try:
             return ctx.pipelines.prefetch(reference, progress=lambda f, m: progress(f, desc=m))
         except Exception as exc:  # noqa: BLE001
