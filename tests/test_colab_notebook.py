@@ -13,6 +13,7 @@ kernel interrupt (the notebook's stop button).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import re
 import urllib.error
 import urllib.parse
@@ -121,7 +122,10 @@ def test_offline_cells_run_and_the_launch_cell_prints_a_working_login(tmp_path):
     # Generous timeouts: on a loaded 2-core machine the kernel alone can take a minute to start.
     client = nbclient.NotebookClient(nb, timeout=900, startup_timeout=600, kernel_name="python3",
                                      resources={"metadata": {"path": str(tmp_path)}})
-    found = asyncio.run(_run_notebook(client, nb, port))
+    # Its own thread and event loop: earlier tests in the session (Playwright's sync API) may
+    # leave an event loop running in this thread, where asyncio.run() refuses to start.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        found = pool.submit(asyncio.run, _run_notebook(client, nb, port)).result()
 
     outputs = {i: text_of(cell) for i, cell in enumerate(nb.cells) if cell.cell_type == "code"}
     check, gpu, train, grid, launch = (outputs[i] for i in sorted(outputs))

@@ -563,25 +563,15 @@ def _raise(exc: BaseException):
     return fake
 
 
-def test_hub_unknown_id_online(monkeypatch):
-    import datasets
-    from datasets.exceptions import DatasetNotFoundError
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
-    monkeypatch.setattr(datasets, "load_dataset", _raise(DatasetNotFoundError("Dataset 'x/y' doesn't exist on the Hub")))
+def test_hub_unknown_id_online(local_hub):
+    # the loopback Hub answers 401 RepoNotFound, as the Hub does for an unknown (or private) id
     with pytest.raises(DataError, match=r"Dataset 'x/y' was not found on the Hugging Face Hub"):
         load_image_dataset(DataConfig(source="hub", hub_id="x/y"))
 
 
-def test_hub_gated_says_how_to_log_in(monkeypatch):
-    import datasets
-    from huggingface_hub.errors import GatedRepoError
-
-    # Its constructor wants an HTTP response whose type changes across huggingface_hub versions.
-    gated = GatedRepoError.__new__(GatedRepoError)
-    Exception.__init__(gated, "Access to dataset x/y is restricted")
-    monkeypatch.setattr(datasets, "load_dataset", _raise(gated))
+def test_hub_gated_says_how_to_log_in(local_hub):
+    local_hub.add_repo("x/y", {"data/train-00000-of-00001.parquet": b"PAR1", "README.md": b"# y\n"},
+                       repo_type="dataset", gated=True)
     with pytest.raises(DataError, match=r"gated.*hf auth login"):
         load_image_dataset(DataConfig(source="hub", hub_id="x/y"))
 

@@ -159,9 +159,10 @@ def test_text_encoder_lora_and_random_crop_fall_back_to_per_step_encoding(tiny_s
     calls = {"encode": 0}
     original = AutoencoderKL.encode
 
-    def counting(self, *args, **kwargs):
-        calls["encode"] += 1
-        return original(self, *args, **kwargs)
+    def counting(self, x, *args, **kwargs):
+        if x.device.type != "meta":  # the memory plan (studio/budget.py) simulates one encode on meta
+            calls["encode"] += 1
+        return original(self, x, *args, **kwargs)
 
     monkeypatch.setattr(AutoencoderKL, "encode", counting)
     cfg = make_cfg(tiny_sd, workspace, train_text_encoder=True, center_crop=False, max_train_steps=2,
@@ -183,9 +184,10 @@ def test_second_run_reads_the_latent_cache_without_a_vae_encode(tiny_sd, workspa
     calls = {"encode": 0}
     original = AutoencoderKL.encode
 
-    def counting(self, *args, **kwargs):
-        calls["encode"] += 1
-        return original(self, *args, **kwargs)
+    def counting(self, x, *args, **kwargs):
+        if x.device.type != "meta":  # the memory plan (studio/budget.py) simulates one encode on meta
+            calls["encode"] += 1
+        return original(self, x, *args, **kwargs)
 
     monkeypatch.setattr(AutoencoderKL, "encode", counting)
     cfg = make_cfg(tiny_sd, workspace, max_train_steps=2, validation_every=0, random_flip=True)
@@ -279,9 +281,10 @@ def test_without_the_cache_each_step_encodes_like_the_scripts(tiny_sd, workspace
     calls = {"encode": 0}
     original = AutoencoderKL.encode
 
-    def counting(self, *args, **kwargs):
-        calls["encode"] += 1
-        return original(self, *args, **kwargs)
+    def counting(self, x, *args, **kwargs):
+        if x.device.type != "meta":  # the memory plan (studio/budget.py) simulates one encode on meta
+            calls["encode"] += 1
+        return original(self, x, *args, **kwargs)
 
     monkeypatch.setattr(AutoencoderKL, "encode", counting)
     cfg = make_cfg(tiny_sd, workspace, method="dreambooth-full", instance_prompt="a sks emoji",
