@@ -316,7 +316,6 @@ class PipelineManager:
         self.workspace = Path(workspace)
         self.offline = offline
         self.lock = threading.RLock()
-        self.stop_event = threading.Event()
         self._loaded: LoadedModel | None = None
 
     @property
