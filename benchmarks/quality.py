@@ -70,7 +70,8 @@ def score_pipeline(path: str | Path, *, samples: int = 16, inference_steps: int 
     from studio.config.data import DataConfig
     from studio.data import load_tensor_cache
     from studio.quality import QualityReference
-    from studio.trainers.ddpm_outputs import make_grid, sample_images
+    from studio.trainers.reporting import make_grid
+    from studio.trainers.sampling import sample_images
 
     pipe = DDPMPipeline.from_pretrained(str(model_folder(path)), use_safetensors=True)
     size = pipe.unet.config.sample_size

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # ----------------------------------------------------------------------------- samples
 def test_progress_gif_survives_a_zero_byte_grid_and_sample_writes_are_atomic(tmp_path):
-    from studio.trainers.ddpm_outputs import save_samples, write_progress_gif
+    from studio.trainers.reporting import save_samples, write_progress_gif
 
     run = RunDir.create(tmp_path, "train", "gif")
     images = np.zeros((4, 8, 8, 3), dtype=np.uint8)

@@ -23,9 +23,10 @@ the data sampler's position, so continuing gives the same weights bit for bit as
 never stopping (on CPU, fixed seed). A non-finite loss stops the run before
 anything is saved from the poisoned weights.
 
-What the run leaves behind (sample grids, the exported model, TensorBoard logs) is
-written by ``studio.trainers.ddpm_outputs``; the image cache, the batch sampler and
-restoring a checkpoint live in ``studio.trainers.ddpm_parts``.
+The shared trainer toolkit does the rest: ``studio.trainers.reporting`` (events,
+TensorBoard, sample grids), ``sampling`` (the fixed-seed samples), ``export`` (``model/``),
+``batches`` (the image cache, the batch sampler), ``resume`` (restoring a checkpoint) and
+``setup`` (diffusers import, the accelerator).
 """
 
 from __future__ import annotations
@@ -51,30 +52,18 @@ from studio.devices import MODEL_INIT_LOCK
 from studio.errors import CheckpointError, ConfigError, JobError, describe_exception
 from studio.events import EventSink, ignore_events
 from studio.runs import RunDir, resumable_runs
-from studio.trainers.ddpm_outputs import (
-    GRID_MIN_SIDE,
-    MODEL_CARD,
-    Reporter,
-    SampleQuality,
-    export_pipeline,
-    sample_images,
-    save_samples,
-    write_progress_gif,
-    write_ranks_report,
-)
-from studio.trainers.ddpm_parts import (
-    BatchSampler,
-    fresh_accelerator,
-    import_diffusers,
-    load_checkpoint,
-    load_images,
-    rng_state,
-    weights_finite,
-)
+from studio.trainers.batches import BatchSampler, load_images
+from studio.trainers.export import DDPM_MODEL_CARD as MODEL_CARD
+from studio.trainers.export import export_ddpm_pipeline as export_pipeline
+from studio.trainers.reporting import GRID_MIN_SIDE, Reporter, SampleQuality, save_samples, write_progress_gif, \
+    write_ranks_report
+from studio.trainers.resume import load_checkpoint, rng_state, weights_finite
+from studio.trainers.sampling import sample_images
+from studio.trainers.setup import fresh_accelerator, import_diffusers
 from studio.trainers.speed import ema_update_, make_optimizer, prepare_unet_for_training
 from studio.unet_presets import unet_kwargs
 
-#: What other code imports from here (some of it now defined in ddpm_parts / ddpm_outputs).
+#: What other code imports from here (some of it defined in the toolkit modules beside this one).
 __all__ = ["GRID_MIN_SIDE", "LOSS_SMOOTHING", "MODEL_CARD", "TASK", "BatchSampler", "NonFiniteLossError",
            "diffusion_loss", "ema_step", "export_pipeline", "find_resume_run", "get_batch", "load_images",
            "sample_images", "snr", "total_steps", "train", "write_progress_gif"]

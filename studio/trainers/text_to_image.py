@@ -17,9 +17,9 @@ images in ``samples/`` (step 0 is the untouched base model), atomic checkpoints,
 ``lora/`` (diffusers ``pytorch_lora_weights.safetensors`` + a kohya/A1111 file) or
 ``model/`` (a diffusers pipeline), each with a model card ``README.md``.
 
-This file is the loop and its set-up; the Stable Diffusion pieces around it live in
-``studio.trainers.sd_parts`` (base model, trainables, class and validation images) and
-``studio.trainers.sd_outputs`` (LoRA/pipeline export, model card, Hub push).
+This file is the loop and its set-up; the pieces around it live in the trainer toolkit:
+``studio.trainers.stable_diffusion`` (base model, trainables), ``sampling`` (class and
+validation images), ``reporting`` (grids) and ``export`` (LoRA/pipeline export, model card, Hub push).
 """
 
 from __future__ import annotations
@@ -42,19 +42,19 @@ from studio.config.finetune import FinetuneConfig
 from studio.errors import CheckpointError, ConfigError, DataError, ModelError, StudioError, describe_exception
 from studio.events import Event, EventSink
 from studio.runs import RunDir, list_runs
-from studio.trainers.sd_outputs import export_lora, export_pipeline, push_to_hub, write_model_card
-from studio.trainers.sd_parts import (
+from studio.trainers.export import export_lora, push_to_hub, write_model_card
+from studio.trainers.export import export_sd_pipeline as export_pipeline
+from studio.trainers.reporting import save_grid
+from studio.trainers.sampling import make_class_images, validation_images
+from studio.trainers.stable_diffusion import (
     add_trainables,
     assemble_pipeline,
     check_sd_pipeline,
     load_base_pipeline,
-    make_class_images,
     move_module,
-    save_grid,
-    validation_images,
 )
 
-#: What other code imports from here (some of it now defined in sd_parts / sd_outputs).
+#: What other code imports from here (some of it defined in the toolkit modules beside this one).
 __all__ = ["check_sd_pipeline", "image_prompts", "load_base_pipeline", "open_run", "out_of_memory_error",
            "push_to_hub", "train", "write_model_card"]
 

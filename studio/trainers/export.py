@@ -1,10 +1,10 @@
-"""What a finished fine-tune leaves behind, and where it goes.
+"""What a finished training run leaves behind as a model, and where it goes.
 
-Responsible for: the ``lora/`` folder (diffusers ``pytorch_lora_weights.safetensors``
-plus a kohya/A1111 file), the ``model/`` folder (a diffusers pipeline, optionally a
-single-file checkpoint), the model card ``README.md`` written beside either, and the
-optional push to the Hugging Face Hub. ``studio.trainers.text_to_image`` calls these
-once training ends.
+Responsible for: the DDPM's ``model/`` folder (a ``DDPMPipeline`` with the EMA weights plus a
+model card); a fine-tune's ``lora/`` folder (diffusers ``pytorch_lora_weights.safetensors``
+plus a kohya/A1111 file) or ``model/`` folder (a diffusers pipeline, optionally a single-file
+checkpoint), the model card ``README.md`` written beside either, and the optional push to the
+Hugging Face Hub.
 """
 
 from __future__ import annotations
@@ -19,8 +19,80 @@ from typing import Any
 import torch
 
 from studio.config.finetune import METHOD_HELP, FinetuneConfig
+from studio.config.train import TrainConfig
 from studio.errors import StudioError, describe_exception
 from studio.runs import RunDir
+
+
+# ----------------------------------------------------------------------------- model/
+DDPM_MODEL_CARD = """---
+library_name: diffusers
+pipeline_tag: unconditional-image-generation
+tags:
+- diffusers
+- ddpm
+- unconditional-image-generation
+- diffusion-studio
+---
+
+# {name}
+
+An unconditional DDPM trained from scratch with Diffusion Studio.
+
+| | |
+|---|---|
+| dataset | {dataset} |
+| resolution | {resolution} px |
+| steps | {step} of {total} |
+| batch size | {batch} x {accum} accumulation x {world} process(es) |
+| learning rate | {lr} ({schedule}, {warmup} warm-up steps) |
+| UNet | block_out_channels {channels}, layers_per_block {layers}, {params:,} parameters |
+| noise schedule | {timesteps} timesteps, {beta}, predicts {prediction} |
+| weights | {weights} |
+
+## Use
+
+```python
+from diffusers import DDPMPipeline
+
+pipe = DDPMPipeline.from_pretrained("{path}")
+image = pipe(batch_size=4, num_inference_steps=1000).images[0]
+```
+
+Training configuration: `../config.json`; loss history: `../events.jsonl`.
+"""
+
+
+def export_ddpm_pipeline(unet: torch.nn.Module, ema: Any, noise_scheduler: Any, run: RunDir, cfg: TrainConfig,
+                    step: int, total: int, world: int) -> Path:
+    """Write ``model/``: a DDPMPipeline with the EMA weights (safetensors) and a model card."""
+    import shutil
+
+    from diffusers import DDPMPipeline, UNet2DModel
+
+    export = UNet2DModel.from_config(unet.config)
+    export.load_state_dict(unet.state_dict())
+    if ema is not None:
+        ema.copy_to(export.parameters())
+    pipe = DDPMPipeline(unet=export, scheduler=noise_scheduler)
+    tmp = run.root / ".model-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    (tmp / "README.md").write_text(DDPM_MODEL_CARD.format(
+        name=run.name, dataset=cfg.data.label, resolution=cfg.resolution, step=step, total=total,
+        batch=cfg.train_batch_size, accum=cfg.gradient_accumulation_steps, world=world, lr=cfg.learning_rate,
+        schedule=cfg.lr_scheduler, warmup=cfg.lr_warmup_steps, channels=tuple(cfg.block_out_channels),
+        layers=cfg.layers_per_block, params=sum(p.numel() for p in export.parameters()),
+        timesteps=cfg.num_train_timesteps, beta=cfg.beta_schedule, prediction=cfg.prediction_type,
+        weights="EMA" if ema is not None else "final", path=str(run.model_dir)), encoding="utf-8")
+    old = run.root / ".model-old"
+    shutil.rmtree(old, ignore_errors=True)
+    if run.model_dir.exists():
+        os.replace(run.model_dir, old)
+    os.replace(tmp, run.model_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return run.model_dir
+
 
 
 def export_lora(run: RunDir, cfg: FinetuneConfig, unet: torch.nn.Module, text_encoder: torch.nn.Module | None,
@@ -43,7 +115,7 @@ def export_lora(run: RunDir, cfg: FinetuneConfig, unet: torch.nn.Module, text_en
     return out
 
 
-def export_pipeline(run: RunDir, cfg: FinetuneConfig, pipe: Any, step: int, report: Callable[..., None]) -> Path:
+def export_sd_pipeline(run: RunDir, cfg: FinetuneConfig, pipe: Any, step: int, report: Callable[..., None]) -> Path:
     """Write ``pipe`` to ``run.model_dir`` as a diffusers folder (and a single file when asked); returns it."""
     out = run.model_dir
     pipe.save_pretrained(out, safe_serialization=True)

@@ -1,16 +1,12 @@
-"""Stable Diffusion pieces the fine-tune loop uses but does not own.
+"""Stable Diffusion pieces the fine-tune uses: the base pipeline, its modules, what trains.
 
-Responsible for: loading and checking the base pipeline, moving and freezing its
-modules, adding what trains (LoRA adapters or the whole UNet), DreamBooth's class
-images made by the untouched base model, and rendering validation images into a
-grid. ``studio.trainers.text_to_image`` calls these; the loop itself lives there.
+Responsible for: loading and checking the base pipeline, moving and freezing its modules,
+adding what trains (LoRA adapters or the whole UNet) and assembling a pipeline around the
+training components for validation and export.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -125,67 +121,3 @@ def assemble_pipeline(base: Any, vae: torch.nn.Module, unet: torch.nn.Module, te
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=base.tokenizer, unet=unet,
                                    scheduler=base.scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-
-
-# --------------------------------------------------------------------------- DreamBooth
-@torch.no_grad()
-def make_class_images(pipe: Any, cfg: FinetuneConfig, folder: Path, device: torch.device,
-                      autocast: Callable[[], AbstractContextManager], stop: threading.Event,
-                      report: Callable[..., None]) -> torch.Tensor | None:
-    """Generate (or reuse) ``num_class_images`` images of ``class_prompt`` in ``folder``.
-
-    Returns:
-        The class images as a uint8 ``[N, 3, R, R]`` tensor, or None when stopped while
-        generating (the images made so far are kept for a rerun).
-    """
-    import numpy as np
-    from PIL import Image
-
-    folder.mkdir(exist_ok=True)
-    paths = [folder / f"{i:04d}.png" for i in range(cfg.num_class_images)]
-    todo = [i for i, p in enumerate(paths) if not p.is_file() or p.stat().st_size == 0]
-    if todo:
-        report("status", message=f"generating {len(todo)} class images of '{cfg.class_prompt}'")
-        pipe.unet.to(device)
-        pipe.set_progress_bar_config(disable=True)
-        for i in todo:
-            if stop.is_set():
-                break
-            gen = torch.Generator(device=device).manual_seed(cfg.seed + 10_000 + i)
-            with autocast():  # fp16 text encoder/VAE with an fp32 UNet on a GPU
-                image = pipe(cfg.class_prompt, height=cfg.resolution, width=cfg.resolution,
-                             num_inference_steps=cfg.num_inference_steps, generator=gen).images[0]
-            from studio.atomic import save_image
-
-            save_image(image, paths[i])  # atomic: a kill mid-write leaves no truncated class image
-    if stop.is_set():
-        return None
-    arrays = [np.asarray(Image.open(p).convert("RGB"), dtype=np.uint8) for p in paths if p.is_file()]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-
-
-# --------------------------------------------------------------------------- validation images
-@torch.no_grad()
-def validation_images(pipe: Any, prompts: list[str], cfg: FinetuneConfig, device: torch.device,
-                      autocast: Callable[[], AbstractContextManager]) -> list[Any]:
-    """One image per prompt, each with the fixed seed ``cfg.seed`` (PIL images)."""
-    pipe.set_progress_bar_config(disable=True)
-    images = []
-    for prompt in prompts:
-        gen = torch.Generator(device=device).manual_seed(cfg.seed)
-        with autocast():
-            images.append(pipe(prompt, height=cfg.resolution, width=cfg.resolution,
-                               num_inference_steps=cfg.num_inference_steps, generator=gen).images[0])
-    return images
-
-
-def save_grid(images: list[Any], resolution: int, path: Path) -> Path:
-    """Paste square ``resolution`` images side by side on white and save them to ``path``."""
-    from PIL import Image
-
-    grid = Image.new("RGB", (resolution * len(images), resolution), "white")
-    for i, image in enumerate(images):
-        grid.paste(image, (i * resolution, 0))
-    from studio.atomic import save_image
-
-    return save_image(grid, path)  # atomic: a kill mid-write never leaves a truncated PNG

@@ -1,13 +1,10 @@
-"""What a DDPM training run leaves behind, and how it is written.
+"""How a training run reports: events, TensorBoard, sample grids written atomically, quality, process logs.
 
-Responsible for: the sample grids (fixed-seed DDIM samples rendered into one image,
-``samples/step-N.png``, also sent to TensorBoard) and ``samples/progress.gif``; the
-exported ``model/`` folder (a ``DDPMPipeline`` with the EMA weights plus a model card
-``README.md``); the events reporter that writes ``events.jsonl`` and the TensorBoard
-logs in ``logs/``; ``logs/processes.json`` (per-process weight checksums); and the
-grid's quality figure (``SampleQuality``: the dataset's ``studio.quality`` reference,
-built once per run, scoring every grid).
-``studio.trainers.ddpm`` calls these; the loop itself lives there.
+Responsible for: the events reporter that writes ``events.jsonl`` and the TensorBoard logs in
+``logs/``; the sample grids (``samples/step-N.png``, written atomically, also sent to
+TensorBoard) and ``samples/progress.gif``; the grid's quality figure (``SampleQuality``: the
+dataset's ``studio.quality`` reference, built once per run, scoring every grid);
+``logs/processes.json`` (per-process weight checksums).
 """
 
 from __future__ import annotations
@@ -16,14 +13,12 @@ import hashlib
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from studio.config.train import TrainConfig
 from studio.events import Event, EventSink
 from studio.runs import RunDir
 
@@ -55,30 +50,6 @@ def make_grid(images: np.ndarray):
         grid = grid.resize((grid.width * factor, grid.height * factor), Image.Resampling.NEAREST)
     return grid
 
-
-@torch.no_grad()
-def sample_images(unet: torch.nn.Module, noise_scheduler: Any, cfg: TrainConfig, device: torch.device) -> np.ndarray:
-    """The fixed-seed sample grid's images (uint8 [N, R, R, 3]) with DDIM in ``sample_inference_steps``.
-
-    The initial noise comes from a generator seeded with ``cfg.seed`` every time, so
-    grids at different steps show the same "scene" getting better.
-    """
-    from diffusers import DDIMScheduler
-
-    scheduler = DDIMScheduler.from_config(noise_scheduler.config)
-    scheduler.set_timesteps(cfg.sample_inference_steps)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    x = torch.randn((cfg.num_samples, 3, cfg.resolution, cfg.resolution), generator=gen).to(device)
-    was_training = unet.training
-    unet.eval()
-    try:
-        for t in scheduler.timesteps:
-            out = unet(x, t.to(device)).sample
-            x = scheduler.step(out.float(), t, x).prev_sample
-    finally:
-        unet.train(was_training)
-    x = (x / 2 + 0.5).clamp(0, 1)
-    return (x.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
 
 
 def save_samples(run: RunDir, step: int, images: np.ndarray, writer: Any = None) -> Path:
@@ -156,76 +127,6 @@ class SampleQuality:
         return value
 
 
-# ----------------------------------------------------------------------------- model/
-MODEL_CARD = """---
-library_name: diffusers
-pipeline_tag: unconditional-image-generation
-tags:
-- diffusers
-- ddpm
-- unconditional-image-generation
-- diffusion-studio
----
-
-# {name}
-
-An unconditional DDPM trained from scratch with Diffusion Studio.
-
-| | |
-|---|---|
-| dataset | {dataset} |
-| resolution | {resolution} px |
-| steps | {step} of {total} |
-| batch size | {batch} x {accum} accumulation x {world} process(es) |
-| learning rate | {lr} ({schedule}, {warmup} warm-up steps) |
-| UNet | block_out_channels {channels}, layers_per_block {layers}, {params:,} parameters |
-| noise schedule | {timesteps} timesteps, {beta}, predicts {prediction} |
-| weights | {weights} |
-
-## Use
-
-```python
-from diffusers import DDPMPipeline
-
-pipe = DDPMPipeline.from_pretrained("{path}")
-image = pipe(batch_size=4, num_inference_steps=1000).images[0]
-```
-
-Training configuration: `../config.json`; loss history: `../events.jsonl`.
-"""
-
-
-def export_pipeline(unet: torch.nn.Module, ema: Any, noise_scheduler: Any, run: RunDir, cfg: TrainConfig,
-                    step: int, total: int, world: int) -> Path:
-    """Write ``model/``: a DDPMPipeline with the EMA weights (safetensors) and a model card."""
-    import shutil
-
-    from diffusers import DDPMPipeline, UNet2DModel
-
-    export = UNet2DModel.from_config(unet.config)
-    export.load_state_dict(unet.state_dict())
-    if ema is not None:
-        ema.copy_to(export.parameters())
-    pipe = DDPMPipeline(unet=export, scheduler=noise_scheduler)
-    tmp = run.root / ".model-tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "README.md").write_text(MODEL_CARD.format(
-        name=run.name, dataset=cfg.data.label, resolution=cfg.resolution, step=step, total=total,
-        batch=cfg.train_batch_size, accum=cfg.gradient_accumulation_steps, world=world, lr=cfg.learning_rate,
-        schedule=cfg.lr_scheduler, warmup=cfg.lr_warmup_steps, channels=tuple(cfg.block_out_channels),
-        layers=cfg.layers_per_block, params=sum(p.numel() for p in export.parameters()),
-        timesteps=cfg.num_train_timesteps, beta=cfg.beta_schedule, prediction=cfg.prediction_type,
-        weights="EMA" if ema is not None else "final", path=str(run.model_dir)), encoding="utf-8")
-    old = run.root / ".model-old"
-    shutil.rmtree(old, ignore_errors=True)
-    if run.model_dir.exists():
-        os.replace(run.model_dir, old)
-    os.replace(tmp, run.model_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    return run.model_dir
-
-
 # ----------------------------------------------------------------------------- events and logs/
 class Reporter:
     """Sends events to the sink and ``events.jsonl`` (main process only) and TensorBoard."""
@@ -280,3 +181,15 @@ def write_ranks_report(run: RunDir, rank: int, world: int, unet, first_indices: 
         entries = gather_object(entries)
     if is_main:
         (run.logs_dir / "processes.json").write_text(json.dumps(entries, indent=1) + "\n", encoding="utf-8")
+
+
+def save_grid(images: list[Any], resolution: int, path: Path) -> Path:
+    """Paste square ``resolution`` images side by side on white and save them to ``path``."""
+    from PIL import Image
+
+    grid = Image.new("RGB", (resolution * len(images), resolution), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, (i * resolution, 0))
+    from studio.atomic import save_image
+
+    return save_image(grid, path)  # atomic: a kill mid-write never leaves a truncated PNG

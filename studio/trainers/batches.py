@@ -1,0 +1,78 @@
+"""What goes into a training batch: the decoded images and the seeded order they are drawn in.
+
+Responsible for: the dataset as a decode-once uint8 tensor (``load_images``) and the
+seeded shuffled batch stream shared by all processes (``BatchSampler``, whose state a
+checkpoint holds so a resumed run draws the same batches).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from studio.config.train import TrainConfig
+
+
+def load_images(cfg: TrainConfig, progress: Callable[[float, str], None] | None = None) -> torch.Tensor:
+    """The dataset as a uint8 tensor ``[N, 3, R, R]`` from the decode-once tensor cache.
+
+    Args:
+        cfg: The run's settings (dataset, resolution, crop, workspace holding ``.cache``).
+        progress: Optional ``progress(fraction, message)`` while images are decoded.
+    """
+    from studio.data import load_tensor_cache
+
+    cache = load_tensor_cache(cfg.data, cfg.resolution, Path(cfg.workspace).expanduser() / ".cache",
+                              center_crop=cfg.center_crop, progress=progress)
+    return cache.pixels
+
+
+class BatchSampler:
+    """An endless shuffled stream of image indices and flip flags, shared by all processes.
+
+    Every process draws the same global batch of ``batch_size * world`` indices from
+    one seeded generator and keeps its own slice, so the shards differ per process and
+    the stream's state (generator, permutation, position) is the same everywhere:
+    one ``state_dict`` restores it exactly.
+    """
+
+    def __init__(self, num_images: int, batch_size: int, rank: int, world: int, seed: int) -> None:
+        self.n, self.batch_size, self.rank, self.world = num_images, batch_size, rank, world
+        self.generator = torch.Generator().manual_seed(seed)
+        self.perm = torch.randperm(self.n, generator=self.generator)
+        self.pos = 0
+        self.epoch = 0
+        self.last_indices = torch.empty(0, dtype=torch.long)
+
+    def _take(self, k: int) -> torch.Tensor:
+        parts = []
+        while k > 0:
+            if self.pos == self.n:
+                self.perm = torch.randperm(self.n, generator=self.generator)
+                self.pos, self.epoch = 0, self.epoch + 1
+            chunk = self.perm[self.pos:self.pos + k]
+            self.pos += len(chunk)
+            k -= len(chunk)
+            parts.append(chunk)
+        return torch.cat(parts)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's (indices, flip mask) of the next global batch."""
+        total = self.batch_size * self.world
+        indices = self._take(total)
+        flips = torch.rand(total, generator=self.generator) < 0.5
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        self.last_indices = indices[mine]
+        return indices[mine], flips[mine]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "perm": self.perm.clone(), "pos": self.pos,
+                "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self.perm, self.pos, self.epoch = state["perm"].clone(), int(state["pos"]), int(state["epoch"])
+
