@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image
 
 from studio.config.data import DataConfig
-from studio.errors import DataError
+from studio.errors import DataError, StudioError
 from studio.paths import MAX_IMAGE_FILE_BYTES, MAX_TEXT_FILE_BYTES, RefusedPath, inside_name, read_confined, refusal
 from studio.images import (
     IMAGE_EXTENSIONS,
@@ -59,6 +59,7 @@ from studio.uploads import (
     extract_zip,
     unpack_upload,
 )
+from studio.stopping import call_stoppable, raise_if_stopped
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -199,42 +200,51 @@ class _Scan:
 
 
 def load_image_dataset(cfg: DataConfig, *, progress: Progress | None = None,
-                       scratch: Path | None = None) -> ImageDataset:
+                       scratch: Path | None = None, stop: threading.Event | None = None) -> ImageDataset:
     """Read a source, check every image once, and return the usable ones.
 
     Args:
         cfg: Which source and how to read it.
         progress: Optional ``progress(fraction, message)`` callback.
         scratch: The workspace's cache folder; a local .zip is unpacked under it.
+        stop: A job's stop flag: when set, reading ends within one file (or at once
+            during a Hub download) with ``Stopped``.
 
     Raises:
         DataError: when the source cannot be read or holds no usable image, or when
             captions are required and some are missing.
+        Stopped: ``stop`` was set.
     """
-    scan = _scan(cfg, progress, scratch)
-    return _check(cfg, scan, progress)
+    scan = _scan(cfg, progress, scratch, stop)
+    return _check(cfg, scan, progress, stop=stop)
 
 
-def _scan(cfg: DataConfig, progress: Progress | None, scratch: Path | None = None) -> _Scan:
+def _scan(cfg: DataConfig, progress: Progress | None, scratch: Path | None = None,
+          stop: threading.Event | None = None) -> _Scan:
     if progress:
         progress(0.0, f"Reading {cfg.label}")
+    raise_if_stopped(stop, f"reading {cfg.label}")
     if cfg.source == "emoji":
         return _scan_emoji(cfg)
     if cfg.source in ("folder", "upload"):
-        return _scan_folder(cfg, scratch)
-    return _scan_hub(cfg)
+        return _scan_folder(cfg, scratch, stop)
+    return _scan_hub(cfg, stop)
 
 
 def _check(cfg: DataConfig, scan: _Scan, progress: Progress | None,
            visit: Callable[[int, Image.Image], None] | None = None,
-           draft: tuple[int, int] | None = None) -> ImageDataset:
-    """Decode every scanned image once; keep the good ones. ``visit(k, image)`` sees the k-th good one."""
+           draft: tuple[int, int] | None = None, stop: threading.Event | None = None) -> ImageDataset:
+    """Decode every scanned image once; keep the good ones. ``visit(k, image)`` sees the k-th good one.
+
+    ``stop`` is looked at before every image (``Stopped``: nothing is kept).
+    """
     names, readers, sizes, captions = [], [], [], []
     skipped = list(scan.skipped)
     total = len(scan.names)
     for i, (name, reader) in enumerate(zip(scan.names, scan.readers)):
         if progress and (i % 64 == 0):
             progress(i / max(total, 1), f"Checking images {i}/{total}")
+        raise_if_stopped(stop, f"checking the images of {cfg.label} ({i} of {total} done)")
         try:
             im = _decode(reader(), draft=draft)
         except _Skip as skip:
@@ -306,7 +316,7 @@ def _scan_emoji(cfg: DataConfig) -> _Scan:
 # --------------------------------------------------------------------------- folders and uploads
 
 
-def _scan_folder(cfg: DataConfig, scratch: Path | None = None) -> _Scan:
+def _scan_folder(cfg: DataConfig, scratch: Path | None = None, stop: threading.Event | None = None) -> _Scan:
     root = Path(cfg.path).expanduser()
     if root.is_file() and root.suffix.lower() == ".zip":
         root = _unpack_local_zip(root, scratch)
@@ -316,6 +326,7 @@ def _scan_folder(cfg: DataConfig, scratch: Path | None = None) -> _Scan:
         raise DataError(f"{root} is a file, not a folder.", "Choose the folder that holds the images.")
     files: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):  # links to folders are listed, never entered
+        raise_if_stopped(stop, f"listing {root}")
         rel_dir = Path(dirpath).relative_to(root)
         dirnames[:] = sorted(d for d in dirnames if not _is_junk(rel_dir / d))
         files.extend(Path(dirpath) / f for f in sorted(filenames) if not _is_junk(rel_dir / f))
@@ -325,7 +336,9 @@ def _scan_folder(cfg: DataConfig, scratch: Path | None = None) -> _Scan:
     skipped: list[SkippedFile] = []
     images: list[Path] = []
     readable: set[Path] = set()  # images and sidecars that are plain files inside the folder
-    for path in files:
+    for k, path in enumerate(files):
+        if k % 256 == 0:
+            raise_if_stopped(stop, f"listing {root}")
         ext = path.suffix.lower()
         rel = path.relative_to(root).as_posix()
         if ext in IMAGE_EXTENSIONS or ext in SIDECAR_EXTENSIONS:
@@ -641,8 +654,12 @@ def _offline_datasets() -> Any:
     return switched()
 
 
-def _load_hub_split(cfg: DataConfig) -> tuple[Any, list[str], str]:
-    """The chosen split of a Hub (or local dataset-folder) id, its split names and the split used."""
+def _load_hub_split(cfg: DataConfig, stop: threading.Event | None = None) -> tuple[Any, list[str], str]:
+    """The chosen split of a Hub (or local dataset-folder) id, its split names and the split used.
+
+    The download (inside ``datasets``) runs through ``call_stoppable``: Stop ends the wait
+    at once, and what was fetched stays in the cache for the next load.
+    """
     import contextlib
 
     hub_id = cfg.hub_id.strip()
@@ -650,10 +667,13 @@ def _load_hub_split(cfg: DataConfig) -> tuple[Any, list[str], str]:
     online = _hub_reachable(cfg)  # before importing datasets: offline or unreachable fails fast
     import datasets
 
-    try:
+    def load() -> tuple[Any, list[str], str]:
         with contextlib.nullcontext() if online else _offline_datasets():
-            ds, splits, split = _load_split(datasets, cfg, hub_id)
-    except DataError:
+            return _load_split(datasets, cfg, hub_id)
+
+    try:
+        ds, splits, split = call_stoppable(load, stop, f"downloading the dataset '{hub_id}'")
+    except StudioError:  # DataError, Stopped
         raise
     except Exception as exc:  # every failure of the Hub stack becomes a clear DataError
         raise _hub_error(cfg, exc) from None
@@ -691,8 +711,8 @@ def detect_columns(features: dict[str, Any]) -> tuple[list[str], list[str]]:
     return image_cols, ranked
 
 
-def _scan_hub(cfg: DataConfig) -> _Scan:
-    ds, splits, split = _load_hub_split(cfg)  # first: fails fast offline, before importing datasets
+def _scan_hub(cfg: DataConfig, stop: threading.Event | None = None) -> _Scan:
+    ds, splits, split = _load_hub_split(cfg, stop)  # first: fails fast offline, before importing datasets
     from datasets import Image as ImageFeature
 
     columns = list(ds.column_names)
@@ -782,7 +802,7 @@ def cache_key(fingerprint: str, resolution: int, center_crop: bool) -> str:
 
 
 def load_tensor_cache(cfg: DataConfig, resolution: int, cache_root: Path, *, center_crop: bool = True,
-                      progress: Progress | None = None) -> TensorCache:
+                      progress: Progress | None = None, stop: threading.Event | None = None) -> TensorCache:
     """The dataset of ``cfg`` as uint8 tensors at ``resolution``, decoded at most once.
 
     The tensors live at ``cache_root/datasets/<key>.safetensors`` with names and
@@ -797,16 +817,18 @@ def load_tensor_cache(cfg: DataConfig, resolution: int, cache_root: Path, *, cen
         center_crop: Resize the shorter side and crop the middle; False squashes the
             whole image to a square.
         progress: Optional ``progress(fraction, message)`` callback.
+        stop: A job's stop flag, as for ``load_image_dataset`` (a stopped build writes no cache).
 
     Raises:
         DataError: as ``load_image_dataset``, or when the resolution is not positive.
+        Stopped: ``stop`` was set.
     """
     import torch
     from safetensors.torch import load_file, save_file
 
     if int(resolution) < 1:
         raise DataError(f"Resolution must be a positive number of pixels (got {resolution}).")
-    scan = _scan(cfg, progress, Path(cache_root))
+    scan = _scan(cfg, progress, Path(cache_root), stop)
     key = cache_key(scan.fingerprint, resolution, center_crop)
     folder = Path(cache_root) / "datasets"
     tensor_path, meta_path = folder / f"{key}.safetensors", folder / f"{key}.json"
@@ -827,7 +849,7 @@ def load_tensor_cache(cfg: DataConfig, resolution: int, cache_root: Path, *, cen
         small = resize_to_square(im, resolution, center_crop=center_crop)
         pixels[k] = torch.from_numpy(np.asarray(small, dtype=np.uint8).copy()).permute(2, 0, 1)
 
-    ds = _check(cfg, scan, progress, visit=store, draft=(resolution, resolution))
+    ds = _check(cfg, scan, progress, visit=store, draft=(resolution, resolution), stop=stop)
     if len(ds) < pixels.shape[0]:  # some files were skipped
         pixels = pixels[: len(ds)].clone()
     folder.mkdir(parents=True, exist_ok=True)

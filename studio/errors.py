@@ -54,6 +54,16 @@ class StorageError(StudioError):
     """The disk is full, or a file or folder cannot be written or read (permissions, a file for a folder)."""
 
 
+class Stopped(StudioError):
+    """The person pressed Stop (or Ctrl-C) while a phase before or between training steps ran.
+
+    Raised by the phase itself (data loading, latent caching, class images, model loading)
+    through ``studio.stopping``; a trainer turns it into its ``stopped`` event, and a job
+    whose target lets it through ends "stopped", never "failed".
+    """
+
+
+
 _ANSI = re.compile(r"\x1b(\[[0-9;?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)?|[@-Z\\-_])")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 

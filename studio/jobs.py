@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from studio.errors import JobError, describe_exception
+from studio.errors import JobError, Stopped, describe_exception
 from studio.events import FINAL_KINDS, Event
 from studio.locks import ProcessLock, device_key, device_lock
 
@@ -244,6 +244,8 @@ class Job:
             if not ended:  # trainer returned without a final event
                 self.handle(Event("stopped" if self.stop_event.is_set() else "finished",
                                   message="stopped" if self.stop_event.is_set() else "finished"))
+        except Stopped as exc:  # a phase before the loop saw the stop flag: nothing failed
+            self.handle(Event("stopped", message=exc.message))
         except BaseException as exc:  # noqa: BLE001 - the job reports every failure
             log.error("job %s failed:\n%s", self.id, traceback.format_exc())
             self._write_error_log(exc)

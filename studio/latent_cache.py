@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+
+from studio.stopping import raise_if_stopped
 
 #: Bump when the cache layout changes: old files are then simply not found.
 CACHE_VERSION = 1
@@ -161,7 +164,8 @@ def encode_pixels(vae: torch.nn.Module, pixels: torch.Tensor, device: str | torc
 def build_latent_cache(vae: torch.nn.Module, pixels: torch.Tensor, *, data_key: str, resolution: int,
                        random_flip: bool, cache_root: str | Path, device: str | torch.device,
                        dtype: torch.dtype = torch.float32, batch_size: int = 8,
-                       progress: Callable[[int, int], None] | None = None) -> LatentCache:
+                       progress: Callable[[int, int], None] | None = None,
+                       stop: threading.Event | None = None) -> LatentCache:
     """Latents of every image (and its mirror when ``random_flip``), from disk when cached.
 
     Args:
@@ -174,6 +178,8 @@ def build_latent_cache(vae: torch.nn.Module, pixels: torch.Tensor, *, data_key: 
         device / dtype: Where and how the VAE runs.
         batch_size: Images per VAE call.
         progress: Called with (done, total) after each batch.
+        stop: A job's stop flag, looked at before every batch: ``Stopped`` ends the encode
+            within one batch and no cache file is written.
     """
     fingerprint = module_fingerprint(vae)
     key = "latents-" + _key(fingerprint, data_key, resolution, "flip" if random_flip else "noflip",
@@ -192,6 +198,7 @@ def build_latent_cache(vae: torch.nn.Module, pixels: torch.Tensor, *, data_key: 
     for flip in views:
         view_means, view_stds = [], []
         for start in range(0, n, batch_size):
+            raise_if_stopped(stop, f"caching latents ({done} of {total} images encoded)")
             chunk = pixels[start:start + batch_size]
             if flip:
                 chunk = torch.flip(chunk, dims=[-1])
@@ -240,10 +247,15 @@ def encode_tokens(text_encoders: Sequence[torch.nn.Module], token_ids: Sequence[
 
 @torch.no_grad()
 def encode_prompts(tokenizers: Sequence[Any], text_encoders: Sequence[torch.nn.Module], prompts: Sequence[str],
-                   device: str | torch.device, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(hidden states [P, T, D], pooled [P, D2] or None), float32 on CPU, of ``prompts``."""
+                   device: str | torch.device, batch_size: int = 32,
+                   stop: threading.Event | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(hidden states [P, T, D], pooled [P, D2] or None), float32 on CPU, of ``prompts``.
+
+    ``stop`` is looked at before every batch (``Stopped``).
+    """
     hidden, pooled = [], []
     for start in range(0, len(prompts), batch_size):
+        raise_if_stopped(stop, f"encoding captions ({start} of {len(prompts)} done)")
         chunk = prompts[start:start + batch_size]
         ids = [tokenize(tok, chunk).to(device) for tok in tokenizers]
         states, pool = encode_tokens(text_encoders, ids)
@@ -254,7 +266,8 @@ def encode_prompts(tokenizers: Sequence[Any], text_encoders: Sequence[torch.nn.M
 
 
 def build_text_cache(tokenizers: Any, text_encoders: Any, prompts: Sequence[str], *,
-                     cache_root: str | Path, device: str | torch.device) -> TextCache:
+                     cache_root: str | Path, device: str | torch.device,
+                     stop: threading.Event | None = None) -> TextCache:
     """Embeddings of "" and every distinct prompt in ``prompts``, from disk when cached.
 
     Args:
@@ -263,6 +276,7 @@ def build_text_cache(tokenizers: Any, text_encoders: Any, prompts: Sequence[str]
         prompts: Prompts to encode (duplicates are encoded once).
         cache_root: Folder of cache files.
         device: Where the text encoders run.
+        stop: A job's stop flag (``Stopped`` within one batch; nothing is written).
     """
     tokenizers = list(tokenizers) if isinstance(tokenizers, (list, tuple)) else [tokenizers]
     text_encoders = list(text_encoders) if isinstance(text_encoders, (list, tuple)) else [text_encoders]
@@ -272,7 +286,7 @@ def build_text_cache(tokenizers: Any, text_encoders: Any, prompts: Sequence[str]
     path = Path(cache_root) / f"{key}.safetensors"
     loaded = _load(path)
     if loaded is None or json.loads(loaded[1].get("prompts", "[]")) != distinct:
-        embeds, pooled = encode_prompts(tokenizers, text_encoders, distinct, device)
+        embeds, pooled = encode_prompts(tokenizers, text_encoders, distinct, device, stop=stop)
         tensors = {"embeds": embeds, **({"pooled": pooled} if pooled is not None else {})}
         _save_atomic(path, tensors, {"prompts": json.dumps(distinct)})
         # train on the tensors as read back, so a first run and a cached run compute identically

@@ -22,6 +22,8 @@ implemented, checked against ``huggingface_hub``'s source (``hf_api.py``,
   answers anonymous callers), ``GatedRepo`` (401 on files of a gated repo),
   ``RevisionNotFound`` and ``EntryNotFound`` (404).
 - ``throttle_bps``: file bodies trickle at that rate, so progress can be watched.
+- ``stall_s``: every request is held that long before any answer (a Hub that accepts
+  connections and then says nothing); ``release_stalls()`` lets the held ones go.
 - ``cut_after(path, nbytes)``: the next GET of that file sends ``nbytes`` and then
   closes the connection (an interrupted download); later GETs are whole.
 
@@ -110,6 +112,9 @@ class LocalHub:
         self._cuts: dict[str, int] = {}
         #: When set, file bodies are sent at about this many bytes per second (to watch progress).
         self.throttle_bps: float | None = None
+        #: When set, every request waits this many seconds (or until ``release_stalls``) before an answer.
+        self.stall_s: float | None = None
+        self._release = threading.Event()
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -127,6 +132,16 @@ class LocalHub:
         repo.revisions[revision] = commit
         repo.gated = repo.gated or gated
         return commit
+
+    def release_stalls(self) -> None:
+        """Let every held request answer now (and later ones at once)."""
+        self.stall_s = None
+        self._release.set()
+
+    def hold(self) -> None:
+        """Called by the handler before answering: waits while the hub stalls."""
+        if self.stall_s:
+            self._release.wait(self.stall_s)
 
     def cut_after(self, path: str, nbytes: int) -> None:
         """The next GET of a file whose repo path ends with ``path`` stops after ``nbytes`` bytes."""
@@ -159,6 +174,7 @@ class LocalHub:
         return self
 
     def stop(self) -> None:
+        self._release.set()  # no handler thread stays held
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -224,12 +240,15 @@ class _HubHandler(BaseHTTPRequestHandler):
 
     # -- routes --------------------------------------------------------------------------------
     def do_HEAD(self) -> None:
+        self.owner.hold()
         self._route(head=True)
 
     def do_GET(self) -> None:
+        self.owner.hold()
         self._route(head=False)
 
     def do_POST(self) -> None:
+        self.owner.hold()
         url = urlparse(self.path)
         parts = [unquote(p) for p in url.path.strip("/").split("/")]
         length = int(self.headers.get("Content-Length") or 0)
@@ -398,9 +417,12 @@ class _HubHandler(BaseHTTPRequestHandler):
 
             piece = 64 * 1024
             for i in range(0, len(data), piece):
-                self.wfile.write(data[i:i + piece])
+                chunk = data[i:i + piece]
+                self.wfile.write(chunk)
                 self.wfile.flush()
-                time.sleep(piece / self.owner.throttle_bps)
+                bps = self.owner.throttle_bps  # lifted mid-file: the rest comes at once
+                if bps:
+                    time.sleep(len(chunk) / bps)
             return
         self.wfile.write(data)
 
