@@ -85,32 +85,37 @@ def repo_file_sizes(repo_id: str, revision: str | None = None, timeout: float = 
 
 
 def pipeline_download_size(files: dict[str, int], variant: str | None = None) -> int:
-    """Bytes a safetensors pipeline download fetches: configs and one ``.safetensors`` per weight.
+    """Bytes a pipeline download fetches: configs and one weight file per component.
 
-    Mirrors what diffusers fetches for ``from_pretrained(use_safetensors=True)``: no
-    pickle/ONNX/Flax weights; with a variant, its files where they exist (else the plain
-    ones); without one, only the plain files.
+    Mirrors diffusers' choice for ``from_pretrained(use_safetensors=None)``: when every
+    component folder with weights has a ``.safetensors`` file, those (no pickle/ONNX/Flax
+    weights); otherwise (a pickle-era repo) the ``.bin`` files and no ``.safetensors``.
+    With a variant, its files where they exist (else the plain ones); without one, only
+    the plain files. A single-file checkpoint beside the folders is not fetched.
     """
-    def split(path: str) -> tuple[str, str | None]:
-        stem = path[:-len(".safetensors")]
+    def split(path: str, suffix: str) -> tuple[str, str | None]:
+        stem = path[:-len(suffix)]
         head, _, last = stem.rpartition(".")
         if head and "/" not in last and last in _VARIANTS:
             return head, last
         return stem, None
 
-    weights = {split(p) for p in files if p.endswith(".safetensors")}
+    with_weights = {p.split("/")[0] for p in files if "/" in p and p.endswith((".safetensors", ".bin"))}
+    with_safetensors = {p.split("/")[0] for p in files if "/" in p and p.endswith(".safetensors")}
+    suffix = ".safetensors" if with_weights <= with_safetensors else ".bin"
+    weights = {split(p, suffix) for p in files if p.endswith(suffix)}
     total = 0
     for path, size in files.items():
-        if path.endswith(_OTHER_WEIGHTS):
-            continue
-        if path.endswith(".safetensors"):
+        if path.endswith(suffix):
             if "/" not in path:
                 continue  # a single-file checkpoint beside the pipeline's folders is not fetched
-            stem, has = split(path)
+            stem, has = split(path, suffix)
             if has is not None and has != variant:
                 continue
             if has is None and variant and (stem, variant) in weights:
                 continue
+        elif path.endswith((".safetensors", *_OTHER_WEIGHTS)):
+            continue
         total += size
     return total
 
@@ -155,7 +160,7 @@ def download_pipeline(repo_id: str, *, revision: str | None = None, variant: str
 
         try:
             outcome["folder"] = diffusers.DiffusionPipeline.download(
-                repo_id, revision=revision, variant=variant, use_safetensors=True)
+                repo_id, revision=revision, variant=variant, use_safetensors=None)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
             outcome["error"] = exc
 

@@ -4,7 +4,8 @@ A *model reference* is what a person types or picks in the Generate tab:
 
     owner/name[@revision][:variant]   a Hugging Face Hub id (e.g. stabilityai/sdxl-turbo)
     /path/to/folder                   a diffusers pipeline folder (has model_index.json)
-    /path/to/model.safetensors        a single-file checkpoint (SD 1.x/2.x/XL/3, FLUX)
+    /path/to/model.safetensors        a single-file checkpoint (SD 1.x/2.x/XL/3, FLUX); also
+                                      .ckpt/.pt/.bin, read through torch's restricted unpickler
     /path/to/<run> or a run name      a run of this workspace: ``model/`` (Train, full
                                       fine-tune) or ``lora/`` + the base model in config.json
     bundled:<name> (or <name>)        a model shipped in assets/models (``studio.bundled``)
@@ -31,6 +32,7 @@ from studio.bundled import PREFIX as BUNDLED_PREFIX
 from studio.bundled import bundled_models, find_bundled
 from studio.errors import ModelError
 from studio.runs import list_runs
+from studio.torch_weights import PLAIN_PICKLE_SUFFIXES, TORCH_SUFFIXES
 
 #: Well-known Hub pipelines offered in the dropdown (id, short description).
 CURATED_MODELS: tuple[tuple[str, str], ...] = (
@@ -43,8 +45,10 @@ CURATED_MODELS: tuple[tuple[str, str], ...] = (
     ("google/ddpm-celebahq-256", "unconditional faces 256 px"),
 )
 
-#: Weight files that can run code when loaded; refused.
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
+#: Pickle weight files: torch's (read only through the restricted unpickler) and plain pickles (refused).
+PICKLE_SUFFIXES = TORCH_SUFFIXES + PLAIN_PICKLE_SUFFIXES
+#: Single-file checkpoints and LoRA files the studio reads.
+WEIGHT_FILE_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
 
 #: Keys a Fine-tune run's config.json may use for its base model (first found wins).
 BASE_MODEL_KEYS = ("pretrained_model_name_or_path", "base_model", "model", "model_id")
@@ -144,13 +148,13 @@ def _resolve_local(text: str, path: Path, workspace: str | Path | None, offline:
     path = path.resolve()
     if path.is_file():
         suffix = path.suffix.lower()
-        if suffix in PICKLE_SUFFIXES:
-            raise ModelError(f"{path.name} is a pickle checkpoint ({suffix}); the studio loads only .safetensors "
-                             "because pickle files can run arbitrary code when loaded.",
-                             "Use a .safetensors version of the model (most model pages offer one).")
-        if suffix != ".safetensors":
+        if suffix in PLAIN_PICKLE_SUFFIXES:
+            raise ModelError(f"{path.name} is a plain Python pickle ({suffix}), not a weight file the studio reads: "
+                             "loading it would run whatever code it holds.",
+                             "Give a .safetensors, .ckpt or .pt checkpoint, or a diffusers folder.")
+        if suffix not in WEIGHT_FILE_SUFFIXES:
             raise ModelError(f"{path.name} is not a model file the studio can load.",
-                             "Give a diffusers folder (with model_index.json) or a .safetensors checkpoint.")
+                             "Give a diffusers folder (with model_index.json) or a .safetensors/.ckpt checkpoint.")
         return ModelRef(text=text, kind="file", location=str(path), label=path.stem)
     # A run folder of the workspace (Train / Fine-tune output).
     if (path / "config.json").is_file() and any((path / sub).is_dir()
@@ -169,26 +173,11 @@ def _resolve_local(text: str, path: Path, workspace: str | Path | None, offline:
         raise ModelError(f"Run {path.name} has no exported model yet (no model/model_index.json).",
                          "Wait for the run to finish, or resume it so it can export the model.")
     if (path / "model_index.json").is_file():
-        _refuse_pickle_only_folder(path)
         return ModelRef(text=text, kind="folder", location=str(path), label=path.name)
     if path.is_dir():
-        files = [p.name for p in path.iterdir()]
-        if any(n.lower().endswith(PICKLE_SUFFIXES) for n in files) and not any(n.endswith(".safetensors") for n in files):
-            raise ModelError(f"{path} holds only pickle weights and no model_index.json; the studio loads only "
-                             "safetensors diffusers pipelines (pickle files can run code when loaded).",
-                             "Convert it to safetensors, or use a safetensors version of the model.")
         raise ModelError(f"{path} is not a diffusers pipeline: it has no model_index.json.",
                          "Pick the folder that contains model_index.json, a .safetensors file, or a run folder.")
     raise ModelError(f"{path} is neither a file nor a folder.")
-
-
-def _refuse_pickle_only_folder(path: Path) -> None:
-    """Refuse a diffusers folder whose weights exist only as pickle files."""
-    weights = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in (".safetensors", *PICKLE_SUFFIXES)]
-    if weights and not any(p.suffix == ".safetensors" for p in weights):
-        raise ModelError(f"{path} has only pickle weights (.bin/.ckpt); the studio loads only safetensors "
-                         "because pickle files can run arbitrary code when loaded.",
-                         "Re-save it with save_pretrained(..., safe_serialization=True) or use a safetensors copy.")
 
 
 def _run_base_model(run: Path) -> str:
@@ -206,30 +195,27 @@ def _run_base_model(run: Path) -> str:
 
 
 def find_lora_file(folder: str | Path) -> Path:
-    """The LoRA weights file of a folder (diffusers' name first), or of a run folder.
+    """The LoRA weights file of a folder (diffusers' names first, safetensors before .bin), or of a run folder.
 
     Raises:
-        ModelError: when there is no .safetensors file, or only pickle weights.
+        ModelError: when the folder holds no LoRA weights file.
     """
     folder = Path(folder)
     if (folder / "lora").is_dir():
         folder = folder / "lora"
-    preferred = folder / "pytorch_lora_weights.safetensors"
-    if preferred.is_file():
-        return preferred
-    files = sorted(folder.glob("*.safetensors"))
-    if files:
-        return files[0]
-    if any(folder.glob("*.bin")):
-        raise ModelError(f"{folder} has only pickle LoRA weights (.bin); the studio loads only .safetensors.")
-    raise ModelError(f"No LoRA weights (.safetensors) found in {folder}.")
+    for name in ("pytorch_lora_weights.safetensors", "*.safetensors", "pytorch_lora_weights.bin",
+                 *(f"*{suffix}" for suffix in TORCH_SUFFIXES)):
+        files = sorted(p for p in folder.glob(name) if p.is_file())
+        if files:
+            return files[0]
+    raise ModelError(f"No LoRA weights (.safetensors, .bin or .pt) found in {folder}.")
 
 
 def resolve_lora(reference: str, workspace: str | Path | None = None) -> Path:
-    """A LoRA reference (a .safetensors file, a folder or a Fine-tune run) -> weights file.
+    """A LoRA reference (a weights file, a folder or a Fine-tune run) -> weights file.
 
     Raises:
-        ModelError: for a missing path, a pickle file or a folder without LoRA weights.
+        ModelError: for a missing path, a file that is not LoRA weights or a folder without them.
     """
     text = (reference or "").strip()
     if not text:
@@ -240,9 +226,9 @@ def resolve_lora(reference: str, workspace: str | Path | None = None) -> Path:
     if not path.exists():
         raise ModelError(f"LoRA not found: {text}", "Give a .safetensors file or a Fine-tune run folder.")
     if path.is_file():
-        if path.suffix.lower() != ".safetensors":
-            raise ModelError(f"{path.name} is not a .safetensors LoRA file; pickle weights are refused because "
-                             "they can run code when loaded.")
+        if path.suffix.lower() not in WEIGHT_FILE_SUFFIXES:
+            raise ModelError(f"{path.name} is not a LoRA weights file (.safetensors, .bin or .pt).",
+                             "Plain Python pickles are never loaded: they can run code.")
         return path.resolve()
     return find_lora_file(path).resolve()
 
@@ -306,14 +292,10 @@ def _check_hub(ref: ModelRef, workspace: str | Path | None, offline: bool) -> No
                          f"({type(exc).__name__}).", available_summary(workspace)) from None
     names = [s.rfilename for s in (info.siblings or [])]
     if names and "model_index.json" not in names:
-        single = [n for n in names if n.endswith(".safetensors") and "/" not in n]
+        single = [n for n in names if n.endswith(WEIGHT_FILE_SUFFIXES) and "/" not in n]
         hint = (f"It looks like a single-file checkpoint repo: download {single[0]} and load that file."
                 if single else "Pick a repo that contains model_index.json (a diffusers pipeline).")
         raise ModelError(f"{ref.location} is not a diffusers pipeline (no model_index.json).", hint)
-    if names and not any(n.endswith(".safetensors") for n in names) and any(n.endswith(PICKLE_SUFFIXES) for n in names):
-        raise ModelError(f"{ref.location} has only pickle weights (.bin/.ckpt); the studio loads only safetensors "
-                         "because pickle files can run arbitrary code when loaded.",
-                         "Look for a safetensors version of this model (or a 'refs/pr/N' revision that adds one).")
 
 
 # --------------------------------------------------------------------------- choices

@@ -1,6 +1,7 @@
 """Model loading: load, switch and prefetch diffusers pipelines.
 
-``load_pipeline`` loads a model reference (safetensors only, never remote code, fp32 on
+``load_pipeline`` loads a model reference (safetensors, or ``.bin``/``.ckpt`` weights through
+torch's restricted unpickler only — ``studio.torch_weights``; never remote code; fp32 on
 CPU, fp16 on GPU; a pipeline whose tokenizer loaded empty is refused; a LoRA run gets its
 LoRA applied); ``pipeline_kind``/``pipeline_capabilities``/``native_size`` say what the
 loaded pipeline is and which Generate controls it takes; ``PipelineManager`` holds at most
@@ -148,18 +149,27 @@ def _check_tokenizers(pipe: Any, label: str) -> None:
 def _single_file_pipeline_class(path: Path) -> str:
     """Which pipeline class loads this single-file checkpoint, from its tensor names and shapes."""
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type
-    from safetensors import safe_open
+
+    from studio.torch_weights import is_torch_file, load_torch_weights
 
     class _Shape:
-        def __init__(self, shape: list[int]) -> None:
+        def __init__(self, shape: Any) -> None:
             self.shape = tuple(shape)
 
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            keys = {k: _Shape(fh.get_slice(k).get_shape()) for k in fh.keys()}
-    except Exception as exc:
-        raise ModelError(f"{path.name} cannot be read as a safetensors file ({type(exc).__name__}).",
-                         "The file may be incomplete or damaged: download it again.") from None
+    if is_torch_file(path):  # the restricted unpickler refuses a code-running pickle here, before diffusers
+        state = load_torch_weights(path)
+        state = state.get("state_dict", state) if isinstance(state.get("state_dict"), dict) else state
+        keys = {k: _Shape(getattr(v, "shape", ())) for k, v in state.items() if isinstance(k, str)}
+        del state
+    else:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                keys = {k: _Shape(fh.get_slice(k).get_shape()) for k in fh.keys()}
+        except Exception as exc:
+            raise ModelError(f"{path.name} cannot be read as a safetensors file ({type(exc).__name__}).",
+                             "The file may be incomplete or damaged: download it again.") from None
     sd_like = any(k.startswith(("model.diffusion_model.", "transformer.", "double_blocks.", "joint_blocks."))
                   for k in keys)
     try:
@@ -178,7 +188,8 @@ def load_pipeline(reference: str | ModelRef, device: str = "cpu", dtype: Any = N
                   progress: ProgressFn | None = None, workspace: str | Path | None = None) -> Any:
     """Load a model reference into a diffusers pipeline on ``device``.
 
-    Safetensors only, never remote code; fp32 on CPU, fp16 on CUDA/MPS unless ``dtype``
+    Safetensors preferred; ``.bin``/``.ckpt`` weights only through torch's restricted
+    unpickler (a pickle that would run code is refused, unrun); never remote code; fp32 on CPU, fp16 on CUDA/MPS unless ``dtype``
     says otherwise. A LoRA run loads its base model with the LoRA applied (adapter "run").
 
     Args:
@@ -220,13 +231,17 @@ def load_pipeline(reference: str | ModelRef, device: str = "cpu", dtype: Any = N
 def _load_target(ref: ModelRef, dtype: Any, offline: bool, report: ProgressFn) -> Any:
     import diffusers
 
+    from studio.torch_weights import pickle_refusal
+
     common = {"dtype": dtype}
     try:
         if ref.kind == "file":
             cls = getattr(diffusers, _single_file_pipeline_class(Path(ref.location)))
             return cls.from_single_file(ref.location, local_files_only=offline, **common)
         source = ref.location
-        kwargs: dict[str, Any] = dict(common, use_safetensors=True, trust_remote_code=False)
+        # use_safetensors=None: safetensors wherever the model has them, else its .bin files, which
+        # diffusers and transformers read with torch.load(weights_only=True) (checked by the canary tests)
+        kwargs: dict[str, Any] = dict(common, use_safetensors=None, trust_remote_code=False)
         if ref.kind == "hub":
             kwargs.update(revision=ref.revision, variant=ref.variant, local_files_only=offline)
             if not offline:
@@ -234,15 +249,16 @@ def _load_target(ref: ModelRef, dtype: Any, offline: bool, report: ProgressFn) -
         return diffusers.DiffusionPipeline.from_pretrained(source, **kwargs)
     except ModelError:
         raise
-    except ValueError as exc:
-        text = str(exc)
-        if "safetensors" in text.lower():
-            raise ModelError(f"{ref.label} has no safetensors weights for some component; the studio refuses "
-                             "pickle weights because they can run arbitrary code.",
-                             "Use a safetensors version of the model.") from None
-        raise ModelError(f"{ref.label} could not be loaded: {text.splitlines()[0][:300]}") from None
-    except OSError as exc:
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    except Exception as exc:
+        refused = pickle_refusal(exc, _local_folder(ref))
+        if refused is not None:
+            raise refused from None
+        if not isinstance(exc, (ValueError, OSError)):
+            raise
+        text = str(exc).strip()
+        first = text.splitlines()[0][:300] if text else type(exc).__name__
+        if isinstance(exc, ValueError):
+            raise ModelError(f"{ref.label} could not be loaded: {first}") from None
         if ref.kind == "hub":
             hint = ("It needs files that are not cached; go online once (or use \"Download for offline use\")."
                     if offline else "Check the model files (or your connection) and try again.")
@@ -253,21 +269,39 @@ def _load_target(ref: ModelRef, dtype: Any, offline: bool, report: ProgressFn) -
         raise ModelError(f"{ref.label} could not be loaded: {first}", hint) from None
 
 
+def _local_folder(ref: ModelRef) -> str | None:
+    """Where a reference's files are on disk (a Hub id: its cached snapshot), to name a refused file."""
+    if ref.kind == "folder":
+        return ref.location
+    if ref.kind == "hub":
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(ref.location, "model_index.json", revision=ref.revision)
+        return str(Path(hit).parent) if isinstance(hit, str) else None
+    return None
+
+
 def load_lora(pipe: Any, lora: str | Path, adapter_name: str) -> None:
-    """Load LoRA weights (diffusers or kohya .safetensors) into ``pipe`` as ``adapter_name``.
+    """Load LoRA weights (diffusers or kohya; .safetensors, or .bin/.pt read by the restricted unpickler).
 
     Raises:
-        ModelError: when the pipeline takes no LoRA or the weights do not fit it.
+        ModelError: when the pipeline takes no LoRA, the weights do not fit it, or a pickle LoRA
+            holds anything but tensors (refused unrun).
     """
+    from studio.torch_weights import is_torch_file, load_torch_weights
+
     lora = Path(lora)
     if not hasattr(pipe, "load_lora_weights"):
         raise ModelError(f"{type(pipe).__name__} does not take LoRA weights.",
                          "LoRA works with Stable Diffusion-type (text-to-image) models.")
+    # a pickle LoRA is read here, restricted, and handed to diffusers as tensors: never unpickled twice
+    weights: Any = load_torch_weights(lora) if is_torch_file(lora) else str(lora.parent)
+    extra = {} if is_torch_file(lora) else {"weight_name": lora.name}
     try:
         with warnings.catch_warnings():  # a second adapter is intended here, not a mistake
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
             with MODEL_INIT_LOCK:
-                pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name=adapter_name)
+                pipe.load_lora_weights(weights, adapter_name=adapter_name, **extra)
     except Exception as exc:
         raise ModelError(f"The LoRA {lora.name} does not fit this model ({type(exc).__name__}: "
                          f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}).",

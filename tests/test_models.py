@@ -73,17 +73,20 @@ def test_folder_without_model_index(tiny_sd):
         resolve_reference(str(tiny_sd / "unet"), offline=True)
 
 
-def test_pickle_weights_are_refused(tmp_path, tiny_ddpm):
+def test_pickle_era_files_resolve_and_plain_pickles_are_refused(tmp_path, tiny_ddpm):
     ckpt = tmp_path / "model.ckpt"
     ckpt.write_bytes(b"not really a pickle")
-    with pytest.raises(ModelError, match="pickle"):
-        resolve_reference(str(ckpt), offline=True)
+    assert resolve_reference(str(ckpt), offline=True).kind == "file"  # read later, restricted
+    with pytest.raises(ModelError, match="Refused to load model.ckpt: it is not a weights-only PyTorch file"):
+        load_pipeline(str(ckpt), "cpu", offline=True)
+    (tmp_path / "model.pkl").write_bytes(b"x")
+    with pytest.raises(ModelError, match="plain Python pickle"):
+        resolve_reference(str(tmp_path / "model.pkl"), offline=True)
     pickled = tmp_path / "pickled"
     shutil.copytree(tiny_ddpm, pickled)
     weights = pickled / "unet" / "diffusion_pytorch_model.safetensors"
     weights.rename(weights.with_suffix(".bin"))
-    with pytest.raises(ModelError, match="only pickle weights"):
-        resolve_reference(str(pickled), offline=True)
+    assert resolve_reference(str(pickled), offline=True).kind == "folder"
 
 
 def test_unknown_single_file_is_explained(tmp_path):
@@ -139,8 +142,7 @@ def test_hub_errors_online_say_how_to_log_in(monkeypatch, workspace):
         resolve_reference("org/single-file", workspace, offline=False)
     monkeypatch.setattr(huggingface_hub, "model_info",
                         lambda *a, **k: Info(["model_index.json", "unet/diffusion_pytorch_model.bin"]))
-    with pytest.raises(ModelError, match="only pickle weights"):
-        resolve_reference("org/pickles", workspace, offline=False)
+    assert resolve_reference("org/pickles", workspace, offline=False).kind == "hub"  # loaded restricted
     monkeypatch.setattr(huggingface_hub, "model_info", lambda *a, **k: Info(["model_index.json",
                                                                              "unet/x.safetensors"]))
     ref = resolve_reference("org/fine@v1.0:fp16", workspace, offline=False)
