@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 #: Seconds a Hub lookup (repo info) may take before the studio says the Hub is unreachable.
-LOOKUP_TIMEOUT_S = 10.0
+#: huggingface_hub's own default for these calls is no timeout at all (a stalled Hub hangs).
+LOOKUP_TIMEOUT_S = 5.0
 #: Weight formats a safetensors-only download leaves out when a .safetensors file is there.
 _OTHER_WEIGHTS = (".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx", ".pb", ".gguf")
 #: Weight-file variants diffusers knows by name ("unet/diffusion_pytorch_model.fp16.safetensors").
@@ -74,6 +75,17 @@ def human_seconds(s: float) -> str:
     if s < 3600:
         return f"{s // 60} min {s % 60:02d} s"
     return f"{s // 3600} h {(s % 3600) // 60:02d} min"
+
+
+def unreachable_reason(exc: BaseException, timeout: float = LOOKUP_TIMEOUT_S) -> str:
+    """Why a Hub call failed in transport, in a few words: "no answer within 5 s", "connection refused"..."""
+    name = type(exc).__name__
+    text = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+    if "timeout" in name.lower() or "timed out" in text.lower():
+        return f"no answer within {timeout:g} s"
+    if "refused" in text.lower():
+        return "connection refused"
+    return f"{name}: {text}" if text else name
 
 
 def repo_file_sizes(repo_id: str, revision: str | None = None, timeout: float = LOOKUP_TIMEOUT_S) -> dict[str, int]:

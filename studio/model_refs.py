@@ -262,6 +262,20 @@ def available_summary(workspace: str | Path | None) -> str:
     return "Available offline — " + "; ".join(parts) + "."
 
 
+def _unreachable_hint(ref: ModelRef, workspace: str | Path | None) -> str:
+    """What to do when the Hub cannot be reached: the cached copy if there is one, else what is available."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = isinstance(try_to_load_from_cache(ref.location, "model_index.json", revision=ref.revision), str)
+    except Exception:  # an unreadable cache: nothing cached
+        cached = False
+    if cached:
+        return (f"{ref.location} is in the local cache: start the studio with --offline (or HF_HUB_OFFLINE=1) "
+                "to load that copy, or check the network (HF_ENDPOINT) and try again.")
+    return "Check the network (or HF_ENDPOINT) and try again. " + available_summary(workspace)
+
+
 def _check_hub(ref: ModelRef, workspace: str | Path | None, offline: bool) -> None:
     """Cheap checks before loading a Hub id: cached when offline; exists, diffusers, safetensors online."""
     if is_offline(offline):
@@ -276,8 +290,10 @@ def _check_hub(ref: ModelRef, workspace: str | Path | None, offline: bool) -> No
     from huggingface_hub import model_info
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
+    from studio.hub import LOOKUP_TIMEOUT_S, unreachable_reason
+
     try:
-        info = model_info(ref.location, revision=ref.revision)
+        info = model_info(ref.location, revision=ref.revision, timeout=LOOKUP_TIMEOUT_S)
     except GatedRepoError:
         raise ModelError(f"{ref.location} is gated: you must accept its licence on "
                          f"https://huggingface.co/{ref.location} and be logged in.", _LOGIN_HINT) from None
@@ -287,9 +303,9 @@ def _check_hub(ref: ModelRef, workspace: str | Path | None, offline: bool) -> No
     except RepositoryNotFoundError:
         raise ModelError(f"{ref.location} was not found on the Hugging Face Hub (or it is private).",
                          "Check the spelling; for a private model: " + _LOGIN_HINT) from None
-    except Exception as exc:  # network down, proxy, timeouts: say so and name the alternatives
+    except Exception as exc:  # network down, proxy, a stalled Hub: say so and name the alternatives
         raise ModelError(f"Could not reach the Hugging Face Hub to look up {ref.location} "
-                         f"({type(exc).__name__}).", available_summary(workspace)) from None
+                         f"({unreachable_reason(exc, LOOKUP_TIMEOUT_S)}).", _unreachable_hint(ref, workspace)) from None
     names = [s.rfilename for s in (info.siblings or [])]
     if names and "model_index.json" not in names:
         single = [n for n in names if n.endswith(WEIGHT_FILE_SUFFIXES) and "/" not in n]
