@@ -24,9 +24,9 @@ def start_job(ctx: StudioContext, task: str, run: RunDir, target: Callable, resu
     """Start ``target(events, stop)`` as the job of ``run``.
 
     A resumed run's job starts from the run's whole history (every loss point and grid
-    in its folder). A new run whose start is refused, or fails before its first training
-    step (bad data, a missing base model...), leaves no run folder behind: nothing is
-    then offered to resume or to open in Generate.
+    in its folder). A new run whose start is refused, fails or is stopped before its
+    first training step (bad data, a missing base model, Stop while the data loads...)
+    leaves no run folder behind: nothing is then offered to resume or to open in Generate.
 
     Waits for the engine first (the trainers import torch and diffusers).
 
@@ -38,11 +38,14 @@ def start_job(ctx: StudioContext, task: str, run: RunDir, target: Callable, resu
 
     def guarded(events, stop):
         try:
-            return target(events, stop)
+            result = target(events, stop)
         except BaseException:
             if not resuming and discard_if_never_trained(run):
                 log.info("removed %s: its start failed before training", run.root)
             raise
+        if stop.is_set() and not resuming and discard_if_never_trained(run):
+            log.info("removed %s: stopped before training", run.root)
+        return result
 
     history = history_snapshot(run.root) if resuming else None
     try:

@@ -207,7 +207,9 @@ def test_second_job_on_the_same_device_is_refused(workspace):
         job.stop()
         assert job.wait(60)
     snap = job.snapshot()
-    assert snap.status == "stopped" and snap.result_path.endswith(f"step-{snap.step:08d}")
+    # Stop lands wherever the first job is: in a phase before training (nothing trained) or in the loop
+    assert snap.status == "stopped", (snap.status, snap.phase)
+    assert snap.result_path.endswith(f"step-{snap.step:08d}") or "Nothing was trained" in snap.phase, snap.phase
 
 
 def test_min_snr_loss_matches_diffusers_formula():

@@ -7,6 +7,7 @@ checkpoint holds so a resumed run draws the same batches).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,17 +17,19 @@ import torch
 from studio.config.train import TrainConfig
 
 
-def load_images(cfg: TrainConfig, progress: Callable[[float, str], None] | None = None) -> torch.Tensor:
+def load_images(cfg: TrainConfig, progress: Callable[[float, str], None] | None = None,
+                stop: threading.Event | None = None) -> torch.Tensor:
     """The dataset as a uint8 tensor ``[N, 3, R, R]`` from the decode-once tensor cache.
 
     Args:
         cfg: The run's settings (dataset, resolution, crop, workspace holding ``.cache``).
         progress: Optional ``progress(fraction, message)`` while images are decoded.
+        stop: The job's stop flag (``Stopped`` within one image; no cache is written).
     """
     from studio.data import load_tensor_cache
 
     cache = load_tensor_cache(cfg.data, cfg.resolution, Path(cfg.workspace).expanduser() / ".cache",
-                              center_crop=cfg.center_crop, progress=progress)
+                              center_crop=cfg.center_crop, progress=progress, stop=stop)
     return cache.pixels
 
 

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from studio.checkpoints import resolve_resume, save_checkpoint
 from studio.config.train import BF16_CPU_WARNING, TrainConfig, check_precision_for_device
 from studio.devices import MODEL_INIT_LOCK
-from studio.errors import CheckpointError, ConfigError, JobError, describe_exception
+from studio.errors import CheckpointError, ConfigError, JobError, Stopped, describe_exception
 from studio.events import EventSink, ignore_events
 from studio.runs import RunDir, resumable_runs
 from studio.trainers.batches import BatchSampler, load_images
@@ -226,6 +226,10 @@ def train(cfg: TrainConfig, events: EventSink = ignore_events, stop: threading.E
     report = Reporter(events, run if is_main else None, cfg.max_train_steps)
     try:
         return _train(cfg, report, stop, run, accelerator, resume_from, warnings)
+    except Stopped as exc:  # Stop during a phase before the loop: nothing trained, no checkpoint changed
+        report("stopped", message=exc.message + (f" {resume_from.name} is unchanged: resume to go on."
+                                                 if resume_from else " Nothing was trained."))
+        return run
     except BaseException as exc:
         report("failed", message=describe_exception(exc))
         raise
@@ -260,7 +264,7 @@ def _train(cfg: TrainConfig, report: Reporter, stop: threading.Event, run: RunDi
             report("status", message=message)
 
     with accelerator.main_process_first():  # one process decodes and caches, the others read the cache
-        pixels = load_images(cfg, progress)
+        pixels = load_images(cfg, progress, stop)
     if pixels.dtype != torch.uint8 or pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, cfg.resolution, cfg.resolution):
         raise ConfigError(f"The image cache has shape {tuple(pixels.shape)} {pixels.dtype}; "
                           f"expected uint8 [N, 3, {cfg.resolution}, {cfg.resolution}].")
@@ -356,13 +360,17 @@ def _train(cfg: TrainConfig, report: Reporter, stop: threading.Event, run: RunDi
                 ema.store(unet.parameters())
                 ema.copy_to(unet.parameters())
             try:
-                images = sample_images(unet, noise_scheduler, cfg, device)
+                images = sample_images(unet, noise_scheduler, cfg, device, stop)
+            except Stopped:  # the loop saves a checkpoint next; this grid is not drawn
+                images = None
+                report("status", step, message=f"Stop pressed: the sample grid of step {step} is not drawn")
             finally:
                 if ema is not None:
                     ema.restore(unet.parameters())
-            path = save_samples(run, step, images, report.writer)
-            report("samples", step, path=str(path), message=f"samples at step {step}")
-            quality(images, step, report)
+            if images is not None:
+                path = save_samples(run, step, images, report.writer)
+                report("samples", step, path=str(path), message=f"samples at step {step}")
+                quality(images, step, report)
         accelerator.wait_for_everyone()
 
     def finish(kind: str, step: int, checkpoint: Path | None) -> RunDir:

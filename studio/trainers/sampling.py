@@ -18,14 +18,26 @@ import torch
 
 from studio.config.finetune import FinetuneConfig
 from studio.config.train import TrainConfig
+from studio.stopping import raise_if_stopped
+
+
+def _stop_callback(stop: threading.Event | None, what: str) -> Callable[..., dict]:
+    """A diffusers ``callback_on_step_end`` that raises ``Stopped`` at the denoising step after Stop."""
+    def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
+        raise_if_stopped(stop, what)
+        return tensors
+
+    return on_step_end
 
 
 @torch.no_grad()
-def sample_images(unet: torch.nn.Module, noise_scheduler: Any, cfg: TrainConfig, device: torch.device) -> np.ndarray:
+def sample_images(unet: torch.nn.Module, noise_scheduler: Any, cfg: TrainConfig, device: torch.device,
+                  stop: threading.Event | None = None) -> np.ndarray:
     """The fixed-seed sample grid's images (uint8 [N, R, R, 3]) with DDIM in ``sample_inference_steps``.
 
     The initial noise comes from a generator seeded with ``cfg.seed`` every time, so
-    grids at different steps show the same "scene" getting better.
+    grids at different steps show the same "scene" getting better. ``stop`` is looked at
+    before every denoising step (``Stopped``; the grid is abandoned).
     """
     from diffusers import DDIMScheduler
 
@@ -37,6 +49,7 @@ def sample_images(unet: torch.nn.Module, noise_scheduler: Any, cfg: TrainConfig,
     unet.eval()
     try:
         for t in scheduler.timesteps:
+            raise_if_stopped(stop, "drawing the sample grid")
             out = unet(x, t.to(device)).sample
             x = scheduler.step(out.float(), t, x).prev_sample
     finally:
@@ -53,8 +66,11 @@ def make_class_images(pipe: Any, cfg: FinetuneConfig, folder: Path, device: torc
     """Generate (or reuse) ``num_class_images`` images of ``class_prompt`` in ``folder``.
 
     Returns:
-        The class images as a uint8 ``[N, 3, R, R]`` tensor, or None when stopped while
-        generating (the images made so far are kept for a rerun).
+        The class images as a uint8 ``[N, 3, R, R]`` tensor.
+
+    Raises:
+        Stopped: ``stop`` was set (looked at every denoising step); the images made so
+            far are kept, and the next start makes only the rest.
     """
     import numpy as np
     from PIL import Image
@@ -66,18 +82,18 @@ def make_class_images(pipe: Any, cfg: FinetuneConfig, folder: Path, device: torc
         report("status", message=f"generating {len(todo)} class images of '{cfg.class_prompt}'")
         pipe.unet.to(device)
         pipe.set_progress_bar_config(disable=True)
-        for i in todo:
-            if stop.is_set():
-                break
+        for made, i in enumerate(todo):
+            what = (f"generating class images ({made} of {len(todo)} made; they are kept and the next start "
+                    "makes only the rest)")
+            raise_if_stopped(stop, what)
             gen = torch.Generator(device=device).manual_seed(cfg.seed + 10_000 + i)
             with autocast():  # fp16 text encoder/VAE with an fp32 UNet on a GPU
                 image = pipe(cfg.class_prompt, height=cfg.resolution, width=cfg.resolution,
-                             num_inference_steps=cfg.num_inference_steps, generator=gen).images[0]
+                             num_inference_steps=cfg.num_inference_steps, generator=gen,
+                             callback_on_step_end=_stop_callback(stop, what)).images[0]
             from studio.atomic import save_image
 
             save_image(image, paths[i])  # atomic: a kill mid-write leaves no truncated class image
-    if stop.is_set():
-        return None
     arrays = [np.asarray(Image.open(p).convert("RGB"), dtype=np.uint8) for p in paths if p.is_file()]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
@@ -85,13 +101,20 @@ def make_class_images(pipe: Any, cfg: FinetuneConfig, folder: Path, device: torc
 # --------------------------------------------------------------------------- validation images
 @torch.no_grad()
 def validation_images(pipe: Any, prompts: list[str], cfg: FinetuneConfig, device: torch.device,
-                      autocast: Callable[[], AbstractContextManager]) -> list[Any]:
-    """One image per prompt, each with the fixed seed ``cfg.seed`` (PIL images)."""
+                      autocast: Callable[[], AbstractContextManager],
+                      stop: threading.Event | None = None) -> list[Any]:
+    """One image per prompt, each with the fixed seed ``cfg.seed`` (PIL images).
+
+    Raises:
+        Stopped: ``stop`` was set (looked at every denoising step).
+    """
     pipe.set_progress_bar_config(disable=True)
     images = []
     for prompt in prompts:
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
         with autocast():
             images.append(pipe(prompt, height=cfg.resolution, width=cfg.resolution,
-                               num_inference_steps=cfg.num_inference_steps, generator=gen).images[0])
+                               num_inference_steps=cfg.num_inference_steps, generator=gen,
+                               callback_on_step_end=_stop_callback(stop, "drawing the validation images")
+                               ).images[0])
     return images

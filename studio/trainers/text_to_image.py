@@ -39,7 +39,8 @@ import torch.nn.functional as F
 
 from studio.checkpoints import resolve_resume, save_checkpoint
 from studio.config.finetune import FinetuneConfig
-from studio.errors import CheckpointError, ConfigError, DataError, ModelError, StudioError, describe_exception
+from studio.errors import CheckpointError, ConfigError, DataError, ModelError, Stopped, StudioError, describe_exception
+from studio.stopping import call_stoppable, raise_if_stopped
 from studio.events import Event, EventSink
 from studio.runs import RunDir, list_runs
 from studio.trainers.export import export_lora, push_to_hub, write_model_card
@@ -239,8 +240,13 @@ def train(cfg: FinetuneConfig, events: EventSink, stop: threading.Event, run: Ru
 def _train_in(cfg: FinetuneConfig, events: EventSink, stop: threading.Event, run: RunDir, main: bool) -> RunDir:
     """``train`` once its run folder is open and locked."""
     report = _Reporter(events, run, cfg.max_train_steps, main=main)
+    trainer = _Trainer(cfg, report, stop, run)
     try:
-        _Trainer(cfg, report, stop, run).fit()
+        trainer.fit()
+    except Stopped as exc:  # Stop during a phase before the loop: nothing trained, no checkpoint changed
+        resumed = getattr(trainer, "checkpoint", None)
+        report("stopped", message=exc.message + (f" {resumed.name} is unchanged: resume to go on." if resumed
+                                                 else " Nothing was trained."))
     except BaseException as exc:
         error = out_of_memory_error(cfg, exc) if _is_oom(exc) else exc
         report("failed", message=describe_exception(error))
@@ -298,7 +304,8 @@ class _Trainer:
         finetune_plan(cfg, str(self.device) if self.device.type != "cpu" else "cpu",
                       unet_config=local_unet_config(cfg.pretrained_model_name_or_path)).check()
         report("status", message=f"loading base model {cfg.pretrained_model_name_or_path}")
-        pipe = load_base_pipeline(cfg.pretrained_model_name_or_path, cfg.workspace)
+        pipe = call_stoppable(lambda: load_base_pipeline(cfg.pretrained_model_name_or_path, cfg.workspace),
+                              self.stop, f"loading the base model {cfg.pretrained_model_name_or_path}")
         from diffusers import DDPMScheduler
 
         self.pipe = pipe
@@ -336,9 +343,7 @@ class _Trainer:
         if cfg.with_prior_preservation:
             self.class_pixels = make_class_images(self.pipe, cfg, self.run.root / "class_images", self.device,
                                                   self.accelerator.autocast, self.stop, report)
-        if self.stop.is_set():
-            report("stopped", message="stopped before training started")
-            return
+        raise_if_stopped(self.stop, "preparing the run")
 
         # 5. what trains: LoRA adapters or the whole UNet
         self.text_encoder_trains = cfg.train_text_encoder
@@ -391,10 +396,11 @@ class _Trainer:
         cache_root = Path(cfg.workspace) / ".cache"
         self.images = None
         if cfg.center_crop:
-            cache = studio_data.load_tensor_cache(cfg.data, cfg.resolution, cache_root, center_crop=True)
+            cache = studio_data.load_tensor_cache(cfg.data, cfg.resolution, cache_root, center_crop=True,
+                                                  stop=self.stop)
             self.pixels, captions, self.data_key = cache.pixels, cache.captions, cache.key
         else:
-            dataset = studio_data.load_image_dataset(cfg.data, scratch=cache_root)
+            dataset = studio_data.load_image_dataset(cfg.data, scratch=cache_root, stop=self.stop)
             self.images = [dataset.image(i) for i in range(len(dataset))]
             self.pixels, captions, self.data_key = None, dataset.captions, dataset.fingerprint
         count = len(self.images) if self.images is not None else int(self.pixels.shape[0])
@@ -424,7 +430,8 @@ class _Trainer:
             self.latents = build_latent_cache(
                 self.vae, self.pixels, data_key=self.data_key, resolution=cfg.resolution,
                 random_flip=cfg.random_flip, cache_root=cache_root, device=self.device, dtype=self.vae_dtype,
-                progress=lambda done, total: report("status", message=f"caching latents {done}/{total}"))
+                progress=lambda done, total: report("status", message=f"caching latents {done}/{total}"),
+                stop=self.stop)
             if self.latents.hit:
                 report("status", message="latents loaded from cache (no VAE encode)")
         if self.class_pixels is not None:
@@ -432,10 +439,10 @@ class _Trainer:
             self.class_latents = build_latent_cache(
                 self.vae, self.class_pixels, data_key=f"class-{self.run.name}-{len(self.class_pixels)}",
                 resolution=cfg.resolution, random_flip=cfg.random_flip, cache_root=self.run.root / "class_images",
-                device=self.device, dtype=self.vae_dtype)
+                device=self.device, dtype=self.vae_dtype, stop=self.stop)
         if self.cache_text:
             self.text = build_text_cache(self.tokenizers, self.text_encoders, self.prompts + extra,
-                                         cache_root=cache_root, device=self.device)
+                                         cache_root=cache_root, device=self.device, stop=self.stop)
             self.prompt_ids = self.text.index_of(self.prompts)
             self.class_prompt_id = self.text.index_of(extra)[0] if extra else None
         else:
@@ -592,6 +599,7 @@ class _Trainer:
         writer = self.tensorboard()
         if self.start_step == 0:
             self.validate(0)
+            raise_if_stopped(self.stop, "drawing the validation images of the base model")
         step, smoothed = self.start_step, None
         accum = cfg.gradient_accumulation_steps
         images_per_step = cfg.train_batch_size * accum * acc.num_processes
@@ -693,7 +701,10 @@ class _Trainer:
         text_encoder.eval()
         try:
             pipe = self.inference_pipeline(unet, text_encoder)
-            images = validation_images(pipe, self.prompts_for_validation, cfg, self.device, acc.autocast)
+            images = validation_images(pipe, self.prompts_for_validation, cfg, self.device, acc.autocast, self.stop)
+        except Stopped:  # the loop saves a checkpoint next (or, before step 1, ends "stopped"); no grid
+            self.report("status", step=step, message=f"Stop pressed: no validation images at step {step}")
+            return None
         finally:
             unet.train()
             if self.text_encoder_trains:
