@@ -355,14 +355,20 @@ def family_of(reference: str) -> str:
     return "sd1"
 
 
-def local_unet_config(reference: str) -> dict | None:
-    """The UNet config of a local diffusers folder (``<folder>/unet/config.json``), else None."""
+def local_unet_config(reference: str, workspace: str | None = None) -> dict | None:
+    """The UNet config of a model on this machine (``<folder>/unet/config.json``), else None.
+
+    The folder is what ``studio.base_models.local_pipeline_folder`` finds: a bundled model,
+    a diffusers folder, a run (of ``workspace``) or a cached Hub id.
+    """
     import json
-    from pathlib import Path
+
+    from studio.base_models import local_pipeline_folder
 
     try:
-        path = Path(str(reference)).expanduser() / "unet" / "config.json"
-        if path.is_file():
+        folder = local_pipeline_folder(str(reference), workspace)
+        path = folder / "unet" / "config.json" if folder is not None else None
+        if path is not None and path.is_file():
             data = json.loads(path.read_text(encoding="utf-8"))
             return data if isinstance(data, dict) else None
     except (OSError, ValueError):

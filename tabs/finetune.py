@@ -25,6 +25,7 @@ from typing import Any
 
 import gradio as gr
 
+from studio.base_models import default_base_model, finetune_base_choices, native_resolution
 from studio.config.finetune import (
     LR_SCHEDULERS,
     METHOD_HELP,
@@ -37,6 +38,7 @@ from studio.config.finetune import (
 from studio.context import StudioContext
 from studio.errors import CheckpointError, ConfigError, StudioError, describe_exception
 from studio.jobs import Snapshot
+from studio.model_refs import resolve_reference
 from studio.runs import RunDir
 from tabs import GPU
 from tabs.engine_gate import engine_button
@@ -49,8 +51,7 @@ TASK = "finetune"
 
 #: Widgets of the tab, in layout order: (config field, kind, extra widget arguments).
 FIELDS: tuple[tuple[str, str, dict[str, Any]], ...] = (
-    ("pretrained_model_name_or_path", "text", {"label": "Base model", "placeholder":
-                                              "stable-diffusion-v1-5/stable-diffusion-v1-5, a folder, a .safetensors or a run"}),
+    ("pretrained_model_name_or_path", "model", {"label": "Base model"}),
     ("method", "choice", {"label": "Method", "choices": list(METHODS)}),
     ("instance_prompt", "text", {"label": "Instance prompt / trigger words"}),
     ("validation_prompts", "lines", {"label": "Validation prompts (one per line)", "lines": 2,
@@ -124,11 +125,23 @@ EIGHT_BIT_NOTE = "8-bit Adam needs bitsandbytes (CUDA); it is not installed here
 
 # --------------------------------------------------------------------------- plain functions
 def default_values() -> dict[str, Any]:
-    """The widget value of every field, from ``FinetuneConfig``'s defaults."""
+    """The widget value of every field, from ``FinetuneConfig``'s defaults.
+
+    The base model is the bundled text-to-image model (``studio.base_models.default_base_model``)
+    and the resolution its native size, so Start works offline from the first click.
+    """
     defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
                 for f in dataclasses.fields(FinetuneConfig)}
     values = {name: _to_widget(kind, defaults[name]) for name, kind, _ in FIELDS}
+    base = default_base_model()
+    if base:
+        values.update(pretrained_model_name_or_path=base, resolution=native_resolution(base) or values["resolution"])
     return values
+
+
+def resolution_for(reference: str, workspace: str | Path | None = None) -> int | None:
+    """The training resolution to show for a newly picked base model: its native size, when it can be read."""
+    return native_resolution(reference, workspace)
 
 
 def _to_widget(kind: str, value: Any) -> Any:
@@ -173,7 +186,7 @@ def build_config(values: dict[str, Any], ctx: StudioContext | None = None, **ove
                 value = number
         elif kind == "bool":
             value = bool(value)
-        elif kind == "text":
+        elif kind in ("text", "model"):
             value = str(value or "").strip()
         data[name] = value
     if ctx is not None:
@@ -196,14 +209,16 @@ def start_finetune(ctx: StudioContext, values: dict[str, Any]) -> tuple[str, str
         StudioError: bad settings, a taken run name, or another job on the device.
     """
     cfg = build_config(values, ctx)
-    _plan(cfg).check()  # refuse what cannot fit before making a run folder or loading the model
+    # refuse an unknown or (offline) uncached base model and what cannot fit before making a run folder
+    resolve_reference(cfg.pretrained_model_name_or_path, cfg.workspace, ctx.settings.offline)
+    _plan(cfg).check()
     return _start(ctx, cfg, RunDir.create(cfg.workspace, TASK, cfg.run_name))
 
 
 def _plan(cfg: FinetuneConfig):
     from studio.budget import finetune_plan, local_unet_config
 
-    return finetune_plan(cfg, unet_config=local_unet_config(cfg.pretrained_model_name_or_path))
+    return finetune_plan(cfg, unet_config=local_unet_config(cfg.pretrained_model_name_or_path, cfg.workspace))
 
 
 def memory_plan(ctx: StudioContext, values: dict[str, Any]) -> str:
@@ -317,6 +332,8 @@ def _widget(name: str, kind: str, extra: dict[str, Any], value: Any) -> gr.compo
         return gr.Textbox(**kwargs)
     if kind == "choice":
         return gr.Dropdown(**kwargs)
+    if kind == "model":  # the list offers what is here; any other reference can be typed
+        return gr.Dropdown(**dict(kwargs, value=value or None), allow_custom_value=True, filterable=True)
     if kind == "bool":
         if name == "use_8bit_adam" and not bitsandbytes_available():
             kwargs.update(interactive=False, info=EIGHT_BIT_NOTE, value=False)
@@ -347,6 +364,8 @@ def build_finetune_tab(ctx: StudioContext) -> dict[str, Any]:
                 with container:
                     for name in names:
                         kind, extra = next((k, e) for n, k, e in FIELDS if n == name)
+                        if kind == "model":
+                            extra = dict(extra, choices=finetune_base_choices(ctx.workspace))
                         widgets[name] = _widget(name, kind, extra, defaults[name])
             with gr.Accordion("Headless (CLI)", open=False):
                 cli_box = gr.Textbox(label="Command", value=cli_command(), interactive=False, elem_id="ft-cli")
@@ -411,9 +430,17 @@ def build_finetune_tab(ctx: StudioContext) -> dict[str, Any]:
                              api_name="finetune_method_help", queue=False)
     show_json.click(lambda *values: config_json(dict(zip(INPUT_NAMES, values)), ctx), inputs=inputs,
                     outputs=json_box, api_name="finetune_config_json", queue=False)
+    base_box, resolution_box = widgets["pretrained_model_name_or_path"], widgets["resolution"]
+    base_box.change(lambda ref, res: resolution_for(ref, ctx.workspace) or res, inputs=[base_box, resolution_box],
+                    outputs=resolution_box, api_name="finetune_base_resolution", queue=False, show_progress="hidden")
+
+    def base_choices() -> Any:
+        return gr.update(choices=finetune_base_choices(ctx.workspace))
+
     tab = gr.context.Context.block
-    if isinstance(tab, gr.Tab):  # the dataset line follows the Dataset tab without a reload
+    if isinstance(tab, gr.Tab):  # the dataset line and the base-model list follow other tabs without a reload
         tab.select(lambda: _dataset_line(ctx), outputs=dataset_line, api_name="finetune_dataset", queue=False)
+        tab.select(base_choices, outputs=base_box, api_name="finetune_base_models", queue=False)
     plan_triggers = [widgets[n].change for n in ("pretrained_model_name_or_path", "method", "resolution",
                                                  "train_batch_size", "mixed_precision", "gradient_checkpointing",
                                                  "use_8bit_adam", "train_text_encoder", "cache_latents", "use_ema",
@@ -441,4 +468,5 @@ def _failure(exc: BaseException) -> str:
 
 
 __all__ = ["FIELDS", "INPUT_NAMES", "FinetuneView", "build_config", "build_finetune_tab", "cli_command",
-           "config_json", "default_values", "memory_plan", "render", "resume_latest", "start_finetune", "stop_finetune"]
+           "config_json", "default_values", "memory_plan", "render", "resolution_for", "resume_latest",
+           "start_finetune", "stop_finetune"]

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator
 
 import gradio as gr
 
-from studio.bundled import PREFIX as BUNDLED_PREFIX
+from studio.base_models import default_generate_model
 from studio.config.generate import MAX_BATCH_COUNT, MAX_BATCH_SIZE, GenerateConfig
 from studio.context import StudioContext
 from studio.errors import ConfigError, StudioError, describe_exception
@@ -281,10 +281,8 @@ def build_generate_tab(ctx: StudioContext) -> dict:
     stops = SessionStops()
     with gr.Row():
         with gr.Column(scale=3):
-            choices = model_choices(workspace)
-            first_bundled = next((v for _, v in choices if v.startswith(BUNDLED_PREFIX)), None)
-            model = gr.Dropdown(choices, value=first_bundled, allow_custom_value=True, label="Model",
-                                info=help_("model"), elem_id="gen-model", filterable=True)
+            model = gr.Dropdown(model_choices(workspace), value=default_generate_model(), allow_custom_value=True,
+                                label="Model", info=help_("model"), elem_id="gen-model", filterable=True)
         with gr.Column(scale=1, min_width=200):
             with gr.Row():
                 load_button = engine_button("Load", variant="primary", elem_id="gen-load")

@@ -241,3 +241,46 @@ def make_tiny_lora(pipeline_path: str | Path, out_dir: str | Path, seed: int = 0
     out_dir.mkdir(parents=True, exist_ok=True)
     StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=layers, safe_serialization=True)
     return out_dir / "pytorch_lora_weights.safetensors"
+
+
+# --------------------------------------------------------------------------- a bundled text-to-image model
+@pytest.fixture(scope="session")
+def tiny_sd_stand_in(tmp_path_factory) -> Path:
+    """A tiny SD pipeline folder named like a bundled model (``.../models/emoji-sd``), built once."""
+    return make_tiny_sd(tmp_path_factory.mktemp("models") / "emoji-sd")
+
+
+@pytest.fixture
+def bundled_sd(monkeypatch, tiny_sd_stand_in) -> str:
+    """``bundled:emoji-sd``: the real bundled emoji SD when it ships, else a tiny SD registered in its place.
+
+    The stand-in goes into ``studio.bundled.BUNDLED_MODELS`` for this test only, so every
+    code path (Generate's list, Fine-tune's default, ``resolve_reference``) treats it as
+    the bundled model it stands for.
+    """
+    from dataclasses import dataclass
+
+    from studio import bundled
+
+    if real_bundled_sd():
+        return "bundled:emoji-sd"
+
+    @dataclass(frozen=True)
+    class StandIn(bundled.BundledModel):
+        folder: str = ""
+
+        @property
+        def path(self) -> Path:
+            return Path(self.folder)
+
+    stand_in = StandIn("emoji-sd", "sd", "tiny stand-in for the bundled emoji SD", folder=str(tiny_sd_stand_in))
+    monkeypatch.setitem(bundled.BUNDLED_MODELS, "emoji-sd", stand_in)
+    return stand_in.reference
+
+
+def real_bundled_sd() -> bool:
+    """True when the bundled emoji SD itself (not the tiny stand-in) is in assets/models."""
+    from studio import bundled
+
+    real = bundled.find_bundled("emoji-sd")
+    return real is not None and real.path == bundled.MODELS_DIR / "emoji-sd" and (real.path / "unet").is_dir()
