@@ -122,9 +122,16 @@ def local_pipeline_folder(reference: str, workspace: str | Path | None = None) -
     A bundled model, a pipeline folder, a run (its ``model/``), a run name of ``workspace``,
     or a Hub id that is cached. None for anything else (a file, an uncached id, a LoRA run).
     """
-    text = (reference or "").strip()
+    text = reference.strip() if isinstance(reference, str) else ""
     if not text:
         return None
+    try:
+        return _find_folder(text, workspace)
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte...: not a folder here
+        return None
+
+
+def _find_folder(text: str, workspace: str | Path | None) -> Path | None:
     bundled = find_bundled(text)
     if bundled is not None and (text.startswith(BUNDLED_PREFIX) or not Path(text).exists()):
         return bundled.path
@@ -148,7 +155,7 @@ def native_resolution(reference: str, workspace: str | Path | None = None) -> in
     """
     folder = local_pipeline_folder(reference, workspace)
     if folder is None:
-        return CURATED_RESOLUTIONS.get((reference or "").strip())
+        return CURATED_RESOLUTIONS.get(reference.strip()) if isinstance(reference, str) else None
     unet = _read_json(folder / "unet" / "config.json") or {}
     vae = _read_json(folder / "vae" / "config.json") or {}
     size = unet.get("sample_size")

@@ -35,7 +35,11 @@ def test_finetune_a_lora_and_see_a_validation_image(page, tiny_sd, launched_app)
     # the Dataset tab's hand-off: four bundled emoji
     app.studio_context.dataset.set(DatasetChoice(DataConfig(max_rows=4), "4 emoji (bundled)", 4, True))
     page.get_by_role("tab", name="Fine-tune").click()
-    page.locator("#ft-pretrained-model-name-or-path textarea").fill(str(tiny_sd))
+    base = page.locator("#ft-pretrained-model-name-or-path input")
+    base.fill(str(tiny_sd))  # a folder typed into the list (free text is allowed)
+    base.press("Enter")
+    page.wait_for_function(  # the base model's native size (16 px) replaces the 512 default
+        "() => document.querySelector('#ft-resolution input[type=number]').value === '16'", timeout=30_000)
     page.locator("#ft-validation-prompts textarea").fill("a smiling face")
     set_number(page, "ft-max-train-steps", 3)
     set_number(page, "ft-resolution", 16)

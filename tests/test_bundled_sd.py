@@ -93,3 +93,83 @@ def test_a_start_that_cannot_load_its_base_leaves_no_run_folder(ctx, bundled_sd,
     snap = finish(ctx)
     assert snap.status == "failed" and "not a Stable Diffusion" in snap.error
     assert not (workspace / "ddpm-base").exists()
+
+
+def test_dreambooth_with_a_rare_token_runs(ctx, bundled_sd, tmp_path):
+    folder = red_hearts(tmp_path / "subject", count=4)
+    for caption in folder.glob("*.txt"):
+        caption.unlink()  # DreamBooth images need no captions: the instance prompt names them
+    use_folder(ctx, folder, 4)
+    values = quick(default_values(), method="dreambooth-lora", instance_prompt="a sks heart",
+                   class_prompt="a heart", with_prior_preservation=True, num_class_images=2,
+                   validation_prompts="", run_name="sks")
+    start_finetune(ctx, values)
+    snap = finish(ctx)
+    assert snap.status == "finished", snap.error
+    first, last = (np.asarray(_image(path)) for path in (snap.samples[0][1], snap.samples[-1][1]))
+    assert np.abs(first.astype(int) - last).max() > 0  # the instance prompt's image changed with training
+    card = (Path(snap.run_dir) / "lora" / "README.md").read_text()
+    assert "a sks heart" in card and "bundled:emoji-sd" in card
+
+
+def _image(path: str):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+# ----------------------------------------------------------------------------- Generate
+@pytest.mark.parametrize("which", ["sd", "ddpm"])
+def test_generate_loads_a_bundled_model_fast_and_every_scheduler_runs(ctx, bundled_sd, which):
+    from studio.generate import generate
+
+    reference = bundled_sd if which == "sd" else "bundled:emoji-ddpm"
+    manager = ctx.pipelines
+    manager.load("bundled:emoji-ddpm" if which == "sd" else bundled_sd)  # the first load also pays for imports
+    loaded = manager.load(reference)
+    # well under a second on an idle core; the bound leaves room for a machine shared with other jobs
+    assert loaded.load_seconds < 3.0, loaded.load_seconds
+    assert loaded.kind == ("sd" if which == "sd" else "unconditional")
+    names = manager.scheduler_names()
+    assert names[0] == DEFAULT_SCHEDULER and {"Euler a", "DPM++ 2M Karras", "UniPC", "DDIM"} <= set(names)
+    pictures = set()
+    for name in names:
+        result = generate(manager, GenerateConfig(model=reference, prompt="red heart", num_inference_steps=2,
+                                                  seed=1, scheduler=name), save=False)
+        image = np.asarray(result.images[0].image)
+        assert image.shape == (*loaded.size[::-1], 3) and np.isfinite(image).all(), name
+        pictures.add(image.tobytes())
+    assert len(pictures) > len(names) // 2  # the samplers really differ
+
+
+def test_a_fine_tuned_lora_loads_in_generate_with_a_scale_and_round_trips(ctx, bundled_sd, workspace, tmp_path):
+    from studio.generate import generate
+    from studio.pnginfo import config_updates, parse_parameters, read_png_parameters
+
+    hearts = red_hearts(tmp_path / "hearts")
+    use_folder(ctx, hearts, 10)
+    steps = 40 if real_bundled_sd() else 4
+    start_finetune(ctx, quick(default_values(), max_train_steps=steps, validation_every=0, run_name="hearts"))
+    snap = finish(ctx)
+    assert snap.status == "finished", snap.error
+    cfg = GenerateConfig(model=bundled_sd, prompt="a red heart", num_inference_steps=8, seed=7, lora="hearts",
+                         scheduler="DPM++ 2M")
+    manager = ctx.pipelines
+    base = generate(manager, cfg.replace(lora_scale=0.0), save=False)
+    tuned = generate(manager, cfg.replace(lora_scale=1.0))
+    half = generate(manager, cfg.replace(lora_scale=0.5), save=False)
+    plain = generate(manager, cfg.replace(lora=""), save=False)
+    pix = [np.asarray(r.images[0].image).astype(int) for r in (base, tuned, half, plain)]
+    assert (pix[0] == pix[3]).all()  # scale 0 is the bundled model itself
+    assert np.abs(pix[1] - pix[0]).mean() > np.abs(pix[2] - pix[0]).mean() > 0  # the scale scales the change
+    if real_bundled_sd():  # a trained model: the LoRA pulls its hearts toward the person's hearts
+        target = np.stack([np.asarray(_image(str(p))).astype(int) for p in sorted(hearts.glob("*.png"))]).mean(0)
+        assert np.abs(pix[1] - target).mean() < np.abs(pix[0] - target).mean()
+    # the PNG's parameters name the bundled model and the LoRA, and remake the same picture
+    text = read_png_parameters(tuned.images[0].path)
+    assert "Model: bundled:emoji-sd" in text or "emoji-sd" in text
+    updates, notes = config_updates(parse_parameters(text))
+    assert notes == [] and updates["model"] == bundled_sd and updates["lora"] == "hearts"
+    again = generate(manager, GenerateConfig().replace(**updates), save=False)
+    assert (np.asarray(again.images[0].image).astype(int) == pix[1]).all()
