@@ -259,7 +259,7 @@ def generate(manager: Any, cfg: GenerateConfig, on_progress: ProgressFn | None =
         ConfigError: settings the model cannot take (e.g. a LoRA on an unconditional model).
     """
     from studio.models import free_memory
-    from studio.schedulers import DEFAULT_SCHEDULER, current_scheduler_name, describe_scheduler
+    from studio.schedulers import DEFAULT_SCHEDULER, a1111_sampler, current_scheduler_name, describe_scheduler
 
     stop = stop or threading.Event()
     report = on_progress or (lambda progress: None)
@@ -277,6 +277,7 @@ def generate(manager: Any, cfg: GenerateConfig, on_progress: ProgressFn | None =
         every = preview_every or max(1, cfg.num_inference_steps // 4)
         base_seed = pick_seed(cfg.seed)
         sampler = describe_scheduler(pipe, cfg.scheduler)
+        names = _metadata_names(manager, loaded, cfg, adapters, a1111_sampler(pipe, cfg.scheduler))
         if caps["size"] or unconditional:  # refuse what cannot fit before allocating the batch
             from studio.budget import pipeline_plan
 
@@ -328,8 +329,7 @@ def generate(manager: Any, cfg: GenerateConfig, on_progress: ProgressFn | None =
                 stopped = True
                 break
             for image, seed in zip(pil_images, seeds):
-                parameters = image_parameters(cfg, seed, image.size, sampler, loaded.reference, adapters,
-                                              prompt=caps["prompt"])
+                parameters = image_parameters(cfg, seed, image.size, names, prompt=caps["prompt"])
                 path = save_image(image, folder, seed, parameters) if folder is not None else None
                 images.append(GeneratedImage(image=image, seed=seed, parameters=parameters, path=path))
             report(Progress((batch + 1) * passes["n"], passes["n"] * cfg.batch_count,
@@ -364,21 +364,53 @@ def _run_text_to_image(pipe: Any, cfg: GenerateConfig, seeds: list[int], size: t
     return list(output.images), state["stopped"]
 
 
-def image_parameters(cfg: GenerateConfig, seed: int, size: tuple[int, int], sampler: str, model: str,
-                     adapters: dict[str, float], prompt: bool = True) -> str:
-    """The "parameters" text of one image (see ``studio.pnginfo``)."""
+@dataclass(frozen=True)
+class MetadataNames:
+    """How one request's model, LoRAs and sampler are named in its images' parameters."""
+
+    model: Any  # studio.model_names.PngModel
+    loras: tuple[tuple[str, str, float], ...] = ()  # (name, short hash, scale)
+    a1111: tuple[str, str] | None = None  # ("Sampler", "Schedule type")
+    studio_sampler: str | None = None
+
+
+def _metadata_names(manager: Any, loaded: Any, cfg: GenerateConfig, adapters: dict[str, float],
+                    a1111: tuple[str, str] | None) -> MetadataNames:
+    from studio.model_names import lora_short_hash, png_lora
+    from studio.models import resolve_lora
+    from studio.schedulers import DEFAULT_SCHEDULER
+
+    loras = []
+    if loaded.ref.kind == "lora-run" and adapters.get("run"):
+        name, file = png_lora(loaded.ref.lora)
+        loras.append((name, lora_short_hash(file), 1.0))
+    if cfg.lora and any(name != "run" for name in adapters):
+        name, file = png_lora(resolve_lora(cfg.lora, manager.workspace))
+        loras.append((name, lora_short_hash(file), cfg.lora_scale))
+    studio = cfg.scheduler if (cfg.scheduler == DEFAULT_SCHEDULER or a1111 is None) else None
+    return MetadataNames(loaded.png(), tuple(loras), a1111, studio)
+
+
+def image_parameters(cfg: GenerateConfig, seed: int, size: tuple[int, int], names: MetadataNames,
+                     prompt: bool = True) -> str:
+    """The "parameters" text of one image, in A1111's conventions (see ``studio.pnginfo``)."""
+    sampler, schedule = names.a1111 if names.a1111 else (None, None)
     params: dict[str, Any] = {
         "Steps": cfg.num_inference_steps,
         "Sampler": sampler,
+        "Schedule type": schedule,
         "CFG scale": cfg.guidance_scale if prompt else None,
         "Seed": seed,
         "Size": f"{size[0]}x{size[1]}",
-        "Model": model,
+        "Model hash": names.model.short_hash,
+        "Model": names.model.name,
+        "Lora hashes": ", ".join(f"{n.replace(':', '').replace(',', '')}: {h}" for n, h, _ in names.loras) or None,
+        "Studio sampler": names.studio_sampler,
     }
-    if cfg.lora and any(name != "run" for name in adapters):
-        params["Lora"] = cfg.lora
-        params["Lora scale"] = cfg.lora_scale
-    return format_parameters(cfg.prompt if prompt else "", cfg.negative_prompt if prompt else "", params)
+    text = cfg.prompt if prompt else ""
+    if prompt and names.loras:
+        text = " ".join([text, *(f"<lora:{n}:{scale:g}>" for n, _, scale in names.loras)]).strip()
+    return format_parameters(text, cfg.negative_prompt if prompt else "", params)
 
 
 def run_cli(cfg: GenerateConfig, events: Callable[[Any], None], stop: threading.Event) -> Path:

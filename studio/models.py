@@ -328,10 +328,19 @@ class LoadedModel:
     size: tuple[int, int]
     load_seconds: float
     adapters: dict[str, float] = field(default_factory=dict)
+    _png: Any = field(default=None, repr=False)
 
     @property
     def label(self) -> str:
         return self.ref.label
+
+    def png(self) -> Any:
+        """Its ``Model``/``Model hash`` in PNG parameters (``studio.model_names.PngModel``), hashed once."""
+        if self._png is None:
+            from studio.model_names import png_model
+
+            self._png = png_model(self.ref)
+        return self._png
 
 
 class PipelineManager:

@@ -1,15 +1,21 @@
-"""The "parameters" PNG text chunk: write it the way other SD tools do, and read it back.
+"""The "parameters" PNG text chunk: write it the way AUTOMATIC1111 does, and read it back.
 
 The format (AUTOMATIC1111's, also read by ComfyUI importers, Civitai and others)::
 
-    a watercolor fox
+    a watercolor fox <lora:fox-style-kohya:0.8>
     Negative prompt: blurry
-    Steps: 25, Sampler: DPM++ 2M Karras, CFG scale: 7.0, Seed: 42, Size: 512x512, Model: owner/name
+    Steps: 25, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.0, Seed: 42, Size: 512x512,
+    Model hash: 6ce0161689, Model: owner/name, Lora hashes: "fox-style-kohya: 0123456789ab"
 
-The last line holds ``key: value`` pairs separated by commas; a value containing a comma
-or a quote is written as a JSON string. ``parse_parameters`` reads this (and A1111's own
-files, including its separate "Schedule type: Karras" field) and ``config_updates`` turns
-it into ``GenerateConfig`` field values for "Reuse parameters".
+(the last line is one line). It holds ``key: value`` pairs separated by commas; a value
+containing a comma, colon or quote is written as a JSON string. Sampler names are A1111's
+(``studio.schedulers.A1111_NAMES``), with the schedule as its own field as A1111 >= 1.9
+writes it; a studio sampler A1111 lacks (or the model's own) also goes under ``Studio
+sampler``. Model and LoRA names and hashes come from ``studio.model_names``.
+
+``parse_parameters`` reads this (old combined "DPM++ 2M Karras" names too), and
+``config_updates`` turns it into ``GenerateConfig`` field values for "Reuse
+parameters", saying in notes what it could not use.
 """
 
 from __future__ import annotations
@@ -108,16 +114,34 @@ def read_png_parameters(path: str | Path) -> str:
     return str(text)
 
 
-def config_updates(parsed: dict[str, str]) -> tuple[dict[str, Any], list[str]]:
+def lora_hashes(text: str) -> dict[str, str]:
+    """A1111's ``Lora hashes`` value ("a: 0123, b: 4567") -> {name: hash}."""
+    out = {}
+    for part in (text or "").split(","):
+        name, _, value = part.partition(":")
+        if name.strip() and value.strip():
+            out[name.strip()] = value.strip()
+    return out
+
+
+def config_updates(parsed: dict[str, str], lookup: Any = None) -> tuple[dict[str, Any], list[str]]:
     """Map parsed parameters to ``GenerateConfig`` field values.
+
+    Args:
+        parsed: What ``parse_parameters`` returned.
+        lookup: A ``studio.model_names.NameLookup`` that finds models and LoRAs by the
+            names and hashes in the PNG (None: Hub ids and bundled names only).
 
     Returns:
         (updates, notes): field name -> value for what could be read, and one note per
         value that could not be used (e.g. a sampler the studio does not know).
     """
-    from studio.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
+    from studio.model_names import NameLookup, split_lora_tags
+    from studio.schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES, from_a1111
 
-    updates: dict[str, Any] = {"prompt": parsed.get("prompt", ""), "negative_prompt": parsed.get("negative_prompt", "")}
+    lookup = lookup if lookup is not None else NameLookup(None)
+    prompt, tags, others = split_lora_tags(parsed.get("prompt", ""))
+    updates: dict[str, Any] = {"prompt": prompt, "negative_prompt": parsed.get("negative_prompt", "")}
     notes: list[str] = []
 
     def number(key: str, field: str, cast: type) -> None:
@@ -136,21 +160,55 @@ def config_updates(parsed: dict[str, str]) -> tuple[dict[str, Any], list[str]]:
             updates["width"], updates["height"] = int(match[1]), int(match[2])
         else:
             notes.append(f"Size {parsed['Size']!r} is not WIDTHxHEIGHT; kept the current size.")
-    sampler = parsed.get("Sampler", "").strip()
-    schedule = parsed.get("Schedule type", "").strip()
-    if schedule and schedule.lower() not in ("automatic", "uniform") and f"{sampler} {schedule}" in SCHEDULERS:
-        sampler = f"{sampler} {schedule}"
-    if sampler in SCHEDULERS:
-        updates["scheduler"] = sampler
-    elif sampler:
-        updates["scheduler"] = DEFAULT_SCHEDULER
-        if not sampler.endswith("(default)"):
-            notes.append(f"Sampler {sampler!r} is not in the studio's list; using the model's own.")
-    if parsed.get("Model"):
-        updates["model"] = parsed["Model"]
-    if parsed.get("Lora"):
+    updates.update(_scheduler(parsed, notes, DEFAULT_SCHEDULER, SCHEDULER_NAMES, from_a1111))
+    name, short_hash = parsed.get("Model", ""), parsed.get("Model hash", "")
+    if name or short_hash:
+        reference, note = lookup.model(name, short_hash)
+        if reference:
+            updates["model"] = reference
+        if note:
+            notes.append(note)
+    hashes = lora_hashes(parsed.get("Lora hashes", ""))
+    updates["lora"] = ""
+    if tags:
+        lora_name, scale = tags[0]
+        found = lookup.lora(lora_name, hashes.get(lora_name, ""))
+        if found:
+            updates["lora"], updates["lora_scale"] = found, scale
+        else:
+            notes.append(f"LoRA {lora_name!r} is not a Fine-tune run of this workspace; the LoRA is left empty.")
+        notes.extend(f"The studio applies one LoRA at a time; {extra!r} was left out." for extra, _ in tags[1:])
+    elif parsed.get("Lora"):  # what the studio wrote before it used A1111's <lora:...> tags
         updates["lora"] = parsed["Lora"]
         number("Lora scale", "lora_scale", float)
-    else:
-        updates["lora"] = ""
+    notes.extend(f"{tag} is not something the studio applies; it was taken out of the prompt." for tag in others)
     return updates, notes
+
+
+def _scheduler(parsed: dict[str, str], notes: list[str], default: str, names: tuple[str, ...],
+               from_a1111: Any) -> dict[str, str]:
+    studio = parsed.get("Studio sampler", "").strip()
+    if studio in names:
+        return {"scheduler": studio}
+    sampler, schedule = parsed.get("Sampler", "").strip(), parsed.get("Schedule type", "").strip()
+    if not sampler:
+        return {}
+    entry = from_a1111(sampler, schedule)
+    if entry is None and schedule:
+        entry = from_a1111(sampler, "Uniform")
+        if entry is not None:
+            notes.append(f"Schedule type {schedule!r} is not in the studio; using {entry} with its usual spacing.")
+    if entry is not None:
+        return {"scheduler": entry}
+    if not sampler.endswith("(default)"):
+        notes.append(f"Sampler {sampler!r} is not in the studio's list; using the model's own.")
+    return {"scheduler": default}
+
+
+def parameter_rows(parsed: dict[str, str]) -> list[list[str]]:
+    """Every field read from a PNG as [field, value] rows, prompt first (what "Reuse" shows)."""
+    rows = [["Prompt", parsed.get("prompt", "")]]
+    if parsed.get("negative_prompt"):
+        rows.append(["Negative prompt", parsed["negative_prompt"]])
+    rows += [[key, value] for key, value in parsed.items() if key not in ("prompt", "negative_prompt")]
+    return rows

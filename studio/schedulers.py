@@ -192,3 +192,73 @@ def describe_scheduler(pipe: Any, name: str) -> str:
     if name == DEFAULT_SCHEDULER:
         return f"{_default_class(pipe).__name__.replace('Scheduler', '')} (default)"
     return name
+
+
+# --------------------------------------------------------------------------- A1111 names in image metadata
+
+#: AUTOMATIC1111 (>= 1.9) "Sampler" and "Schedule type" of each entry A1111 has; entries missing here
+#: (DEIS, DDPM, flow matching) have no A1111 name and are written under "Studio sampler" only.
+#: "Uniform" is A1111's plain sigma spacing; it is written where A1111's "Automatic" would mean Karras
+#: or exponential for that sampler (DPM++ 2M, DPM++ SDE, DPM2, DPM++ 2M SDE since 1.9).
+A1111_NAMES: dict[str, tuple[str, str]] = {
+    "Euler": ("Euler", "Automatic"),
+    "Euler a": ("Euler a", "Automatic"),
+    "Heun": ("Heun", "Automatic"),
+    "LMS": ("LMS", "Automatic"),
+    "LMS Karras": ("LMS", "Karras"),
+    "DPM2": ("DPM2", "Uniform"),
+    "DPM2 Karras": ("DPM2", "Karras"),
+    "DPM2 a": ("DPM2 a", "Uniform"),
+    "DPM2 a Karras": ("DPM2 a", "Karras"),
+    "DPM++ 2M": ("DPM++ 2M", "Uniform"),
+    "DPM++ 2M Karras": ("DPM++ 2M", "Karras"),
+    "DPM++ 2M SDE": ("DPM++ 2M SDE", "Uniform"),
+    "DPM++ 2M SDE Karras": ("DPM++ 2M SDE", "Karras"),
+    "DPM++ SDE": ("DPM++ SDE", "Uniform"),
+    "DPM++ SDE Karras": ("DPM++ SDE", "Karras"),
+    "DDIM": ("DDIM", "Automatic"),
+    "PLMS": ("PLMS", "Automatic"),
+    "UniPC": ("UniPC", "Automatic"),
+    "LCM": ("LCM", "Automatic"),
+}
+
+#: Samplers whose "Automatic" schedule is Karras in A1111 >= 1.9 (read back as the Karras entry).
+_A1111_AUTOMATIC_KARRAS = ("DPM++ 2M", "DPM++ SDE", "DPM2", "DPM2 a")
+
+
+def equivalent_entry(pipe: Any) -> str | None:
+    """The table entry the pipeline's own scheduler is (class and settings), or None."""
+    own = _default_class(pipe).__name__
+    config = getattr(pipe, _DEFAULT_CONFIG_ATTR, None) or {}
+    best, matched = None, -1
+    for name, entry in SCHEDULERS.items():
+        if entry.class_name != own:
+            continue
+        if not all(config.get(k) == v for k, v in entry.kwargs.items()):
+            continue
+        if not entry.kwargs.get("use_karras_sigmas") and config.get("use_karras_sigmas"):
+            continue
+        if own == "PNDMScheduler" and not config.get("skip_prk_steps"):
+            continue  # PNDM with Runge-Kutta warm-up steps is not PLMS
+        if len(entry.kwargs) > matched:
+            best, matched = name, len(entry.kwargs)
+    return best
+
+
+def a1111_sampler(pipe: Any, name: str) -> tuple[str, str] | None:
+    """("Sampler", "Schedule type") as A1111 >= 1.9 writes them for ``name`` on ``pipe``, or None."""
+    entry = equivalent_entry(pipe) if name == DEFAULT_SCHEDULER else name
+    return A1111_NAMES.get(entry) if entry else None
+
+
+def from_a1111(sampler: str, schedule: str = "") -> str | None:
+    """The table entry for an A1111 sampler (old "DPM++ 2M Karras" or new "DPM++ 2M" + "Karras"), or None."""
+    sampler, schedule = sampler.strip(), schedule.strip()
+    if not schedule and sampler in SCHEDULERS:
+        return sampler  # the old combined form, or a studio name
+    if schedule.lower() == "karras" or (schedule.lower() == "automatic" and sampler in _A1111_AUTOMATIC_KARRAS):
+        karras = f"{sampler} Karras"
+        return karras if karras in SCHEDULERS else None
+    if schedule.lower() in ("", "automatic", "uniform"):
+        return sampler if sampler in A1111_NAMES and A1111_NAMES[sampler][0] == sampler else None
+    return None

@@ -137,13 +137,21 @@ def is_local_model(reference: str, workspace: Path) -> bool:
     return path.exists() or (not path.is_absolute() and "/" not in text and (workspace / text).is_dir())
 
 
-def reuse_parameters(path: str | Path) -> tuple[dict[str, Any], list[str]]:
-    """Read an uploaded PNG's "parameters" into GenerateConfig field values (+ notes).
+def reuse_parameters(path: str | Path, lookup: Any = None) -> tuple[dict[str, Any], list[str], list[list[str]]]:
+    """Read an uploaded PNG's "parameters" into GenerateConfig field values, notes and every field read.
+
+    Args:
+        path: The PNG.
+        lookup: ``studio.model_names.NameLookup`` finding models/LoRAs by name or hash (None: Hub ids only).
 
     Raises:
         ConfigError: when the file carries no parameters.
     """
-    return config_updates(parse_parameters(read_png_parameters(path)))
+    from studio.pnginfo import parameter_rows
+
+    parsed = parse_parameters(read_png_parameters(path))
+    updates, notes = config_updates(parsed, lookup)
+    return updates, notes, parameter_rows(parsed)
 
 
 def enlarge(image: Any, side: int = PREVIEW_SIDE) -> Any:
@@ -331,6 +339,8 @@ def build_generate_tab(ctx: StudioContext) -> dict:
             with gr.Accordion("Reuse parameters from a PNG", open=False):
                 reuse_file = gr.File(label="PNG saved by the studio or another SD tool", file_types=[".png"],
                                      type="filepath", elem_id="gen-reuse-file")
+                reuse_table = gr.Dataframe(headers=["Field", "Value"], label="Read from the image (every field)",
+                                           interactive=False, visible=False, wrap=True, elem_id="gen-reuse-table")
         with gr.Column(scale=1, min_width=360):
             progress_box = gr.Textbox(label="Progress", interactive=False, elem_id="gen-progress")
             preview = gr.Image(label="Live preview", type="pil", interactive=False, height=192,
@@ -446,21 +456,26 @@ def build_generate_tab(ctx: StudioContext) -> dict:
         names = ["model", "prompt", "negative_prompt", "width", "height", "num_inference_steps", "guidance_scale",
                  "seed", "scheduler", "lora", "lora_scale"]
         if not path:
-            return (gr.update(),) * len(fields) + ("",)
+            return (gr.update(),) * len(fields) + (gr.update(), "")
+        manager_loaded = ctx.pipelines.loaded if ctx.engine.ready else None
         try:
-            updates, notes = reuse_parameters(path)
+            from studio.model_names import NameLookup
+
+            lookup = NameLookup(workspace, (manager_loaded.reference, manager_loaded.png())
+                                if manager_loaded is not None else None)
+            updates, notes, rows = reuse_parameters(path, lookup)
         except Exception as exc:  # noqa: BLE001
             message = describe_exception(exc)
             gr.Warning(message)
-            return (gr.update(),) * len(fields) + (f"Not reused: {message}",)
-        manager_loaded = ctx.pipelines.loaded if ctx.engine.ready else None
+            return (gr.update(),) * len(fields) + (gr.update(value=[], visible=False), f"Not reused: {message}")
         offered = ctx.pipelines.scheduler_names() if manager_loaded is not None else list(SCHEDULER_NAMES)
         if updates.get("scheduler") not in offered:
             notes.append(f"Scheduler {updates.get('scheduler')!r} does not fit the loaded model; kept "
                          f"{current_scheduler}.")
             updates.pop("scheduler", None)
         values = tuple(updates[name] if name in updates else gr.update() for name in names)
-        return values + (("Parameters read from the image. " + " ".join(notes)).strip(),)
+        return values + (gr.update(value=rows, visible=True),
+                         ("Parameters read from the image (all fields in the table). " + " ".join(notes)).strip())
 
     load_button.click(on_load, inputs=[model, scheduler], outputs=model_outputs, api_name="load_model", **gpu)
     model.change(on_model_change, inputs=[model, scheduler], outputs=model_outputs, api_name="select_model", **gpu)
@@ -473,7 +488,7 @@ def build_generate_tab(ctx: StudioContext) -> dict:
     reuse_seed.click(lambda value: value, inputs=used_seed, outputs=seed, api_name="reuse_seed", queue=False)
     reuse_file.upload(on_reuse, inputs=[reuse_file, scheduler],
                       outputs=[model, prompt, negative_prompt, width, height, steps, guidance, seed, scheduler,
-                               lora, lora_scale, model_status], api_name="reuse_parameters")
+                               lora, lora_scale, reuse_table, model_status], api_name="reuse_parameters")
     root = gr.context.Context.root_block
     if root is not None:
         root.load(on_refresh, outputs=[model, lora], api_name="refresh_models_on_load", queue=False)

@@ -63,6 +63,9 @@ def test_generate_an_image_with_dpm_2m_karras(page, tiny_sd, tiny_ddpm, launched
     assert seed.input_value() == "31"
     assert page.locator("#gen-scheduler input").input_value() == "DPM++ 2M Karras"
     assert page.locator("#gen-steps input[type=number]").input_value() == "3"
+    table = page.locator("#gen-reuse-table")  # every field read is shown, A1111's names among them
+    table.wait_for(state="visible")
+    assert "Model hash" in table.inner_text() and "Schedule type" in table.inner_text()
 
     # An unconditional model (typed in and confirmed: local folders load at once) has no prompt box.
     assert page.locator("#gen-prompt").is_visible()

@@ -11,6 +11,7 @@ import pytest
 from studio.config.generate import GenerateConfig
 from studio.errors import ConfigError, ModelError
 from studio.generate import generate
+from studio.model_names import NameLookup
 from studio.pnginfo import config_updates, format_parameters, parse_parameters, read_png_parameters
 from tiny_pipelines import make_tiny_lora, tiny_ddpm, tiny_sd  # noqa: F401  (fixtures)
 
@@ -89,8 +90,12 @@ def test_images_are_saved_with_parameters_that_round_trip(manager, tiny_sd, work
     path = result.images[0].path
     assert path.parent.parent == workspace / "outputs" and path.name.endswith("-42.png")
     text = read_png_parameters(path)
-    assert text.splitlines()[-1].startswith("Steps: 3, Sampler: DPM++ 2M Karras, CFG scale: 5.5, Seed: 42, Size: 16x16")
-    updates, notes = config_updates(parse_parameters(text))
+    assert text.splitlines()[-1].startswith("Steps: 3, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 5.5, "
+                                            "Seed: 42, Size: 16x16, Model hash: ")
+    assert str(tiny_sd) not in text  # a name, never a local path
+    loaded = manager.loaded
+    updates, notes = config_updates(parse_parameters(text),
+                                    NameLookup(workspace, (loaded.reference, loaded.png())))
     assert notes == []
     rebuilt = GenerateConfig().replace(**updates)
     assert rebuilt.replace(width=0, height=0) == cfg
@@ -149,8 +154,10 @@ def test_lora_changes_the_output_and_scale_zero_restores_it(manager, tiny_sd, tm
     fresh = pixels(generate(manager, cfg.replace(lora=str(other)), save=False))
     assert (switched == fresh).all() and np.abs(fresh - pixels(full)).max() > 0
     text = read_png_parameters(full.images[0].path)
-    assert f"Lora: {lora}" in text and "Lora scale: 1.0" in text
-    assert config_updates(parse_parameters(text))[0]["lora"] == str(lora)
+    assert "<lora:pytorch_lora_weights:1>" in text and str(lora) not in text
+    # the studio's older PNGs ("Lora: <path>, Lora scale: x") still read back
+    old = config_updates(parse_parameters(f"a cat\nSteps: 2, Seed: 5, Lora: {lora}, Lora scale: 0.5"))[0]
+    assert (old["lora"], old["lora_scale"]) == (str(lora), 0.5)
 
 
 def test_lora_errors(manager, tiny_ddpm, tiny_sd, tmp_path):

@@ -85,10 +85,17 @@ def test_closing_the_stream_stops_the_generation(ctx, tiny_sd):
 
 def test_reuse_parameters_from_a_saved_png(ctx, tiny_sd):
     cfg = build_config(*values(str(tiny_sd), prompt="fox, snow", scheduler="UniPC", seed=77))
-    result = list(stream_generation(ctx, cfg))[-1]["result"]
-    updates, notes = reuse_parameters(result.images[0].path)
+    last = list(stream_generation(ctx, cfg))[-1]
+    assert "result" in last, last
+    result = last["result"]
+    from studio.model_names import NameLookup
+
+    loaded = ctx.pipelines.loaded
+    updates, notes, rows = reuse_parameters(result.images[0].path,
+                                            NameLookup(ctx.workspace, (loaded.reference, loaded.png())))
     assert updates["prompt"] == "fox, snow" and updates["scheduler"] == "UniPC" and updates["seed"] == 77
-    assert updates["model"] == str(tiny_sd) and notes == []
+    assert updates["model"] == str(tiny_sd) and notes == []  # the loaded model, found by its hash
+    assert ["Prompt", "fox, snow"] in rows and ["Schedule type", "Automatic"] in rows
 
 
 @pytest.mark.integration
@@ -114,6 +121,8 @@ def test_generate_tab_through_gradio_client(client, launched_app, tiny_sd, tiny_
 
     reused = client.predict(handle_file(str(saved[0])), DEFAULT_SCHEDULER, api_name="/reuse_parameters")
     assert reused[1] == "a cat" and reused[7] == 21 and reused[8] == "DPM++ 2M Karras"
+    table = reused[-2].get("value", reused[-2])  # the Dataframe update: {"headers", "data"}
+    assert ["Sampler", "DPM++ 2M"] in table["data"] and ["Schedule type", "Karras"] in table["data"]
     assert reused[-1].startswith("Parameters read")
 
     # A bad size is a message, not a traceback; an unconditional model loads from a run folder.
