@@ -167,9 +167,11 @@ def test_a_fine_tuned_lora_loads_in_generate_with_a_scale_and_round_trips(ctx, b
         target = np.stack([np.asarray(_image(str(p))).astype(int) for p in sorted(hearts.glob("*.png"))]).mean(0)
         assert np.abs(pix[1] - target).mean() < np.abs(pix[0] - target).mean()
     # the PNG's parameters name the bundled model and the LoRA, and remake the same picture
+    from studio.model_names import NameLookup
+
     text = read_png_parameters(tuned.images[0].path)
-    assert "Model: bundled:emoji-sd" in text or "emoji-sd" in text
-    updates, notes = config_updates(parse_parameters(text))
-    assert notes == [] and updates["model"] == bundled_sd and updates["lora"] == "hearts"
+    assert "Model: emoji-sd" in text and "<lora:hearts-kohya:1>" in text  # A1111's names (studio.model_names)
+    updates, notes = config_updates(parse_parameters(text), NameLookup(workspace))
+    assert notes == [] and updates["model"] == bundled_sd and Path(updates["lora"]).name == "hearts"
     again = generate(manager, GenerateConfig().replace(**updates), save=False)
     assert (np.asarray(again.images[0].image).astype(int) == pix[1]).all()
