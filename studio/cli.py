@@ -184,6 +184,47 @@ def _device_held(cfg: Any, command: str) -> Any:
     return device_lock(getattr(cfg, "device", "auto"), f"CLI {command}{f' {name!r}' if name else ''}")
 
 
+def run_keeping_no_failed_start(runner: Callable, cfg: Any, events: Any, stop: threading.Event) -> Any:
+    """``runner(cfg, events, stop)``; a new run folder it made and left untrained when it raised is removed.
+
+    The same rule as the app's Start (``tabs.jobtab.start_job``): a start that fails
+    before training (a base model that cannot load, bad data) leaves no run folder
+    for Resume or Generate to offer. Resumed runs and runs with a step are kept.
+    """
+    workspace = getattr(cfg, "workspace", None)
+    fresh = workspace is not None and not getattr(cfg, "resume", "")
+    known = _folders(workspace) if fresh else set()
+    try:
+        return runner(cfg, events, stop)
+    except BaseException:
+        if fresh and int(os.environ.get("RANK", "0")) == 0:
+            _discard_untrained(workspace, _folders(workspace) - known)
+        raise
+
+
+def _folders(workspace: str) -> set[str]:
+    from pathlib import Path
+
+    return {p.name for p in Path(workspace).iterdir()} if Path(workspace).is_dir() else set()
+
+
+def _discard_untrained(workspace: str, names: set[str]) -> None:
+    """Remove the run folders ``names`` of ``workspace`` that hold no trained state."""
+    from pathlib import Path
+
+    from studio.runs import RunDir, discard_if_never_trained
+
+    for name in names:
+        run = RunDir(Path(workspace) / name)
+        if not run.config_path.is_file():
+            continue
+        try:
+            with run.lock("clean-up"):  # never a folder another process is training in
+                discard_if_never_trained(run)
+        except StudioError:
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the process exit code (see the module docstring)."""
     parser = build_parser()
@@ -204,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     restore = _install_stop_handlers(stop)
     try:
         with _device_held(cfg, args.command):
-            result = runner(cfg, printer, stop)
+            result = run_keeping_no_failed_start(runner, cfg, printer, stop)
     except StudioError as exc:
         print(f"error: {describe_exception(exc)}", file=sys.stderr)
         return 2

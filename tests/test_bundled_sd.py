@@ -95,6 +95,25 @@ def test_a_start_that_cannot_load_its_base_leaves_no_run_folder(ctx, bundled_sd,
     assert not (workspace / "ddpm-base").exists()
 
 
+def test_the_cli_starts_offline_on_the_bundled_model_and_keeps_no_failed_start(bundled_sd, workspace, tmp_path,
+                                                                                capsys):
+    import json
+
+    from studio.cli import main
+
+    config = tmp_path / "finetune.json"
+    settings = dict(task="finetune", pretrained_model_name_or_path="bundled:emoji-ddpm", workspace=str(workspace),
+                    data={"max_rows": 2}, resolution=resolution_for(bundled_sd), max_train_steps=2,
+                    validation_every=0, num_inference_steps=2, device="cpu")
+    config.write_text(json.dumps(settings))
+    assert main(["finetune", "--config", str(config)]) == 2
+    assert "not a Stable Diffusion" in capsys.readouterr().err
+    assert list(workspace.iterdir()) == []  # the failed start left no finetune-<time> folder
+    config.write_text(json.dumps(dict(settings, pretrained_model_name_or_path=bundled_sd, run_name="cli")))
+    assert main(["finetune", "--config", str(config)]) == 0
+    assert (workspace / "cli" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
 def test_dreambooth_with_a_rare_token_runs(ctx, bundled_sd, tmp_path):
     folder = red_hearts(tmp_path / "subject", count=4)
     for caption in folder.glob("*.txt"):
@@ -175,3 +194,8 @@ def test_a_fine_tuned_lora_loads_in_generate_with_a_scale_and_round_trips(ctx, b
     assert notes == [] and updates["model"] == bundled_sd and Path(updates["lora"]).name == "hearts"
     again = generate(manager, GenerateConfig().replace(**updates), save=False)
     assert (np.asarray(again.images[0].image).astype(int) == pix[1]).all()
+    # "Open in Generate": the run itself as the model is the bundled model with its LoRA at 1.0
+    loaded = manager.load(str(workspace / "hearts"))
+    assert loaded.ref.kind == "lora-run" and loaded.label == "run hearts (LoRA on emoji-sd (bundled))"
+    opened = generate(manager, cfg.replace(model=str(workspace / "hearts"), lora=""), save=False)
+    assert (np.asarray(opened.images[0].image).astype(int) == pix[1]).all()
