@@ -40,6 +40,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("studio.config.generate:GenerateConfig", "studio.generate:run_cli"),
 }
 
+#: (command, config "mode") -> (config class, runner) of a command's other modes: a train config
+#: with ``"mode": "text-to-image"`` trains a small Stable Diffusion from scratch. No mode, or
+#: "unconditional", is the command's row in ``COMMANDS``.
+MODES: dict[tuple[str, str], tuple[str, str]] = {
+    ("train", "text-to-image"): ("studio.config.text_to_image:TextToImageConfig",
+                                 "studio.trainers.text_to_image_scratch:train"),
+}
+
 #: The exit codes, as ``--help`` prints them.
 EXIT_CODES = """exit codes:
   0    finished, or stopped (Ctrl-C) with a resumable checkpoint
@@ -56,6 +64,21 @@ OVERRIDES = (
     ("--workspace", "workspace", "Folder holding the run folders."),
     ("--device", "device", "auto, cpu, cuda or mps."),
 )
+
+
+def entry(command: str, data: dict[str, Any]) -> tuple[str, str]:
+    """The (config class, runner) import paths of ``command`` for the ``mode`` a config names.
+
+    Raises:
+        ConfigError: an unknown mode.
+    """
+    mode = data.get("mode", "unconditional") if isinstance(data, dict) else "unconditional"
+    if mode in ("", "unconditional"):
+        return COMMANDS[command]
+    if (command, mode) not in MODES:
+        known = ", ".join(["unconditional"] + [m for c, m in MODES if c == command])
+        raise ConfigError(f"Unknown mode {mode!r} for '{command}': use one of {known}.")
+    return MODES[(command, mode)]
 
 
 def _load(path: str) -> Any:
@@ -90,11 +113,13 @@ def load_config(command: str, path: str, overrides: dict[str, Any]) -> Any:
 
     from studio.config.base import read_json_object
 
-    config_cls = _load(COMMANDS[command][0])
     data = read_json_object(path)
     task = data.pop("task", command)
     if task != command:
         raise ConfigError(f"{path} is a '{task}' config; run it with `python -m studio {task}`.")
+    config_cls = _load(entry(command, data)[0])
+    if data.get("mode") == "unconditional":
+        data.pop("mode")
     fields = {f.name for f in dataclasses.fields(config_cls)}
     for name, value in overrides.items():
         if value is None:
@@ -239,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     except StudioError as exc:
         print(f"error: {describe_exception(exc)}", file=sys.stderr)
         return 2
-    runner = _load(COMMANDS[args.command][1])
+    runner = _load(entry(args.command, {"mode": getattr(cfg, "mode", "")})[1])
     stop = threading.Event()
     printer = ProgressPrinter(quiet=args.quiet or not is_main)
     restore = _install_stop_handlers(stop)

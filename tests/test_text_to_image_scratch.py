@@ -1,0 +1,156 @@
+"""Text-to-image from scratch for real on tiny models: the caption tokenizer, the trainer (stop, exact
+resume across both stages), the CLI's config mode, and the prompt-steering figures."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from studio import small_sd
+from studio.config.text_to_image import TextToImageConfig
+from studio.errors import ConfigError
+from studio.prompt_steering import colour_stats, matching_images
+
+CAPTIONS = ["grinning face, smileys & emotion, face-smiling", "red heart, smileys & emotion, heart",
+            "flag: japan, flags, country-flag", "flag: france, flags, country-flag",
+            "yellow heart, smileys & emotion, heart", "large blue circle, symbols, geometric"] * 3
+
+
+def tiny_config(workspace: Path, **changes) -> TextToImageConfig:
+    """16 px, 8-channel autoencoder, (16, 32) UNet, 16-wide text encoder; 3 + 4 steps on 48 emoji."""
+    values = dict(data={"source": "emoji", "max_rows": 48}, workspace=str(workspace), run_name="t2i",
+                  resolution=16, vocab_size=700, text_width=16, text_heads=2, text_layers=1, vae_channels=(8, 8),
+                  unet_channels=(16, 32), unet_cross_attention=(True, False), unet_head_dim=8, vae_steps=3,
+                  max_train_steps=4, train_batch_size=4, sample_every=0, save_every=0, lr_warmup_steps=1,
+                  validation_prompts=("red heart",), images_per_prompt=2, sample_inference_steps=2, device="cpu")
+    values.update(changes)
+    return TextToImageConfig(**values)
+
+
+class Recorder:
+    """Keeps every event; sets ``stop`` once a step event reaches ``stop_at``."""
+
+    def __init__(self, stop_at: int | None = None) -> None:
+        self.events, self.stop, self.stop_at = [], threading.Event(), stop_at
+
+    def __call__(self, event) -> None:
+        self.events.append(event)
+        if self.stop_at is not None and event.kind == "step" and event.step >= self.stop_at:
+            self.stop.set()
+
+
+def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for name in ("vae", "text_encoder", "unet"):
+        out.update({f"{name}.{k}": v for k, v in load_file(str(checkpoint / f"{name}.safetensors")).items()})
+    state = torch.load(checkpoint / "training_state.pt", weights_only=True)
+    out.update({f"ema.{i}": p for i, p in enumerate(state["ema"]["shadow_params"])})
+    return out
+
+
+# ----------------------------------------------------------------------------- tokenizer
+def test_tokenizer_learnt_from_captions_round_trips_in_both_file_formats(tmp_path):
+    tok = small_sd.train_tokenizer(CAPTIONS, tmp_path / "tok", vocab_size=600, max_length=16)
+    files = sorted(p.name for p in (tmp_path / "tok").iterdir())
+    assert {"vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json"} <= set(files)
+    assert (tmp_path / "tok" / "merges.txt").read_text(encoding="utf-8").startswith("#version: 0.2\n")
+    # caption words became single tokens; any text still tokenizes (every byte is in the vocabulary)
+    assert tok.convert_ids_to_tokens(tok("red heart").input_ids) == [small_sd.BOS, "red</w>", "heart</w>", small_sd.EOS]
+    assert tok.decode(tok("Flag: Japan").input_ids, skip_special_tokens=True) == "flag : japan"
+    odd = tok("zebra ünïcode 🙂").input_ids
+    assert tok.unk_token_id not in odd[1:-1] and tok.decode(odd, skip_special_tokens=True) == "zebra ünïcode 🙂"
+    ids = small_sd.tokenize(tok, CAPTIONS[:2])
+    assert ids.shape == (2, 16) and ids[0, 0] == tok.bos_token_id and ids[0, -1] == tok.eos_token_id
+    # transformers 4.x's slow CLIPTokenizer reads vocab.json + merges.txt: without tokenizer.json, same ids
+    (tmp_path / "tok" / "tokenizer.json").unlink()
+    again = small_sd.load_tokenizer(tmp_path / "tok")
+    assert all(again(c).input_ids == tok(c).input_ids for c in CAPTIONS + ["zebra ünïcode 🙂"])
+    assert json.loads((tmp_path / "tok" / "vocab.json").read_text(encoding="utf-8")) == tok.get_vocab()
+
+
+# ----------------------------------------------------------------------------- trainer
+@pytest.mark.slow  # about 15 s alone, 40 s on a loaded 2-core machine: four tiny runs
+def test_stop_and_resume_in_both_stages_is_bit_exact_and_the_cli_mode_trains(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from studio import cli
+    from studio.trainers.text_to_image_scratch import train
+
+    # straight through, from the CLI with the mode in the config
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"task": "train", **tiny_config(tmp_path / "a").to_dict()}), encoding="utf-8")
+    assert json.loads(config.read_text())["mode"] == "text-to-image"
+    assert cli.main(["train", "--config", str(config), "--quiet"]) == 0
+    straight = tmp_path / "a" / "t2i"
+    assert (straight / "samples" / "step-000003.png").is_file()  # the autoencoder's reconstructions
+    assert (straight / "samples" / "step-000007.png").is_file()  # the validation grid
+    events = [json.loads(line) for line in (straight / "events.jsonl").read_text().splitlines()]
+    assert [e["kind"] for e in events][-1] == "finished"
+    assert any(e["kind"] == "quality" and "'red heart'" in e["message"] for e in events)
+
+    # stopped in the autoencoder stage, resumed, stopped in the diffusion stage, resumed to the end
+    first = Recorder(stop_at=2)
+    train(tiny_config(tmp_path / "b"), first, first.stop)
+    assert first.events[-1].kind == "stopped" and first.events[-1].step == 2
+    second = Recorder(stop_at=5)
+    train(tiny_config(tmp_path / "b", resume="latest"), second, second.stop)
+    assert second.events[-1].kind == "stopped" and second.events[-1].step == 5
+    third = Recorder()
+    train(tiny_config(tmp_path / "b", resume="latest"), third, third.stop)
+    assert third.events[-1].kind == "finished"
+    resumed = tmp_path / "b" / "t2i"
+    a, b = weights(straight / "checkpoints" / "step-00000007"), weights(resumed / "checkpoints" / "step-00000007")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    pipe = StableDiffusionPipeline.from_pretrained(straight / "model", local_files_only=True)
+    assert pipe.vae.config.scaling_factor != 0.18215 and pipe.tokenizer.model_max_length == 77
+    out = pipe("red heart", height=16, width=16, num_inference_steps=2, output_type="np").images
+    assert out.shape == (1, 16, 16, 3) and np.isfinite(out).all()
+
+
+def test_config_refuses_what_cannot_train(tmp_path):
+    with pytest.raises(ConfigError, match="divisible"):
+        tiny_config(tmp_path, resolution=18)
+    with pytest.raises(ConfigError, match="cross-attention"):
+        tiny_config(tmp_path, unet_cross_attention=(False, False))
+    from studio import cli
+
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"task": "train", "mode": "painting"}), encoding="utf-8")
+    assert cli.main(["train", "--config", str(path)]) == 2
+
+
+def test_untagged_dataset_is_refused_with_a_line(tmp_path):
+    from PIL import Image
+
+    from studio.errors import DataError
+    from studio.trainers.text_to_image_scratch import train
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(4):
+        Image.new("RGB", (16, 16), (60 * i, 0, 0)).save(folder / f"{i}.png")
+    with pytest.raises(DataError, match="no captions"):
+        train(tiny_config(tmp_path / "ws", data={"source": "folder", "path": str(folder)}))
+
+
+# ----------------------------------------------------------------------------- steering figures
+def test_matching_images_and_colour_stats():
+    assert matching_images(CAPTIONS, "flag", minimum=2) == [i for i, c in enumerate(CAPTIONS) if "flag" in c]
+    hearts = matching_images(CAPTIONS, "red heart", minimum=3)
+    assert all("red heart" in CAPTIONS[i] for i in hearts)
+    assert set(matching_images(CAPTIONS, "heart", minimum=2)) > set(hearts)
+    red = np.zeros((2, 8, 8, 3), np.uint8)
+    red[..., 0] = 220
+    yellow = red.copy()
+    yellow[..., 1] = 200
+    white = np.full((2, 8, 8, 3), 255, np.uint8)
+    assert colour_stats(red)["red"] == 1.0 and colour_stats(yellow)["yellow"] == 1.0
+    assert abs(colour_stats(yellow)["hue"] - 54.5) < 1 and colour_stats(white)["white"] == 1.0
