@@ -26,7 +26,7 @@ class BundledModel:
 
     Attributes:
         name: Folder name and reference (``bundled:<name>``).
-        kind: What it is: "ddpm" (unconditional DDPMPipeline).
+        kind: What it is: "sd" (text-to-image StableDiffusionPipeline) or "ddpm" (unconditional DDPMPipeline).
         description: Short text for the dropdowns.
     """
 
@@ -50,6 +50,7 @@ class BundledModel:
 
 #: Every bundled model, in the order the dropdowns list them.
 BUNDLED_MODELS: dict[str, BundledModel] = {m.name: m for m in (
+    BundledModel("emoji-sd", "sd", "bundled, text-to-image emoji 32 px (tiny Stable Diffusion), loads offline"),
     BundledModel("emoji-ddpm", "ddpm", "bundled, unconditional emoji 32 px, loads offline"),
 )}
 

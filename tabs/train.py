@@ -34,6 +34,7 @@ from typing import Any
 
 import gradio as gr
 
+from studio.config.text_to_image import MODE as TEXT_TO_IMAGE, TRAIN_MODES, TextToImageConfig
 from studio.config.train import BETA_SCHEDULES, LR_SCHEDULERS, MIXED_PRECISIONS, PREDICTION_TYPES, TrainConfig
 from studio.context import StudioContext
 from studio.errors import CheckpointError, ConfigError, StudioError, describe_exception
@@ -53,6 +54,7 @@ TASK = "train"
 
 #: (field, widget kind, widget options). Kinds: text, int, float, bool, choice, csv (comma list), levels.
 FIELDS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("mode", "choice", {"label": "Mode", "choices": list(TRAIN_MODES)}),
     ("run_name", "text", {"label": "Run name", "placeholder": "empty: train-<date>-<time>"}),
     ("preset", "choice", {"label": "UNet preset", "choices": [*PRESETS, CUSTOM]}),
     ("init_from", "pretrained", {"label": "Start from (pretrained DDPM)"}),
@@ -92,12 +94,23 @@ FIELDS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("layers_per_block", "int", {"label": "layers_per_block", "minimum": 1}),
     ("attention_levels", "csv", {"label": "Attention at levels (1 = highest resolution)", "placeholder": "2"}),
     ("attention_head_dim", "int", {"label": "attention_head_dim", "minimum": 1}),
+    ("validation_prompts", "text", {"label": "Validation prompts (one row each, separated by ';')"}),
+    ("caption_dropout", "float", {"label": "Caption dropout (for guidance)"}),
+    ("vae_steps", "int", {"label": "Autoencoder steps (trained first)", "minimum": 1}),
+    ("guidance_scale", "float", {"label": "Guidance scale of the validation images"}),
 )
+#: Widgets only the text-to-image mode reads (``TextToImageConfig``; its model sizes are the config's defaults).
+TEXT_TO_IMAGE_FIELDS = ("validation_prompts", "caption_dropout", "vae_steps", "guidance_scale")
+#: Widgets the text-to-image mode shares with the unconditional one (same field names in both configs).
+SHARED_FIELDS = ("run_name", "resolution", "train_batch_size", "max_train_steps", "learning_rate", "lr_scheduler",
+                 "lr_warmup_steps", "adam_weight_decay", "max_grad_norm", "mixed_precision", "prediction_type",
+                 "random_flip", "center_crop", "use_ema", "ema_max_decay", "ema_power", "seed", "sample_every",
+                 "sample_inference_steps", "save_every", "checkpoints_total_limit")
 #: Widget names in the order the event handlers receive them.
 INPUT_NAMES = tuple(name for name, _, _ in FIELDS)
 #: Layout: (accordion title or "" for always visible, open?, fields).
 SECTIONS = (
-    ("", True, ("run_name", "preset", "init_from", "resolution", "train_batch_size", "max_train_steps",
+    ("", True, ("mode", "run_name", "preset", "init_from", "resolution", "train_batch_size", "max_train_steps",
                 "learning_rate")),
     ("Schedule and optimizer", False, ("num_epochs", "lr_scheduler", "lr_warmup_steps", "gradient_accumulation_steps",
                                        "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
@@ -109,6 +122,7 @@ SECTIONS = (
                                         "save_every", "checkpoints_total_limit")),
     ("Architecture (advanced)", False, ("block_out_channels", "layers_per_block", "attention_levels",
                                          "attention_head_dim")),
+    ("Text-to-image (mode text-to-image)", False, TEXT_TO_IMAGE_FIELDS),
 )
 ATTENTION_HELP = ("Levels whose down and up blocks use self-attention (AttnDownBlock2D / AttnUpBlock2D), "
                   "comma-separated; empty = none.")
@@ -121,8 +135,12 @@ PRESET_FILLED = (*ARCHITECTURE, "resolution", *PRESET_TRAINING_FIELDS)
 def default_values() -> dict[str, Any]:
     """The widget values of a fresh tab (TrainConfig's defaults, architecture as text)."""
     cfg = TrainConfig()
-    values = {name: getattr(cfg, name) for name in INPUT_NAMES if name not in ARCHITECTURE}
+    values = {name: getattr(cfg, name) for name in INPUT_NAMES
+              if name not in ARCHITECTURE and name not in TEXT_TO_IMAGE_FIELDS and name != "mode"}
     values.update(preset_values(cfg.preset))
+    t2i = TextToImageConfig()
+    values.update({name: getattr(t2i, name) for name in TEXT_TO_IMAGE_FIELDS}, mode=TRAIN_MODES[0])
+    values["validation_prompts"] = "; ".join(t2i.validation_prompts)
     return values
 
 
@@ -173,7 +191,7 @@ def build_config(values: dict[str, Any], ctx: StudioContext | None = None, **ove
         ConfigError: with the widget's label in the message.
     """
     kinds = {name: kind for name, kind, _ in FIELDS}
-    hints = typing.get_type_hints(TrainConfig)
+    hints = {**typing.get_type_hints(TextToImageConfig), **typing.get_type_hints(TrainConfig)}
     data: dict[str, Any] = {}
     for name, value in values.items():
         if name not in kinds:
@@ -196,6 +214,10 @@ def build_config(values: dict[str, Any], ctx: StudioContext | None = None, **ove
         elif kind in ("text", "pretrained"):
             value = str(value or "").strip()
         data[name] = value
+    mode = data.pop("mode", None) or TRAIN_MODES[0]
+    t2i = {name: data.pop(name) for name in TEXT_TO_IMAGE_FIELDS if name in data}
+    if mode == TEXT_TO_IMAGE:
+        return text_to_image_config(data, t2i, ctx, **overrides)
     levels = data.pop("attention_levels", None)
     if "block_out_channels" in data:
         channels = data["block_out_channels"]
@@ -210,6 +232,22 @@ def build_config(values: dict[str, Any], ctx: StudioContext | None = None, **ove
         data.update(data=ctx.dataset.get().config, workspace=str(ctx.workspace), device=ctx.settings.device)
     data.update(overrides)
     return TrainConfig(**data)
+
+
+def text_to_image_config(data: dict[str, Any], t2i: dict[str, Any], ctx: StudioContext | None = None,
+                         **overrides: Any) -> TextToImageConfig:
+    """The text-to-image mode's config: the shared widgets, its own widgets, the model sizes' defaults."""
+    values = {name: data[name] for name in SHARED_FIELDS if name in data}
+    if values.get("prediction_type") == "sample":
+        raise ConfigError("Text-to-image trains with epsilon or v_prediction; pick one of them as prediction_type.")
+    if "validation_prompts" in t2i:
+        t2i["validation_prompts"] = tuple(p.strip() for p in str(t2i["validation_prompts"] or "").split(";")
+                                          if p.strip())
+    values.update(t2i)
+    if ctx is not None:
+        values.update(data=ctx.dataset.get().config, workspace=str(ctx.workspace), device=ctx.settings.device)
+    values.update(overrides)
+    return TextToImageConfig(**values)
 
 
 def _label(name: str) -> str:
@@ -235,6 +273,10 @@ def model_summary(values: dict[str, Any]) -> str:
         cfg = build_config(values)
     except StudioError as exc:
         return f"⚠️ {exc.user_message}"
+    if isinstance(cfg, TextToImageConfig):
+        return (f"**Text-to-image from scratch**: a small Stable Diffusion (CLIP tokenizer learnt from the captions, "
+                f"CLIP text encoder, AutoencoderKL, UNet2DConditionModel) — {cfg.vae_steps} autoencoder steps, then "
+                f"{cfg.max_train_steps} diffusion steps; validation rows: {', '.join(cfg.validation_prompts)}.")
     from studio.budget import train_plan
 
     params = parameter_count(cfg.block_out_channels, cfg.layers_per_block, cfg.down_block_types, cfg.up_block_types)
@@ -260,7 +302,8 @@ def start_training(ctx: StudioContext, values: dict[str, Any]) -> tuple[str, str
     cfg = build_config(values, ctx)
     from studio.budget import train_plan
 
-    train_plan(cfg).check()  # refuse what cannot fit before making a run folder or allocating
+    if isinstance(cfg, TrainConfig):
+        train_plan(cfg).check()  # refuse what cannot fit before making a run folder or allocating
     if cfg.mixed_precision == "fp16":  # 'auto' may be a CPU: refuse before making a run folder
         from studio.config.train import check_precision_for_device
         from studio.devices import resolve_device
@@ -272,16 +315,21 @@ def start_training(ctx: StudioContext, values: dict[str, Any]) -> tuple[str, str
     return _start(ctx, cfg, run)
 
 
-def _start(ctx: StudioContext, cfg: TrainConfig, run: RunDir) -> tuple[str, str, str]:
+def _start(ctx: StudioContext, cfg: TrainConfig | TextToImageConfig, run: RunDir) -> tuple[str, str, str]:
     def target(events, stop):
+        if isinstance(cfg, TextToImageConfig):
+            from studio.trainers.text_to_image_scratch import train as train_text_to_image
+
+            return train_text_to_image(cfg, events, stop, run)
         from studio.trainers.ddpm import train
 
         return train(cfg, events, stop, run)
 
     start_job(ctx, TASK, run, target, resuming=bool(cfg.resume))
     verb = "Resuming" if cfg.resume else "Started"
-    return (f"{verb} {run.name}: {cfg.preset}, {cfg.resolution} px, batch {cfg.train_batch_size}, "
-            f"{cfg.max_train_steps or str(cfg.num_epochs) + ' epochs'} steps on {cfg.data.label}",
+    model = "text-to-image" if isinstance(cfg, TextToImageConfig) else cfg.preset
+    return (f"{verb} {run.name}: {model}, {cfg.resolution} px, batch {cfg.train_batch_size}, "
+            f"{cfg.max_train_steps or str(getattr(cfg, 'num_epochs', 0)) + ' epochs'} steps on {cfg.data.label}",
             str(run.root), cli_command(run))
 
 
@@ -307,7 +355,8 @@ def resume_run(ctx: StudioContext, name: str | None = None, max_train_steps: int
         raise CheckpointError("No training run with a checkpoint to resume in this workspace.",
                               "Start a new run; Stop saves a checkpoint you can resume.")
     run, data = found
-    cfg = TrainConfig.from_dict(data).replace(resume="latest", workspace=str(ctx.workspace), run_name=run.name,
+    config_cls = TextToImageConfig if data.get("mode") == TEXT_TO_IMAGE else TrainConfig
+    cfg = config_cls.from_dict(data).replace(resume="latest", workspace=str(ctx.workspace), run_name=run.name,
                                              device=ctx.settings.device)
     if max_train_steps and int(max_train_steps) > 0:
         cfg = cfg.replace(max_train_steps=int(max_train_steps))
@@ -477,7 +526,8 @@ def dataset_line(ctx: StudioContext) -> str:
 
 # --------------------------------------------------------------------------- layout
 def _widget(name: str, kind: str, extra: dict[str, Any], value: Any) -> gr.components.Component:
-    info = ATTENTION_HELP if name == "attention_levels" else TrainConfig.help_for(name)
+    owner = TextToImageConfig if name in (*TEXT_TO_IMAGE_FIELDS, "mode") else TrainConfig
+    info = ATTENTION_HELP if name == "attention_levels" else owner.help_for(name)
     kwargs = dict(extra, info=info, elem_id=f"train-{name.replace('_', '-')}", value=value)
     if kind == "pretrained":
         return gr.Dropdown(allow_custom_value=True, **kwargs)
@@ -502,7 +552,7 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
     defaults = default_values()
     widgets: dict[str, gr.components.Component] = {}
     gr.Markdown("Train an unconditional diffusion model (DDPM) from scratch on the dataset from the **Dataset** "
-                "tab. The sample grid uses the same starting noise every time, so you see the same images "
+                "tab — or, in mode **text-to-image**, a small Stable Diffusion on its captions. The sample grid uses the same starting noise every time, so you see the same images "
                 "sharpen as it learns; step 0 is pure noise.")
     data_md = gr.Markdown(dataset_line(ctx), elem_id="train-dataset")
     with gr.Row():
@@ -656,7 +706,7 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
     for name in ARCHITECTURE:
         widgets[name].change(on_architecture_edit, inputs=inputs, outputs=widgets["preset"], queue=False,
                              api_name=False)
-    summary_triggers = [widgets[n].change for n in ("preset", "init_from", "resolution", "train_batch_size", "use_ema",
+    summary_triggers = [widgets[n].change for n in ("mode", "preset", "init_from", "resolution", "train_batch_size", "use_ema",
                                                      "mixed_precision", "max_train_steps", "num_epochs",
                                                      "lr_scheduler", "lr_warmup_steps", "sample_every", "save_every",
                                                      "ema_max_decay", "ema_power", "ema_inv_gamma",

@@ -154,3 +154,50 @@ def test_matching_images_and_colour_stats():
     white = np.full((2, 8, 8, 3), 255, np.uint8)
     assert colour_stats(red)["red"] == 1.0 and colour_stats(yellow)["yellow"] == 1.0
     assert abs(colour_stats(yellow)["hue"] - 54.5) < 1 and colour_stats(white)["white"] == 1.0
+
+
+# ----------------------------------------------------------------------------- Train tab
+@pytest.mark.slow  # about 15 s alone: a run started, stopped and resumed through the tab's functions
+def test_train_tab_mode_starts_stops_and_resumes_a_text_to_image_run(workspace):
+    import time
+
+    from studio.config.data import DataConfig
+    from studio.context import DatasetChoice, StudioContext
+    from studio.settings import LaunchSettings
+    from tabs import train as tab
+
+    ctx = StudioContext(LaunchSettings(workspace=workspace, device="cpu"))
+    ctx.dataset.set(DatasetChoice(DataConfig(source="emoji", max_rows=16), "emoji (first 16)", 16, True))
+    values = tab.default_values()
+    assert values["mode"] == "unconditional" and isinstance(tab.build_config(values), tab.TrainConfig)
+    values.update(mode="text-to-image", run_name="words", resolution=16, train_batch_size=4, max_train_steps=100_000,
+                  vae_steps=1, sample_every=0, save_every=0, sample_inference_steps=1, validation_prompts="red heart",
+                  lr_warmup_steps=0)
+    cfg = tab.build_config(values, ctx)
+    assert isinstance(cfg, TextToImageConfig) and cfg.validation_prompts == ("red heart",)
+    assert "Text-to-image from scratch" in tab.model_summary(values)
+    with pytest.raises(ConfigError, match="epsilon or v_prediction"):
+        tab.build_config(dict(values, prediction_type="sample"))
+    try:
+        message, folder, command = tab.start_training(ctx, values)
+        assert message.startswith("Started words: text-to-image")
+        job = ctx.jobs.latest("train")
+        deadline = time.monotonic() + 120
+        while job.snapshot().step < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        tab.stop_training(ctx)
+        while job.running and time.monotonic() < deadline:
+            time.sleep(0.1)
+        stopped = job.snapshot()
+        assert stopped.status == "stopped", stopped
+        message, _, _ = tab.resume_run(ctx, "words", max_train_steps=stopped.step - 1 + 2)  # 2 more diffusion steps
+        assert message.startswith("Resuming words: text-to-image")
+        resumed = ctx.jobs.latest("train")
+        while resumed.running and time.monotonic() < deadline:
+            time.sleep(0.1)
+        final = resumed.snapshot()
+        assert final.status == "finished" and final.step == stopped.step + 2, final
+        assert (Path(folder) / "model" / "model_index.json").is_file()
+        assert json.loads((Path(folder) / "config.json").read_text())["mode"] == "text-to-image"
+    finally:
+        ctx.jobs.stop_all()
