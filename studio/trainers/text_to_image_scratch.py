@@ -45,8 +45,9 @@ from studio.errors import CheckpointError, DataError, JobError, describe_excepti
 from studio.events import EventSink, ignore_events
 from studio.prompt_steering import PromptQuality
 from studio.runs import RunDir, resumable_runs
-from studio.trainers.ddpm_outputs import Reporter, make_grid, write_progress_gif
-from studio.trainers.ddpm_parts import BatchSampler, rng_state, set_rng_state, weights_finite
+from studio.trainers.batches import BatchSampler
+from studio.trainers.reporting import Reporter, make_grid, write_progress_gif
+from studio.trainers.resume import rng_state, set_rng_state, weights_finite
 
 TASK = "train"
 LOSS_SMOOTHING = 0.98
