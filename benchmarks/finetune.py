@@ -296,7 +296,7 @@ def studio_split(base: Path, method: str, workspace: Path, args, steps: int) -> 
     from accelerate import Accelerator
     from accelerate.optimizer import AcceleratedOptimizer
 
-    from studio.trainers import text_to_image
+    from studio.trainers import latent_batches, text_to_image
 
     totals: dict[str, float] = {}
     state = {"step": 0}
@@ -320,8 +320,8 @@ def studio_split(base: Path, method: str, workspace: Path, args, steps: int) -> 
 
         setattr(owner, name, timed)
 
-    wrap(text_to_image._Trainer, "image_latents", "vae_encode (cache sample)")
-    wrap(text_to_image._Trainer, "text_embeddings", "text_encode (cache lookup)")
+    wrap(latent_batches.LatentBatches, "image_latents", "vae_encode (cache sample)")
+    wrap(latent_batches.LatentBatches, "text_embeddings", "text_encode (cache lookup)")
     wrap(text_to_image._Trainer, "loss_on", "unet_fwd_bwd")
     wrap(Accelerator, "backward", "unet_fwd_bwd")
     wrap(Accelerator, "clip_grad_norm_", "optimizer")

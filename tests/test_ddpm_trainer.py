@@ -245,20 +245,27 @@ def test_sampler_shards_differ_per_process_and_restore_exactly():
     assert a.epoch >= 1
 
 
-def test_ema_step_matches_diffusers_ema_model():
-    from diffusers.training_utils import EMAModel
+def test_ema_is_diffusers_own_step_and_bit_exact_with_the_foreach_update():
+    """The trainers step diffusers' EMAModel themselves (``make_ema``: foreach=False); that equals,
+    bit for bit, the foreach update (``speed.ema_update_`` with ``get_decay``) they used before."""
+    from diffusers import UNet2DModel
+
+    from studio.trainers.optimization import make_ema
+    from studio.trainers.speed import ema_update_
 
     torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
-    ours = EMAModel(params, decay=0.999, use_ema_warmup=True, inv_gamma=1.0, power=0.75, update_after_step=1)
-    theirs = EMAModel(params, decay=0.999, use_ema_warmup=True, inv_gamma=1.0, power=0.75, update_after_step=1)
-    for _ in range(5):
+    unet = UNet2DModel(sample_size=8, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    next(unet.parameters()).requires_grad_(False)  # frozen tensors are copied, not averaged
+    ema = make_ema(unet, UNet2DModel, decay=0.999, warmup=True, inv_gamma=1.0, power=0.75, update_after_step=1)
+    assert not ema.foreach
+    shadow = [p.detach().clone() for p in unet.parameters()]
+    for step in range(1, 6):
         with torch.no_grad():
-            for p in params:
+            for p in unet.parameters():
                 p.add_(torch.randn_like(p))
-        ddpm.ema_step(ours, params)
-        theirs.step(params)
-    assert ours.optimization_step == theirs.optimization_step == 5
-    assert ours.cur_decay_value == theirs.cur_decay_value
-    for a, b in zip(ours.shadow_params, theirs.shadow_params):
+        ema.step(unet.parameters())
+        ema_update_(shadow, list(unet.parameters()), ema.get_decay(step))
+    assert ema.optimization_step == 5
+    for a, b in zip(ema.shadow_params, shadow):
         assert torch.equal(a, b)

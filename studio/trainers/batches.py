@@ -1,8 +1,10 @@
 """What goes into a training batch: the decoded images and the seeded order they are drawn in.
 
-Responsible for: the dataset as a decode-once uint8 tensor (``load_images``) and the
-seeded shuffled batch stream shared by all processes (``BatchSampler``, whose state a
-checkpoint holds so a resumed run draws the same batches).
+Responsible for: the dataset as a decode-once uint8 tensor (``load_images``); the seeded
+shuffled batch stream shared by all processes (``BatchSampler``: its state goes into the
+checkpoint, so a resumed run draws the same batches; use it in a new trainer); a batch of
+those images as floats in [-1, 1] (``get_batch``); the fine-tune's stateless order
+(``SeededEpochs``: micro-batch number -> rows, nothing to save) and its random crops.
 """
 
 from __future__ import annotations
@@ -79,3 +81,53 @@ class BatchSampler:
         self.generator.set_state(state["generator"])
         self.perm, self.pos, self.epoch = state["perm"].clone(), int(state["pos"]), int(state["epoch"])
 
+
+def get_batch(pixels: torch.Tensor, sampler: BatchSampler, random_flip: bool, device: torch.device) -> torch.Tensor:
+    """The sampler's next batch of ``pixels`` (uint8) as floats in [-1, 1] on ``device``, randomly
+    mirrored on tensors (no PIL)."""
+    indices, flips = sampler.next()
+    batch = pixels[indices.to(pixels.device)].to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+    if random_flip:
+        flips = flips.to(device)[:, None, None, None]
+        batch = torch.where(flips, batch.flip(-1), batch)
+    return batch.contiguous()
+
+
+class SeededEpochs:
+    """The fine-tune's data order: micro-batch ``m`` of process ``rank`` -> its rows, from a seeded
+    permutation per epoch. It has no state (the position follows from ``m``), so checkpoints hold none.
+    """
+
+    def __init__(self, count: int, batch_size: int, seed: int, rank: int, world: int) -> None:
+        self.count, self.batch_size, self.seed, self.rank, self.world = count, batch_size, seed, rank, world
+        self.perms: dict[int, torch.Tensor] = {}
+
+    def rows(self, micro: int) -> torch.Tensor:
+        out = []
+        for j in range(self.batch_size):
+            position = (micro * self.world + self.rank) * self.batch_size + j
+            epoch, offset = divmod(position, self.count)
+            if epoch not in self.perms:
+                self.perms.clear()  # only the current epoch is ever needed again
+                self.perms[epoch] = torch.randperm(
+                    self.count, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+            out.append(int(self.perms[epoch][offset]))
+        return torch.tensor(out, dtype=torch.long)
+
+
+def random_crop(image: Any, resolution: int, gen: torch.Generator, flip: bool) -> torch.Tensor:
+    """Shorter side to ``resolution``, a random square crop, an optional mirror -> [3, R, R] in [-1, 1]."""
+    import numpy as np
+    from PIL import Image
+
+    w, h = image.size
+    scale = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    image = image.resize((nw, nh), Image.Resampling.LANCZOS)
+    left = int(torch.randint(0, nw - resolution + 1, (1,), generator=gen))
+    top = int(torch.randint(0, nh - resolution + 1, (1,), generator=gen))
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if flip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+    return array.float() / 127.5 - 1.0

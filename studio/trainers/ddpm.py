@@ -23,150 +23,81 @@ the data sampler's position, so continuing gives the same weights bit for bit as
 never stopping (on CPU, fixed seed). A non-finite loss stops the run before
 anything is saved from the poisoned weights.
 
-The shared trainer toolkit does the rest: ``studio.trainers.reporting`` (events,
-TensorBoard, sample grids), ``sampling`` (the fixed-seed samples), ``export`` (``model/``),
-``batches`` (the image cache, the batch sampler), ``resume`` (restoring a checkpoint) and
-``setup`` (diffusers import, the accelerator).
+Everything around the loop is the trainer toolkit (DEVELOPERS.md, "Trainer toolkit"):
+``setup`` (accelerator, run folder, resume point), ``batches``, ``losses``,
+``optimization`` (AdamW, LR schedule, EMA), ``reporting`` (events, TensorBoard, grids,
+loss curve), ``sampling``, ``resume`` (checkpoints) and ``export`` (``model/``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
-import random
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-from studio.checkpoints import resolve_resume, save_checkpoint
 from studio.config.train import BF16_CPU_WARNING, TrainConfig, check_precision_for_device
 from studio.devices import MODEL_INIT_LOCK
-from studio.errors import CheckpointError, ConfigError, JobError, Stopped, describe_exception
+from studio.errors import ConfigError, Stopped
 from studio.events import EventSink, ignore_events
-from studio.runs import RunDir, resumable_runs
-from studio.trainers.batches import BatchSampler, load_images
+from studio.runs import RunDir
+from studio.trainers.batches import BatchSampler, get_batch, load_images
 from studio.trainers.export import DDPM_MODEL_CARD as MODEL_CARD
 from studio.trainers.export import export_ddpm_pipeline as export_pipeline
-from studio.trainers.reporting import GRID_MIN_SIDE, Reporter, SampleQuality, save_samples, write_progress_gif, \
-    write_ranks_report
-from studio.trainers.resume import load_checkpoint, rng_state, weights_finite
+from studio.trainers.losses import diffusion_loss, snr
+from studio.trainers.optimization import ema_weights, make_ema, make_lr_schedule, make_optimizer
+from studio.trainers.reporting import (GRID_MIN_SIDE, LossMeter, NonFiniteLossError, Reporter, SampleQuality,
+                                       make_grid, params_sha, write_progress_gif, write_ranks_report)
+from studio.trainers.resume import load_ddpm_checkpoint, save_ddpm_checkpoint
 from studio.trainers.sampling import sample_images
-from studio.trainers.setup import fresh_accelerator, import_diffusers
-from studio.trainers.speed import ema_update_, make_optimizer, prepare_unet_for_training
+from studio.trainers.setup import (RunFolder, fresh_accelerator, import_diffusers, open_run, seed_everything,
+                                   stop_requested, write_run_config)
+from studio.trainers.speed import prepare_unet_for_training
 from studio.unet_presets import unet_kwargs
 
-#: What other code imports from here (some of it defined in the toolkit modules beside this one).
+#: What other code imports from here (most of it defined in the toolkit modules beside this one).
 __all__ = ["GRID_MIN_SIDE", "LOSS_SMOOTHING", "MODEL_CARD", "TASK", "BatchSampler", "NonFiniteLossError",
-           "diffusion_loss", "ema_step", "export_pipeline", "find_resume_run", "get_batch", "load_images",
-           "sample_images", "snr", "total_steps", "train", "write_progress_gif"]
+           "diffusion_loss", "export_pipeline", "get_batch", "load_images", "sample_images", "snr",
+           "total_steps", "train", "write_progress_gif"]
 
 TASK = "train"
 #: Smoothing of the reported loss (debiased exponential moving average).
 LOSS_SMOOTHING = 0.98
 
 
-class NonFiniteLossError(JobError):
-    """The loss became NaN or infinite; the run was stopped before saving the bad weights."""
+@dataclasses.dataclass
+class Training:
+    """What the loop and its helpers share once set up (one run, one process)."""
+
+    cfg: TrainConfig
+    stop: threading.Event
+    run: RunDir
+    run_cfg: TrainConfig
+    report: Reporter
+    accelerator: Any
+    unet: Any  # the unwrapped UNet2DModel (``model`` is what accelerate wrapped)
+    ema: Any
+    noise_scheduler: Any
+    optimizer: Any
+    lr_scheduler: Any
+    sampler: BatchSampler
+    noise_gen: torch.Generator
+    meter: LossMeter
+    quality: SampleQuality | None
+    total: int
 
 
-# ----------------------------------------------------------------------------- data
-def get_batch(pixels: torch.Tensor, sampler: BatchSampler, random_flip: bool, device: torch.device) -> torch.Tensor:
-    """Step 1: a float batch in [-1, 1] on ``device``, randomly flipped on tensors (no PIL)."""
-    indices, flips = sampler.next()
-    batch = pixels[indices.to(pixels.device)].to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
-    if random_flip:
-        flips = flips.to(device)[:, None, None, None]
-        batch = torch.where(flips, batch.flip(-1), batch)
-    return batch.contiguous()
-
-
-# ----------------------------------------------------------------------------- loss
-def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at ``timesteps`` (as diffusers' compute_snr)."""
-    a = alphas_cumprod.to(timesteps.device)[timesteps].float()
-    return (a.sqrt() / (1.0 - a).sqrt()) ** 2
-
-
-def diffusion_loss(pred: torch.Tensor, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
-                   noise_scheduler: Any, prediction_type: str, snr_gamma: float) -> torch.Tensor:
-    """Step 3: MSE against the target of ``prediction_type``, optionally min-SNR weighted.
-
-    Min-SNR-gamma (Hang et al. 2023) weights each sample by min(SNR, gamma) divided by
-    SNR (epsilon), SNR + 1 (v-prediction) or 1 (clean-image prediction).
-    """
-    if prediction_type == "epsilon":
-        target = noise
-    elif prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(clean, noise, timesteps)
-    else:
-        target = clean
-    if not snr_gamma:
-        return F.mse_loss(pred.float(), target.float(), reduction="mean")
-    s = snr(noise_scheduler.alphas_cumprod, timesteps)
-    weights = torch.clamp(s, max=snr_gamma)
-    if prediction_type == "epsilon":
-        weights = weights / s
-    elif prediction_type == "v_prediction":
-        weights = weights / (s + 1)
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    return (per_sample * weights).mean()
-
-
-# ----------------------------------------------------------------------------- EMA
-def ema_step(ema: Any, parameters: Any) -> None:
-    """``EMAModel.step`` with the same decay schedule and state, updated by foreach kernels.
-
-    The decay comes from diffusers' ``get_decay`` and the counters advance as in
-    ``EMAModel.step``; ``speed.ema_update_`` applies ``ema -= (1 - decay) * (ema - p)``
-    bit-exactly, in a few kernel launches instead of three per tensor.
-    """
-    ema.optimization_step += 1
-    decay = ema.get_decay(ema.optimization_step)
-    ema.cur_decay_value = decay
-    ema_update_(ema.shadow_params, list(parameters), decay)
-
-
-# ----------------------------------------------------------------------------- run set-up
 def total_steps(cfg: TrainConfig, num_images: int, world: int = 1) -> int:
     """Optimizer steps of the run: ``max_train_steps``, or ``num_epochs`` passes over the data."""
     if cfg.max_train_steps > 0:
         return cfg.max_train_steps
     per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps * world
     return cfg.num_epochs * max(1, math.ceil(num_images / per_step))
-
-
-def find_resume_run(cfg: TrainConfig) -> RunDir:
-    """The run folder a ``resume`` request refers to.
-
-    A checkpoint path names its run (``<run>/checkpoints/step-N``); "latest" uses the
-    run named ``run_name``, or the newest train run of the workspace that has a checkpoint.
-
-    Raises:
-        CheckpointError: when there is no such run.
-    """
-    if cfg.resume != "latest":
-        path = Path(cfg.resume).expanduser()
-        if not path.exists():
-            raise CheckpointError(f"Checkpoint not found: {path}.", "Check the path, or use 'latest'.")
-        return RunDir(path.resolve().parent.parent)
-    if cfg.run_name:
-        if not cfg.run_root.is_dir():
-            raise CheckpointError(f"No run named {cfg.run_name!r} in {cfg.workspace} to resume.",
-                                  "Check run_name, or leave it empty to resume the newest run.")
-        return RunDir(cfg.run_root)
-    runs = resumable_runs(cfg.workspace, TASK)  # never a run whose start failed (no checkpoint)
-    if not runs:
-        raise CheckpointError(f"No training run with a checkpoint in {cfg.workspace} to resume.",
-                              "Start a new run first.")
-    return RunDir(runs[0].path)
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -188,8 +119,7 @@ def train(cfg: TrainConfig, events: EventSink = ignore_events, stop: threading.E
         StudioError: bad settings, unreadable data, an unusable checkpoint, a non-finite loss.
     """
     stop = stop or threading.Event()
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if distributed:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         device_name = "cpu" if cfg.device == "cpu" else "auto"
     else:
         from studio.devices import resolve_device
@@ -199,262 +129,114 @@ def train(cfg: TrainConfig, events: EventSink = ignore_events, stop: threading.E
     from studio.budget import train_plan
 
     train_plan(cfg, "cpu" if device_name == "auto" else device_name).check()  # refuse before allocating
-    accelerator = fresh_accelerator(cfg, device_name)
-    is_main = accelerator.is_main_process
-
-    # -- run folder (created by the main process; the others learn its path) -----------
-    warnings: list[str] = []
-    resume_from: Path | None = None
-    run_lock = None
-    if is_main:
-        if run is None:
-            run = find_resume_run(cfg) if cfg.resume else RunDir.create(cfg.workspace, TASK, cfg.run_name)
-        run_lock = run.lock(f"{TASK} '{run.name}'").acquire()  # one trainer per run folder, across processes
-        try:
-            if cfg.resume:
-                resume_from = resolve_resume(cfg.resume, run.checkpoints_dir, warn=warnings.append)
-        except BaseException:
-            run_lock.release()
-            raise
-    if distributed:
-        from accelerate.utils import broadcast_object_list
-
-        shared = [str(run.root) if run else None, str(resume_from) if resume_from else None]
-        broadcast_object_list(shared)
-        run = RunDir(shared[0])
-        resume_from = Path(shared[1]) if shared[1] else None
-    report = Reporter(events, run if is_main else None, cfg.max_train_steps)
+    accelerator = fresh_accelerator(cfg.mixed_precision, device_name)
+    folder = open_run(cfg, TASK, accelerator, run)
+    report = Reporter(events, folder.run if accelerator.is_main_process else None, cfg.max_train_steps)
     try:
-        return _train(cfg, report, stop, run, accelerator, resume_from, warnings)
+        return _train(cfg, report, stop, folder, accelerator)
     except Stopped as exc:  # Stop during a phase before the loop: nothing trained, no checkpoint changed
-        report("stopped", message=exc.message + (f" {resume_from.name} is unchanged: resume to go on."
-                                                 if resume_from else " Nothing was trained."))
-        return run
+        report.stopped_early(exc, folder.resume_from)
+        return folder.run
     except BaseException as exc:
-        report("failed", message=describe_exception(exc))
+        report.failed(exc)
         raise
     finally:
         report.close()
-        if run_lock is not None:
-            run_lock.release()
+        folder.release()
 
 
-def _train(cfg: TrainConfig, report: Reporter, stop: threading.Event, run: RunDir, accelerator: Any,
-           resume_from: Path | None, warnings: list[str]) -> RunDir:
+def _train(cfg: TrainConfig, report: Reporter, stop: threading.Event, folder: RunFolder, accelerator: Any) -> RunDir:
     """The body of ``train`` once the accelerator and the run folder exist (every process runs it)."""
-    DDPMScheduler, UNet2DModel, get_scheduler, EMAModel = import_diffusers()
+    DDPMScheduler, UNet2DModel, _, _ = import_diffusers()
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    is_main = accelerator.is_main_process
-    for text in warnings:
+    run, resume_from = folder.run, folder.resume_from
+    for text in folder.warnings:
         report("warning", message=text)
     if cfg.mixed_precision == "bf16" and device.type == "cpu":
         report("warning", message=BF16_CPU_WARNING)
-    run_cfg = dataclasses.replace(cfg, workspace=str(run.root.parent), run_name=run.name, resume="")
-    if is_main:
-        run.write_config(TASK, run_cfg.to_dict())
-        report.open_tensorboard()
+    run_cfg = write_run_config(run, TASK, cfg, accelerator)
+    report.open_tensorboard()
 
-    # -- data ----------------------------------------------------------------------------
+    # -- data ------------------------------------------------------------------------------
     report("status", message=f"loading {cfg.data.label} at {cfg.resolution} px")
-    shown = [-1.0]
-
-    def progress(fraction: float, message: str) -> None:
-        if fraction >= 1.0 or fraction - shown[0] >= 0.1:
-            shown[0] = fraction
-            report("status", message=message)
-
     with accelerator.main_process_first():  # one process decodes and caches, the others read the cache
-        pixels = load_images(cfg, progress, stop)
-    if pixels.dtype != torch.uint8 or pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, cfg.resolution, cfg.resolution):
-        raise ConfigError(f"The image cache has shape {tuple(pixels.shape)} {pixels.dtype}; "
-                          f"expected uint8 [N, 3, {cfg.resolution}, {cfg.resolution}].")
-    if len(pixels) == 0:
-        raise ConfigError("The dataset has no images.", "Pick another dataset in the Dataset tab.")
+        pixels = load_images(cfg, DecodeProgress(report), stop)
+    check_pixels(pixels, cfg.resolution)
     if pixels.numel() < 2 * 1024 ** 3:  # small enough: keep it on the device, index there
         pixels = pixels.to(device)
-    total = total_steps(cfg, len(pixels), world)
-    report.total = total
+    total = report.total = total_steps(cfg, len(pixels), world)
     if resume_from is None:
         for text in cfg.run_length_warnings(len(pixels)):
             report("warning", message=text)
 
     # -- model, noise schedule, optimizer, LR schedule, EMA ------------------------------------
     report("status", message="building the model")
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    random.seed(cfg.seed)
+    seed_everything(cfg.seed)
     with MODEL_INIT_LOCK:  # a pipeline loading in another thread must not patch this construction
-        model = UNet2DModel(**unet_kwargs(cfg.resolution, cfg.block_out_channels, cfg.layers_per_block,
-                                          cfg.down_block_types, cfg.up_block_types, cfg.attention_head_dim))
+        unet = UNet2DModel(**unet_kwargs(cfg.resolution, cfg.block_out_channels, cfg.layers_per_block,
+                                         cfg.down_block_types, cfg.up_block_types, cfg.attention_head_dim))
     if cfg.init_from and resume_from is None:
         from studio.pretrained import load_unet_weights
 
         report("status", message=f"starting from the weights of {cfg.init_from}")
-        load_unet_weights(model, cfg.init_from, cfg.workspace)
-    model = prepare_unet_for_training(model, device)  # stock kernels; torch.compile only when asked (speed.py)
+        load_unet_weights(unet, cfg.init_from, cfg.workspace)
+    model = prepare_unet_for_training(unet, device)  # stock kernels; torch.compile only when asked (speed.py)
     noise_scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
                                     prediction_type=cfg.prediction_type)
     optimizer = make_optimizer(model.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon, device=device)
-    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                                 num_training_steps=total)
+    lr_scheduler = make_lr_schedule(cfg.lr_scheduler, optimizer, cfg.lr_warmup_steps, total)
     model, optimizer = accelerator.prepare(model, optimizer)
     unet = accelerator.unwrap_model(model)
-    ema = None
-    if cfg.use_ema:
-        ema = EMAModel(unet.parameters(), decay=cfg.ema_max_decay, use_ema_warmup=True, inv_gamma=cfg.ema_inv_gamma,
-                       power=cfg.ema_power, update_after_step=cfg.ema_update_after_step, foreach=True,
-                       model_cls=UNet2DModel, model_config=unet.config)
+    ema = make_ema(unet, UNet2DModel, decay=cfg.ema_max_decay, warmup=True, inv_gamma=cfg.ema_inv_gamma,
+                   power=cfg.ema_power, update_after_step=cfg.ema_update_after_step) if cfg.use_ema else None
     noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
-    sampler = BatchSampler(len(pixels), cfg.train_batch_size, rank, world, cfg.seed)
-    noise_gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank + 1)
-    first_indices: list[int] = []
-    quality = SampleQuality(pixels, cfg.num_samples) if is_main else None
+    accum = cfg.gradient_accumulation_steps
+    t = Training(cfg, stop, run, run_cfg, report, accelerator, unet, ema, noise_scheduler, optimizer, lr_scheduler,
+                 sampler=BatchSampler(len(pixels), cfg.train_batch_size, rank, world, cfg.seed),
+                 noise_gen=torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank + 1),
+                 meter=LossMeter(report, total, cfg.train_batch_size * accum * world, LOSS_SMOOTHING, accelerator),
+                 quality=SampleQuality(pixels, cfg.num_samples) if accelerator.is_main_process else None,
+                 total=total)
 
     # -- resume ------------------------------------------------------------------------------
-    step, smoothed, debias = 0, 0.0, 0.0
+    step = 0
     if resume_from is not None:
         report("status", message=f"resuming from {resume_from.name}")
-        step, smoothed, debias = load_checkpoint(resume_from, unet, ema, optimizer, lr_scheduler, accelerator,
-                                                 sampler, noise_gen, rank, device)
+        step, smoothed, debias = load_ddpm_checkpoint(resume_from, unet, ema, optimizer, lr_scheduler, accelerator,
+                                                      t.sampler, t.noise_gen, rank, device)
+        t.meter.load_state([smoothed, debias])
+        t.meter.last_checkpoint = resume_from
         report("warning" if step >= total else "status",
                message=(f"Checkpoint {resume_from.name} is already at step {step} of {total}: nothing left to train."
                         if step >= total else f"resumed at step {step} of {total}"))
 
-    def save(step: int) -> Path:
-        """Checkpoint (all processes take part: the RNG states of every process are gathered)."""
-        if not weights_finite(unet):
-            raise NonFiniteLossError(f"The weights became non-finite before step {step}; nothing was saved.",
-                                     "Lower the learning rate or enable gradient clipping.")
-        rng = [rng_state(noise_gen)]
-        if world > 1:
-            from accelerate.utils import gather_object
-
-            rng = gather_object(rng)
-        path = None
-        if is_main:
-            state = {"step": step, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                     "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-                     "ema": ema.state_dict() if ema is not None else None, "rng": rng,
-                     "sampler": sampler.state_dict(), "smoothed_loss": [smoothed, debias]}
-
-            def write(folder: Path) -> None:
-                from safetensors.torch import save_file
-
-                save_file({k: v.detach().contiguous() for k, v in unet.state_dict().items()},
-                          str(folder / "unet.safetensors"))
-                torch.save(state, folder / "training_state.pt")
-                (folder / "trainer_state.json").write_text(json.dumps(
-                    {"step": step, "total": total, "world_size": world, "epoch": sampler.epoch,
-                     "config": run_cfg.to_dict()}, indent=1), encoding="utf-8")
-
-            path = save_checkpoint(run.checkpoints_dir, step, write, keep=cfg.checkpoints_total_limit)
-            report("checkpoint", step, path=str(path), message=f"checkpoint at step {step}")
-        accelerator.wait_for_everyone()
-        return path or run.checkpoints_dir
-
-    def draw_samples(step: int) -> None:
-        if is_main:
-            report("status", step, message=f"sampling at step {step}")
-            if ema is not None:
-                ema.store(unet.parameters())
-                ema.copy_to(unet.parameters())
-            try:
-                images = sample_images(unet, noise_scheduler, cfg, device, stop)
-            except Stopped:  # the loop saves a checkpoint next; this grid is not drawn
-                images = None
-                report("status", step, message=f"Stop pressed: the sample grid of step {step} is not drawn")
-            finally:
-                if ema is not None:
-                    ema.restore(unet.parameters())
-            if images is not None:
-                path = save_samples(run, step, images, report.writer)
-                report("samples", step, path=str(path), message=f"samples at step {step}")
-                quality(images, step, report)
-        accelerator.wait_for_everyone()
-
-    def finish(kind: str, step: int, checkpoint: Path | None) -> RunDir:
-        model_path = None
-        if is_main:
-            report("status", step, message="exporting the model")
-            model_path = export_pipeline(unet, ema, noise_scheduler, run, run_cfg, step, total, world)
-            write_progress_gif(run)
-        write_ranks_report(run, rank, world, unet, first_indices, accelerator, is_main)
-        if kind == "finished":
-            report("finished", step, path=str(model_path), message=f"finished {step} steps; model in {model_path}")
-        else:
-            report("stopped", step, path=str(checkpoint),
-                   message=f"stopped at step {step}; resume from {checkpoint}")
-        accelerator.wait_for_everyone()
-        return run
-
     # -- the loop ------------------------------------------------------------------------------
     log_every = 1 if device.type == "cpu" else 10  # host syncs: every step is free on CPU, not on a GPU
-    accum = cfg.gradient_accumulation_steps
     if resume_from is None:
-        draw_samples(0)
+        draw_samples(t, 0)
     report("status", step, message="training")
-    pending: list[tuple[int, float, torch.Tensor]] = []
-    window_start, window_steps = time.perf_counter(), 0
-    sec_per_step: float | None = None
     last_saved = step if resume_from is not None else -1
-    checkpoint_path: Path | None = resume_from
+    first_batch: list[int] = []
     model.train()
-
-    def flush() -> None:
-        """Step 5: one host sync for all pending losses; non-finite loss ends the run here."""
-        nonlocal pending, smoothed, debias, window_start, window_steps, sec_per_step
-        if not pending:
-            return
-        losses = torch.stack([loss for _, _, loss in pending])
-        if world > 1:
-            losses = accelerator.reduce(losses, "mean")
-        values = losses.tolist()
-        now = time.perf_counter()
-        elapsed = now - window_start
-        rate = window_steps * cfg.train_batch_size * accum * world / elapsed if elapsed > 0 else None
-        if window_steps and elapsed > 0:
-            sec = elapsed / window_steps
-            sec_per_step = sec if sec_per_step is None else 0.8 * sec_per_step + 0.2 * sec
-        for (s, lr, _), value in zip(pending, values):
-            if not math.isfinite(value):
-                pending = []
-                raise NonFiniteLossError(
-                    f"The loss became {value} at step {s}; training stopped and nothing from this step on "
-                    "was saved" + (f" (last good checkpoint: {checkpoint_path.name})." if checkpoint_path else "."),
-                    "Lower the learning rate, keep gradient clipping on, or use fp32 (mixed_precision 'no').")
-            smoothed = LOSS_SMOOTHING * smoothed + (1 - LOSS_SMOOTHING) * value
-            debias = LOSS_SMOOTHING * debias + (1 - LOSS_SMOOTHING)
-            eta = (total - s) * sec_per_step if sec_per_step is not None else None
-            report("step", s, loss=value, smoothed_loss=smoothed / debias, lr=lr, images_per_s=rate, eta_s=eta)
-        pending = []
-        window_start, window_steps = now, 0
-
-    while step < total:
-        should_stop = stop.is_set()
-        if world > 1:  # every process must agree to stop at the same step
-            flag = accelerator.reduce(torch.tensor([float(should_stop)], device=device), "sum")
-            should_stop = bool(flag.item() > 0)
-        if should_stop:
-            break
+    t.meter.restart_clock()
+    while step < total and not stop_requested(stop, accelerator):
         lr = lr_scheduler.get_last_lr()[0]
         step_loss = torch.zeros((), device=device)
         for micro in range(accum):
             # 1. a batch of images
-            clean = get_batch(pixels, sampler, cfg.random_flip, device)
-            if not first_indices:
-                first_indices = sampler.last_indices.tolist()
+            clean = get_batch(pixels, t.sampler, cfg.random_flip, device)
+            first_batch = first_batch or t.sampler.last_indices.tolist()
             # 2. noise, timesteps, noisy images
-            noise = torch.randn(clean.shape, generator=noise_gen, device=device)
+            noise = torch.randn(clean.shape, generator=t.noise_gen, device=device)
             if cfg.noise_offset:
                 noise = noise + cfg.noise_offset * torch.randn((clean.shape[0], clean.shape[1], 1, 1),
-                                                               generator=noise_gen, device=device)
-            timesteps = torch.randint(0, cfg.num_train_timesteps, (clean.shape[0],), generator=noise_gen,
+                                                               generator=t.noise_gen, device=device)
+            timesteps = torch.randint(0, cfg.num_train_timesteps, (clean.shape[0],), generator=t.noise_gen,
                                       device=device)
             noisy = noise_scheduler.add_noise(clean, noise, timesteps)
             # 3. predict and compare; 4. backward (gradients are synchronised on the last micro-batch)
-            sync = accelerator.no_sync(model) if micro < accum - 1 else contextlib.nullcontext()
-            with sync:
+            with accelerator.no_sync(model) if micro < accum - 1 else contextlib.nullcontext():
                 with accelerator.autocast():
                     pred = model(noisy, timesteps).sample
                 loss = diffusion_loss(pred, clean, noise, timesteps, noise_scheduler, cfg.prediction_type,
@@ -468,27 +250,91 @@ def _train(cfg: TrainConfig, report: Reporter, stop: threading.Event, run: RunDi
             lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
-            ema_step(ema, unet.parameters())
+            ema.step(unet.parameters())
         step += 1
-        window_steps += 1
-        pending.append((step, lr, step_loss))
+        t.meter.add(step, lr, step_loss)
 
+        # 5. report the losses (one host sync), checkpoints, sample grids
         save_due = cfg.save_every and step % cfg.save_every == 0 and step < total
         sample_due = cfg.sample_every and step % cfg.sample_every == 0 and step < total
         if step % log_every == 0 or step == total or save_due or sample_due or stop.is_set():
-            flush()
+            t.meter.flush()
         if save_due:
-            checkpoint_path, last_saved = save(step), step
+            save(t, step)
+            last_saved = step
         if sample_due:
-            draw_samples(step)
-            window_start, window_steps = time.perf_counter(), 0
+            draw_samples(t, step)
+            t.meter.restart_clock()
 
-    flush()
-    if step >= total:
-        if last_saved != step:
-            checkpoint_path = save(step)
-        draw_samples(step)
-        return finish("finished", step, checkpoint_path)
+    t.meter.flush()
     if last_saved != step:
-        checkpoint_path = save(step)
-    return finish("stopped", step, checkpoint_path)
+        save(t, step)
+    if step >= total:
+        draw_samples(t, step)
+    return finish(t, step, first_batch)
+
+
+# ----------------------------------------------------------------------------- helpers of the loop
+class DecodeProgress:
+    """``progress(fraction, message)`` for the image cache: a status event every 10 %."""
+
+    def __init__(self, report: Reporter) -> None:
+        self.report, self.shown = report, -1.0
+
+    def __call__(self, fraction: float, message: str) -> None:
+        if fraction >= 1.0 or fraction - self.shown >= 0.1:
+            self.shown = fraction
+            self.report("status", message=message)
+
+
+def check_pixels(pixels: torch.Tensor, resolution: int) -> None:
+    """Refuse an image cache of the wrong shape or an empty dataset."""
+    if pixels.dtype != torch.uint8 or pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, resolution, resolution):
+        raise ConfigError(f"The image cache has shape {tuple(pixels.shape)} {pixels.dtype}; "
+                          f"expected uint8 [N, 3, {resolution}, {resolution}].")
+    if len(pixels) == 0:
+        raise ConfigError("The dataset has no images.", "Pick another dataset in the Dataset tab.")
+
+
+def save(t: Training, step: int) -> Path:
+    """Checkpoint (all processes take part); a non-finite weight refuses it."""
+    path = save_ddpm_checkpoint(t.run, step, unet=t.unet, optimizer=t.optimizer, lr_scheduler=t.lr_scheduler,
+                                ema=t.ema, accelerator=t.accelerator, sampler=t.sampler, noise_gen=t.noise_gen,
+                                smoothed_loss=t.meter.state(), config=t.run_cfg.to_dict(), total=t.total,
+                                keep=t.cfg.checkpoints_total_limit)
+    t.report("checkpoint", step, path=str(path), message=f"checkpoint at step {step}")
+    t.meter.last_checkpoint = path
+    return path
+
+
+def draw_samples(t: Training, step: int) -> None:
+    """The fixed-seed sample grid with the EMA weights, written, shown and scored (main process)."""
+    if t.accelerator.is_main_process:
+        t.report("status", step, message=f"sampling at step {step}")
+        try:
+            with ema_weights(t.ema, t.unet):
+                images = sample_images(t.unet, t.noise_scheduler, t.cfg, t.accelerator.device, t.stop)
+        except Stopped:  # the loop saves a checkpoint next; this grid is not drawn
+            t.report("status", step, message=f"Stop pressed: the sample grid of step {step} is not drawn")
+        else:
+            t.report.samples(step, make_grid(images), message=f"samples at step {step}")
+            t.quality(images, step, t.report)
+    t.accelerator.wait_for_everyone()
+
+
+def finish(t: Training, step: int, first_batch: list[int]) -> RunDir:
+    """Export ``model/`` and the progress GIF, log each process's weights, report finished or stopped."""
+    model_path = None
+    if t.accelerator.is_main_process:
+        t.report("status", step, message="exporting the model")
+        model_path = export_pipeline(t.unet, t.ema, t.noise_scheduler, t.run, t.run_cfg, step, t.total,
+                                     t.accelerator.num_processes)
+        write_progress_gif(t.run)
+    write_ranks_report(t.run, t.accelerator, params_sha(t.unet), first_batch)
+    if step >= t.total:
+        t.report("finished", step, path=str(model_path), message=f"finished {step} steps; model in {model_path}")
+    else:
+        checkpoint = t.meter.last_checkpoint
+        t.report("stopped", step, path=str(checkpoint), message=f"stopped at step {step}; resume from {checkpoint}")
+    t.accelerator.wait_for_everyone()
+    return t.run

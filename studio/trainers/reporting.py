@@ -13,12 +13,14 @@ import hashlib
 import json
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from studio.errors import JobError, Stopped, describe_exception
 from studio.events import Event, EventSink
 from studio.runs import RunDir
 
@@ -128,16 +130,29 @@ class SampleQuality:
 
 
 # ----------------------------------------------------------------------------- events and logs/
+class NonFiniteLossError(JobError):
+    """The loss (or the weights) became NaN or infinite; the run stopped before saving bad weights."""
+
+
 class Reporter:
-    """Sends events to the sink and ``events.jsonl`` (main process only) and TensorBoard."""
+    """Sends events to the sink, ``events.jsonl`` and TensorBoard (main process only).
+
+    Args:
+        sink: Receives every event (the job, the CLI).
+        run: The run folder; None on the other processes of a data-parallel run (they report nothing).
+        total: The run's optimizer steps (every event carries it; may be set later).
+    """
 
     def __init__(self, sink: EventSink, run: RunDir | None, total: int) -> None:
         self.sink, self.run, self.total, self.writer = sink, run, total, None
 
     def open_tensorboard(self) -> None:
+        """Log ``step`` and ``quality`` events to TensorBoard in ``logs/`` from now on (if installed)."""
         if self.run is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                return
             self.writer = SummaryWriter(log_dir=str(self.run.logs_dir))
 
     def __call__(self, kind: str, step: int = 0, **fields: Any) -> None:
@@ -155,41 +170,141 @@ class Reporter:
                     self.writer.add_scalar(f"quality/{tag}", getattr(event, tag), step)
         self.sink(event)
 
+    def samples(self, step: int, grid: Any, message: str) -> Path | None:
+        """Write ``grid`` (a PIL image) atomically to ``samples/step-N.png``, show it in TensorBoard and
+        report a ``samples`` event; returns the path (None on the other processes)."""
+        if self.run is None:
+            return None
+        from studio.atomic import save_image
+
+        path = save_image(grid, self.run.sample_path(step))  # atomic: a kill mid-write leaves no truncated PNG
+        if self.writer is not None:
+            self.writer.add_image("samples", np.asarray(grid.convert("RGB")), step, dataformats="HWC")
+        self("samples", step, path=str(path), message=message)
+        return path
+
+    def stopped_early(self, exc: Stopped, resume_from: Path | None) -> None:
+        """Report Stop pressed in a phase before the loop (data, model, caches): nothing trained, and
+        the checkpoint resumed from (if any) is unchanged."""
+        self("stopped", message=exc.message + (f" {resume_from.name} is unchanged: resume to go on."
+                                               if resume_from else " Nothing was trained."))
+
+    def failed(self, exc: BaseException, shown: BaseException | None = None) -> None:
+        """Report ``exc`` as the run's ``failed`` event (one line; of ``shown`` when the error is
+        translated) and its traceback in ``logs/error.txt``."""
+        self("failed", message=describe_exception(shown or exc))
+        if self.run is None:
+            return
+        try:
+            import traceback
+
+            self.run.logs_dir.mkdir(parents=True, exist_ok=True)
+            (self.run.logs_dir / "error.txt").write_text("".join(traceback.format_exception(exc)), encoding="utf-8")
+        except OSError:
+            pass
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
+
+
+class LossMeter:
+    """The loss curve: pending per-step losses read back in one host sync, checked, smoothed, reported.
+
+    ``add`` keeps a step's loss tensor on the device; ``flush`` reads all pending ones at once
+    (averaged over the ``accelerator``'s processes), raises ``NonFiniteLossError`` on a NaN/inf, and
+    reports a ``step`` event each with the smoothed loss (a debiased moving average), images
+    per second and the time left. ``state``/``load_state`` carry the smoothing across a resume.
+    """
+
+    def __init__(self, report: Reporter, total: int, images_per_step: int, smoothing: float,
+                 accelerator: Any = None) -> None:
+        self.report, self.total, self.images_per_step, self.smoothing = report, total, images_per_step, smoothing
+        self.accelerator = accelerator  # losses are averaged over its processes
+        self.smoothed = self.debias = 0.0
+        self.pending: list[tuple[int, float, torch.Tensor]] = []
+        self.sec_per_step: float | None = None
+        self.last_checkpoint: Path | None = None  # named in the non-finite message
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        """Start timing afresh (after sampling or validation, which are not training time)."""
+        self.window_start, self.window_steps = time.perf_counter(), 0
+
+    def add(self, step: int, lr: float, loss: torch.Tensor) -> None:
+        self.pending.append((step, lr, loss.detach()))
+        self.window_steps += 1
+
+    def flush(self) -> None:
+        """Step events for every pending loss; a non-finite one ends the run here."""
+        if not self.pending:
+            return
+        losses = torch.stack([loss for _, _, loss in self.pending])
+        if self.accelerator is not None and self.accelerator.num_processes > 1:
+            losses = self.accelerator.reduce(losses, "mean")
+        values = losses.tolist()
+        now = time.perf_counter()
+        elapsed = now - self.window_start
+        rate = self.window_steps * self.images_per_step / elapsed if elapsed > 0 else None
+        if self.window_steps and elapsed > 0:
+            sec = elapsed / self.window_steps
+            self.sec_per_step = sec if self.sec_per_step is None else 0.8 * self.sec_per_step + 0.2 * sec
+        pending, self.pending = self.pending, []
+        for (step, lr, _), value in zip(pending, values):
+            if not math.isfinite(value):
+                saved = f" (last good checkpoint: {self.last_checkpoint.name})." if self.last_checkpoint else "."
+                raise NonFiniteLossError(
+                    f"The loss became {value} at step {step}; training stopped and nothing from this step on "
+                    "was saved" + saved,
+                    "Lower the learning rate, keep gradient clipping on, or use fp32 (mixed_precision 'no').")
+            self.smoothed = self.smoothing * self.smoothed + (1 - self.smoothing) * value
+            self.debias = self.smoothing * self.debias + (1 - self.smoothing)
+            eta = (self.total - step) * self.sec_per_step if self.sec_per_step is not None else None
+            self.report("step", step, loss=value, smoothed_loss=self.smoothed / self.debias, lr=lr,
+                        images_per_s=rate, eta_s=eta)
+        self.restart_clock()
+
+    def state(self) -> list[float]:
+        return [self.smoothed, self.debias]
+
+    def load_state(self, state: Any) -> None:
+        self.smoothed, self.debias = (float(v) for v in (state or [0.0, 0.0]))
+
+
+def weights_sha256(tensors: Any) -> str:
+    """SHA-256 of ``tensors`` (e.g. a model's parameters), in order."""
+    digest = hashlib.sha256()
+    for p in tensors:
+        p = p.detach().cpu()
+        digest.update((p.float() if p.dtype == torch.bfloat16 else p).contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def params_sha(model: torch.nn.Module) -> str:
     """SHA-256 of all of ``model``'s weights, in parameter order."""
-    digest = hashlib.sha256()
-    for p in model.parameters():
-        digest.update(p.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+    return weights_sha256(model.parameters())
 
 
-def write_ranks_report(run: RunDir, rank: int, world: int, unet, first_indices: list[int], accelerator,
-                       is_main: bool) -> None:
+def write_ranks_report(run: RunDir, accelerator: Any, weights_sha: str, first_batch: list[int]) -> None:
     """``logs/processes.json``: per process, its rank, a checksum of its final weights and the
-    images of its first batch (shows data-parallel runs stayed in sync on different shards)."""
-    entry = {"rank": rank, "world_size": world, "weights_sha256": params_sha(unet),
-             "device": str(accelerator.device), "first_batch": first_indices}
-    entries = [entry]
-    if world > 1:
+    images of its first batch (shows data-parallel runs stayed in sync on different shards).
+    Every process calls it (the entries are gathered)."""
+    entries = [{"rank": accelerator.process_index, "world_size": accelerator.num_processes,
+                "weights_sha256": weights_sha, "device": str(accelerator.device), "first_batch": first_batch}]
+    if accelerator.num_processes > 1:
         from accelerate.utils import gather_object
 
         entries = gather_object(entries)
-    if is_main:
+    if accelerator.is_main_process:
         (run.logs_dir / "processes.json").write_text(json.dumps(entries, indent=1) + "\n", encoding="utf-8")
 
 
-def save_grid(images: list[Any], resolution: int, path: Path) -> Path:
-    """Paste square ``resolution`` images side by side on white and save them to ``path``."""
+def image_row(images: list[Any], resolution: int):
+    """Square ``resolution`` PIL images side by side on white, one PIL image (a validation grid)."""
     from PIL import Image
 
     grid = Image.new("RGB", (resolution * len(images), resolution), "white")
     for i, image in enumerate(images):
         grid.paste(image, (i * resolution, 0))
-    from studio.atomic import save_image
-
-    return save_image(grid, path)  # atomic: a kill mid-write never leaves a truncated PNG
+    return grid

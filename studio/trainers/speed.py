@@ -3,7 +3,9 @@
 Every function here computes what the plain path computes (same loss formula, same
 update rule): only float rounding differs, and ``ema_update_`` is bit-exact. What each
 lever gave on the 2-core CPU is measured by ``benchmarks/train_ddpm.py`` and written up
-in ``benchmarks/README.md``. The API the trainers call:
+in ``benchmarks/README.md``. The API (the trainers call the first two through
+``studio.trainers.optimization``; ``ema_update_`` is kept for the benchmarks and as the
+bit-exact reference of the EMA step the trainers take with diffusers' ``EMAModel``):
 
     prepare_unet_for_training(unet, device_or_cfg, *, compile=None) -> nn.Module
     make_optimizer(params, *, lr, betas, weight_decay, eps, device) -> torch.optim.AdamW

@@ -1,8 +1,9 @@
 """Stable Diffusion pieces the fine-tune uses: the base pipeline, its modules, what trains.
 
 Responsible for: loading and checking the base pipeline, moving and freezing its modules,
-adding what trains (LoRA adapters or the whole UNet) and assembling a pipeline around the
-training components for validation and export.
+the training noise scheduler, adding what trains (LoRA adapters or the whole UNet), SDXL's
+extra UNet inputs, the prompt of each training image, assembling a pipeline around the
+training components for validation and export, and advice when memory runs out.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from studio.config.finetune import TEXT_ENCODER_LORA_TARGETS, FinetuneConfig
 from studio.devices import MODEL_INIT_LOCK
-from studio.errors import ModelError
+from studio.errors import DataError, ModelError, StudioError
 
 
 # --------------------------------------------------------------------------- the base model
@@ -121,3 +122,95 @@ def assemble_pipeline(base: Any, vae: torch.nn.Module, unet: torch.nn.Module, te
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=base.tokenizer, unet=unet,
                                    scheduler=base.scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
+
+
+def training_noise_scheduler(pipe: Any, prediction_type: str = "") -> Any:
+    """A ``DDPMScheduler`` with the base pipeline's schedule (``prediction_type`` overrides its target).
+
+    Raises:
+        ModelError: a target other than epsilon or v_prediction.
+    """
+    from diffusers import DDPMScheduler
+
+    config = dict(pipe.scheduler.config)
+    if prediction_type:
+        config["prediction_type"] = prediction_type
+    scheduler = DDPMScheduler.from_config(config)
+    if scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
+        raise ModelError(f"The base scheduler predicts {scheduler.config.prediction_type!r}; fine-tuning supports "
+                         "epsilon and v_prediction.", "Set prediction_type explicitly.")
+    return scheduler
+
+
+def sdxl_conditioning(pooled: torch.Tensor | None, batch: int, resolution: int,
+                      device: torch.device) -> dict[str, torch.Tensor] | None:
+    """SDXL's extra UNet inputs: the pooled text embedding and the size/crop ids (None for SD 1.x/2.x).
+
+    Images come center-cropped at the training resolution, so the ids say original
+    size = target size = (R, R) and crop = (0, 0), which is also what generation asks for.
+    """
+    if pooled is None:
+        return None
+    r = resolution
+    time_ids = torch.tensor([[r, r, 0, 0, r, r]], device=device, dtype=pooled.dtype).repeat(batch, 1)
+    return {"text_embeds": pooled, "time_ids": time_ids}
+
+
+def image_prompts(cfg: FinetuneConfig, captions: list[str] | None, count: int) -> list[str]:
+    """The prompt of each training image: the instance prompt (DreamBooth) or its caption.
+
+    Raises:
+        DataError: when an image has neither a caption nor an instance prompt to fall back on.
+    """
+    instance = cfg.instance_prompt.strip()
+    if cfg.is_dreambooth:
+        return [instance] * count
+    caps = [(c or "").strip() for c in (captions or [""] * count)]
+    missing = sum(1 for c in caps if not c)
+    if missing and not instance:
+        raise DataError(f"{missing} of {count} images have no caption and no instance prompt is set.",
+                        "Add captions (metadata.jsonl or a .txt beside each image), or set an instance prompt.")
+    return [c or instance for c in caps]
+
+
+# --------------------------------------------------------------------------- memory
+def out_of_memory_error(cfg: FinetuneConfig, exc: BaseException) -> StudioError:
+    """Turn an out-of-memory error into advice that fits this config."""
+    tips = []
+    if not cfg.is_lora:
+        tips.append("use LoRA instead of a full fine-tune")
+    if not cfg.gradient_checkpointing:
+        tips.append("turn on gradient checkpointing")
+    if cfg.train_batch_size > 1:
+        tips.append("use a smaller batch (raise gradient accumulation to keep the effective batch)")
+    if cfg.resolution > 256:
+        tips.append(f"lower the resolution (now {cfg.resolution})")
+    if cfg.train_text_encoder:
+        tips.append("stop training the text encoder")
+    advice = "; ".join(tips) or "use a smaller base model or a machine with more memory"
+    return StudioError("Out of memory while fine-tuning.", f"Try: {advice}.")
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Whether ``exc`` means the device (or the host) ran out of memory."""
+    return isinstance(exc, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+def memory_warning(cfg: FinetuneConfig, unet: torch.nn.Module, weight_dtype: torch.dtype, device: torch.device,
+                   sdxl: bool) -> str | None:
+    """A warning when the UNet's training state alone will not fit the GPU (e.g. full SDXL), or SDXL on CPU."""
+    params = sum(p.numel() for p in unet.parameters())
+    if cfg.is_lora:  # frozen weights in the training dtype; the adapters are tiny
+        need = params * (2 if weight_dtype != torch.float32 else 4)
+    else:  # fp32 weights, gradients and two Adam moments (+ an EMA copy)
+        need = params * 4 * (4 + (1 if cfg.use_ema else 0)) // (2 if cfg.use_8bit_adam else 1)
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        if need > 0.8 * total:
+            return (f"This {cfg.method} fine-tune keeps about {need / 2**30:.0f} GiB of UNet weights and optimizer "
+                    f"state, and this GPU has {total / 2**30:.0f} GiB: it will likely run out of memory. "
+                    + out_of_memory_error(cfg, MemoryError()).hint)
+    elif sdxl:
+        return "SDXL on CPU trains very slowly; a GPU with 16+ GiB (LoRA) is advised."
+    return None
