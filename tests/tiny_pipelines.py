@@ -244,10 +244,37 @@ def make_tiny_lora(pipeline_path: str | Path, out_dir: str | Path, seed: int = 0
 
 
 # --------------------------------------------------------------------------- a bundled text-to-image model
+@_model_init_locked
+def make_small_sd(path: str | Path, seed: int = 0) -> Path:
+    """A random-weight pipeline built by ``studio.small_sd`` (the code that builds the bundled emoji SD), tiny.
+
+    The same layout as ``assets/models/emoji-sd``: a caption-learnt CLIP tokenizer saved in
+    both formats, a VAE that halves the image, cross-attention on the last UNet level only
+    and no middle block, v-prediction, a VAE ``scaling_factor`` of its own. 16 px images.
+    """
+    import torch
+
+    from studio import small_sd
+
+    torch.manual_seed(seed)
+    spec = small_sd.SmallSDSpec(resolution=16, vocab_size=600, text_width=32, text_layers=1, text_heads=2,
+                                vae_channels=(8, 16), unet_channels=(32, 64), unet_cross_attention=(False, True),
+                                unet_head_dim=16)
+    path = Path(path)
+    captions = ["red heart", "yellow smiling face", "flag of france", "blue circle", "a red apple"] * 3
+    tokenizer = small_sd.train_tokenizer(captions, path / "tokenizer", vocab_size=spec.vocab_size)
+    vae = small_sd.build_vae(spec)
+    vae.register_to_config(scaling_factor=1.5)
+    pipe = small_sd.build_pipeline(vae, small_sd.build_text_encoder(spec, tokenizer), tokenizer,
+                                   small_sd.build_unet(spec), spec.prediction_type)
+    small_sd.save_pipeline(pipe, path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_sd_stand_in(tmp_path_factory) -> Path:
-    """A tiny SD pipeline folder named like a bundled model (``.../models/emoji-sd``), built once."""
-    return make_tiny_sd(tmp_path_factory.mktemp("models") / "emoji-sd")
+    """A tiny pipeline in the bundled emoji SD's layout (``.../models/emoji-sd``), built once."""
+    return make_small_sd(tmp_path_factory.mktemp("models") / "emoji-sd")
 
 
 @pytest.fixture
