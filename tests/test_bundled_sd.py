@@ -128,7 +128,7 @@ def test_dreambooth_with_a_rare_token_runs(ctx, bundled_sd, tmp_path):
     first, last = (np.asarray(_image(path)) for path in (snap.samples[0][1], snap.samples[-1][1]))
     assert np.abs(first.astype(int) - last).max() > 0  # the instance prompt's image changed with training
     card = (Path(snap.run_dir) / "lora" / "README.md").read_text()
-    assert "a sks heart" in card and "bundled:emoji-sd" in card
+    assert "instance_prompt: a sks heart" in card and "of emoji-sd" in card  # studio.model_cards
 
 
 def _image(path: str):

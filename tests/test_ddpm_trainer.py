@@ -100,7 +100,7 @@ def test_events_arrive_in_order_and_match_the_run_folder(workspace):
 
     grid = Image.open(run.sample_path(4))
     assert grid.size == (256, 256)  # 2x2 grid of 8 px samples, enlarged 16x (nearest) for viewing
-    assert (run.model_dir / "README.md").read_text().startswith("---\nlibrary_name: diffusers")
+    assert (run.model_dir / "README.md").read_text().startswith("---\nlibrary_name: diffusers\nlicense: ")
 
 
 def test_stop_ends_within_one_step_with_a_resumable_checkpoint(workspace):

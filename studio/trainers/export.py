@@ -9,7 +9,6 @@ Hugging Face Hub.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Callable
@@ -18,49 +17,15 @@ from typing import Any
 
 import torch
 
-from studio.config.finetune import METHOD_HELP, FinetuneConfig
+from studio.config.finetune import FinetuneConfig
 from studio.config.train import TrainConfig
 from studio.errors import StudioError, describe_exception
 from studio.runs import RunDir
 
 
 # ----------------------------------------------------------------------------- model/
-DDPM_MODEL_CARD = """---
-library_name: diffusers
-pipeline_tag: unconditional-image-generation
-tags:
-- diffusers
-- ddpm
-- unconditional-image-generation
-- diffusion-studio
----
-
-# {name}
-
-An unconditional DDPM trained from scratch with Diffusion Studio.
-
-| | |
-|---|---|
-| dataset | {dataset} |
-| resolution | {resolution} px |
-| steps | {step} of {total} |
-| batch size | {batch} x {accum} accumulation x {world} process(es) |
-| learning rate | {lr} ({schedule}, {warmup} warm-up steps) |
-| UNet | block_out_channels {channels}, layers_per_block {layers}, {params:,} parameters |
-| noise schedule | {timesteps} timesteps, {beta}, predicts {prediction} |
-| weights | {weights} |
-
-## Use
-
-```python
-from diffusers import DDPMPipeline
-
-pipe = DDPMPipeline.from_pretrained("{path}")
-image = pipe(batch_size=4, num_inference_steps=1000).images[0]
-```
-
-Training configuration: `../config.json`; loss history: `../events.jsonl`.
-"""
+#: The DDPM model card is built by ``studio.model_cards.ddpm_card`` (Hub conventions, no local paths).
+DDPM_MODEL_CARD = "studio.model_cards.ddpm_card"
 
 
 def export_ddpm_pipeline(unet: torch.nn.Module, ema: Any, noise_scheduler: Any, run: RunDir, cfg: TrainConfig,
@@ -78,13 +43,11 @@ def export_ddpm_pipeline(unet: torch.nn.Module, ema: Any, noise_scheduler: Any, 
     tmp = run.root / ".model-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "README.md").write_text(DDPM_MODEL_CARD.format(
-        name=run.name, dataset=cfg.data.label, resolution=cfg.resolution, step=step, total=total,
-        batch=cfg.train_batch_size, accum=cfg.gradient_accumulation_steps, world=world, lr=cfg.learning_rate,
-        schedule=cfg.lr_scheduler, warmup=cfg.lr_warmup_steps, channels=tuple(cfg.block_out_channels),
-        layers=cfg.layers_per_block, params=sum(p.numel() for p in export.parameters()),
-        timesteps=cfg.num_train_timesteps, beta=cfg.beta_schedule, prediction=cfg.prediction_type,
-        weights="EMA" if ema is not None else "final", path=str(run.model_dir)), encoding="utf-8")
+    from studio.model_cards import ddpm_card, scrub_local_paths
+
+    scrub_local_paths(tmp)
+    (tmp / "README.md").write_text(ddpm_card(run, cfg, step, total, world, sum(p.numel() for p in export.parameters()),
+                                             ema is not None), encoding="utf-8")
     old = run.root / ".model-old"
     shutil.rmtree(old, ignore_errors=True)
     if run.model_dir.exists():
@@ -109,16 +72,21 @@ def export_lora(run: RunDir, cfg: FinetuneConfig, unet: torch.nn.Module, text_en
     from studio.lora_export import save_lora
 
     out = run.lora_dir
+    from studio.model_cards import public_name
+
     save_lora(out, unet, text_encoder, kohya_name=f"{run.name}-kohya.safetensors",
-              metadata={"base_model": cfg.pretrained_model_name_or_path, "trigger_words": cfg.trigger_words},
-              sdxl=sdxl)
+              metadata={"base_model": public_name(cfg.pretrained_model_name_or_path),
+                        "trigger_words": cfg.trigger_words}, sdxl=sdxl)
     return out
 
 
 def export_sd_pipeline(run: RunDir, cfg: FinetuneConfig, pipe: Any, step: int, report: Callable[..., None]) -> Path:
     """Write ``pipe`` to ``run.model_dir`` as a diffusers folder (and a single file when asked); returns it."""
+    from studio.model_cards import scrub_local_paths
+
     out = run.model_dir
     pipe.save_pretrained(out, safe_serialization=True)
+    scrub_local_paths(out)  # diffusers writes the base's local path as _name_or_path
     if cfg.save_single_file:
         from studio.single_file import save_single_file
 
@@ -140,48 +108,9 @@ def write_model_card(folder: Path, cfg: FinetuneConfig, run: RunDir, step: int, 
         shutil.copy2(path, folder / "samples" / path.name)
         label = "base model (step 0)" if path.name == "step-000000.png" else f"after {path.stem.split('-')[1].lstrip('0') or '0'} steps"
         lines.append(f"![{label}](samples/{path.name})  \n*{label}*")
-    kind = "LoRA" if cfg.is_lora else "fine-tuned pipeline"
-    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("data", "workspace", "resume", "run_name")}
-    usage = ("```python\nfrom diffusers import StableDiffusionPipeline\n"
-             f"pipe = StableDiffusionPipeline.from_pretrained({cfg.pretrained_model_name_or_path!r})\n"
-             "pipe.load_lora_weights('path/to/this/folder')\n```"
-             if cfg.is_lora else
-             "```python\nfrom diffusers import StableDiffusionPipeline\n"
-             "pipe = StableDiffusionPipeline.from_pretrained('path/to/this/folder')\n```")
-    if sdxl:
-        usage = usage.replace("StableDiffusionPipeline", "StableDiffusionXLPipeline")
-    text = "\n".join([
-        "---",
-        f"base_model: {cfg.pretrained_model_name_or_path}",
-        "library_name: diffusers",
-        "tags: [stable-diffusion" + ("-xl" if sdxl else "") + ", text-to-image, diffusers"
-        + (", lora" if cfg.is_lora else "")
-        + (", dreambooth" if cfg.is_dreambooth else "") + "]",
-        "---",
-        f"# {run.name}: {kind} of {cfg.pretrained_model_name_or_path}",
-        "",
-        f"Method: **{cfg.method}** — {METHOD_HELP[cfg.method]} Trained {step} steps on {cfg.data.label} "
-        f"at {cfg.resolution} px with Diffusion Studio.",
-        "",
-        f"Trigger words: `{cfg.trigger_words}`" if cfg.trigger_words else "Trigger words: none (trained on captions).",
-        "",
-        "## Validation images (fixed seed)",
-        "",
-        *lines,
-        "",
-        "## Use",
-        "",
-        usage,
-        "" if not cfg.is_lora else
-        f"The kohya/A1111 file `{run.name}-kohya.safetensors` loads in AUTOMATIC1111, ComfyUI and kohya's scripts.",
-        "",
-        "## Settings",
-        "",
-        "```json",
-        json.dumps(settings, indent=1),
-        "```",
-        "",
-    ])
+    from studio.model_cards import finetune_card
+
+    text = finetune_card(folder, cfg, run, step, lines, sdxl=sdxl)
     path = folder / "README.md"
     path.write_text(text, encoding="utf-8")
     return path
