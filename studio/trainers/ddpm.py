@@ -47,7 +47,6 @@ from studio.errors import ConfigError, Stopped
 from studio.events import EventSink, ignore_events
 from studio.runs import RunDir
 from studio.trainers.batches import BatchSampler, get_batch, load_images
-from studio.trainers.export import DDPM_MODEL_CARD as MODEL_CARD
 from studio.trainers.export import export_ddpm_pipeline as export_pipeline
 from studio.trainers.losses import diffusion_loss, snr
 from studio.trainers.optimization import ema_weights, make_ema, make_lr_schedule, make_optimizer
@@ -61,7 +60,7 @@ from studio.trainers.speed import prepare_unet_for_training
 from studio.unet_presets import unet_kwargs
 
 #: What other code imports from here (most of it defined in the toolkit modules beside this one).
-__all__ = ["GRID_MIN_SIDE", "LOSS_SMOOTHING", "MODEL_CARD", "TASK", "BatchSampler", "NonFiniteLossError",
+__all__ = ["GRID_MIN_SIDE", "LOSS_SMOOTHING", "TASK", "BatchSampler", "NonFiniteLossError",
            "diffusion_loss", "export_pipeline", "get_batch", "load_images", "sample_images", "snr",
            "total_steps", "train", "write_progress_gif"]
 

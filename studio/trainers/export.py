@@ -24,10 +24,6 @@ from studio.runs import RunDir
 
 
 # ----------------------------------------------------------------------------- model/
-#: The DDPM model card is built by ``studio.model_cards.ddpm_card`` (Hub conventions, no local paths).
-DDPM_MODEL_CARD = "studio.model_cards.ddpm_card"
-
-
 def export_ddpm_pipeline(unet: torch.nn.Module, ema: Any, noise_scheduler: Any, run: RunDir, cfg: TrainConfig,
                     step: int, total: int, world: int) -> Path:
     """Write ``model/``: a DDPMPipeline with the EMA weights (safetensors) and a model card."""
