@@ -17,7 +17,7 @@ Exit codes (also in ``--help`` and the README):
     1   an unexpected error (a bug: the traceback is printed)
     2   something you can fix: bad command line or config, unreadable data or model,
         no usable checkpoint, the device or run folder busy with another job, the disk
-        full or a folder not writable (one line on stderr says which)
+        full or a folder not writable, out of memory (one line on stderr says which)
     130 aborted by a second Ctrl-C
 """
 
@@ -31,7 +31,7 @@ import sys
 import threading
 from typing import Any, Callable
 
-from studio.errors import ConfigError, StudioError, describe_exception, storage_error
+from studio.errors import ConfigError, StudioError, describe_exception, memory_error, storage_error
 
 #: command -> (config class "module:Class", runner "module:function").
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -53,7 +53,8 @@ EXIT_CODES = """exit codes:
   0    finished, or stopped (Ctrl-C) with a resumable checkpoint
   1    an unexpected error (a bug: the traceback is printed)
   2    something you can fix: bad config, unreadable data or model, no usable
-       checkpoint, device or run folder busy, disk full or folder not writable
+       checkpoint, device or run folder busy, disk full or folder not writable,
+       out of memory
   130  aborted by a second Ctrl-C"""
 
 #: Command-line flags that override config fields of the same name.
@@ -187,7 +188,8 @@ def _install_stop_handlers(stop: threading.Event) -> Callable[[], None]:
         if stop.is_set() and signum == signal.SIGINT:
             raise KeyboardInterrupt
         stop.set()
-        print("\nstopping after this step (saving a checkpoint); Ctrl-C again to abort", file=sys.stderr)
+        print("\nstopping after this step, image or batch (a run that has trained saves a checkpoint); "
+              "Ctrl-C again to abort", file=sys.stderr)
 
     for sig in previous:
         signal.signal(sig, handler)
@@ -274,8 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     except StudioError as exc:
         print(f"error: {describe_exception(exc)}", file=sys.stderr)
         return 2
-    except OSError as exc:
-        problem = storage_error(exc)
+    except (OSError, MemoryError, RuntimeError) as exc:  # a full disk, an unwritable folder, out of memory
+        problem = storage_error(exc) if isinstance(exc, OSError) else memory_error(exc)
         if problem is None:
             raise
         print(f"error: {problem.user_message}", file=sys.stderr)

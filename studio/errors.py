@@ -92,10 +92,35 @@ def storage_error(exc: OSError) -> StorageError | None:
     return None
 
 
+_ALLOC = re.compile(r"(?:[Tt]ried to allocate|you tried to allocate) ([\d.]+ ?[KMGT]?i?B|\d+ bytes)")
+
+
+def memory_error(exc: BaseException) -> StudioError | None:
+    """The ``StudioError`` for running out of memory (RAM or GPU), or None for anything else.
+
+    Recognises ``MemoryError``, torch's ``OutOfMemoryError`` (CUDA/MPS) and the CPU
+    allocator's "can't allocate memory" ``RuntimeError`` without importing torch.
+    """
+    text = str(exc)
+    lower = text.lower()
+    if not (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+            or (isinstance(exc, RuntimeError) and ("out of memory" in lower or "can't allocate memory" in lower
+                                                   or "not enough memory" in lower))):
+        return None
+    where = "GPU" if ("cuda" in lower or "mps" in lower or "gpu" in lower) else "RAM"
+    asked = _ALLOC.search(text)
+    size = asked.group(1) if asked else ""
+    if size.endswith(" bytes") and size[:-6].isdigit():
+        size = f"{int(size[:-6]) / 2**30:.1f} GiB"
+    return StudioError(f"Out of memory ({where}{': it asked for ' + size + ' more' if size else ''}).",
+                       "Try a smaller batch size, resolution or model; the memory plan line shows what fits.")
+
+
 def describe_exception(exc: BaseException) -> str:
     """One line for the UI: the StudioError message, or a generic line for bugs.
 
-    Disk and permission errors become a ``StorageError`` message; ANSI escapes and
+    Disk and permission errors become a ``StorageError`` message, running out of RAM or
+    GPU memory a ``memory_error`` line; ANSI escapes and
     control characters never reach the page.
 
     Args:
@@ -106,10 +131,10 @@ def describe_exception(exc: BaseException) -> str:
     """
     if isinstance(exc, OSError) and not isinstance(exc, StudioError):
         exc = storage_error(exc) or exc
+    if not isinstance(exc, StudioError):
+        exc = memory_error(exc) or exc
     if isinstance(exc, StudioError):
         return clean_text(exc.user_message)
-    if isinstance(exc, MemoryError):
-        return "Out of memory. Try a smaller batch size or resolution."
     plain = clean_text(str(exc)).strip()
     text = plain.splitlines()[0] if plain else ""
     name = type(exc).__name__

@@ -253,6 +253,8 @@ def _load_target(ref: ModelRef, dtype: Any, offline: bool, report: ProgressFn) -
         refused = pickle_refusal(exc, _local_folder(ref))
         if refused is not None:
             raise refused from None
+        if ref.kind == "hub" and _is_download_error(exc):  # cut mid-file, HTTP 5xx after the retries
+            raise _download_error(ref.location, exc, again="load it again") from None
         if not isinstance(exc, (ValueError, OSError)):
             raise
         text = str(exc).strip()
@@ -497,7 +499,15 @@ class PipelineManager:
         return f"{done} It now loads offline (cached in {Path(folder).name})."
 
 
-def _download_error(repo_id: str, exc: BaseException) -> ModelError:
+def _is_download_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is the Hub transport failing (a connection cut mid-file, an HTTP error after retries)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    module = type(exc).__module__.split(".")[0]
+    return isinstance(exc, HfHubHTTPError) or module in ("httpx", "httpx2", "httpcore", "h11", "requests", "urllib3")
+
+
+def _download_error(repo_id: str, exc: BaseException, again: str = "press Download again") -> ModelError:
     """The one-line reason a download failed: gated, missing, no such revision, or no connection."""
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
@@ -510,7 +520,7 @@ def _download_error(repo_id: str, exc: BaseException) -> ModelError:
                           "Check the spelling; for a private model: " + _LOGIN_HINT)
     first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
     return ModelError(f"Downloading {repo_id} failed: {first}",
-                      "Check your connection and press Download again: finished files are kept and a "
+                      f"Check your connection and {again}: finished files are kept and a "
                       "partial file resumes where it stopped.")
 
 

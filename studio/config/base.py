@@ -12,11 +12,14 @@ import dataclasses
 import json
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 from studio.errors import ConfigError
 
 C = TypeVar("C", bound="ConfigBase")
+
+#: The largest seed any task takes (numpy's and the Generate tab's 32-bit limit).
+MAX_SEED = 2**32 - 1
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:
@@ -65,8 +68,12 @@ class ConfigBase:
     def from_dict(cls: type[C], data: dict[str, Any]) -> C:
         """Build from a dict, rejecting unknown keys by name and nesting sub-configs.
 
+        Every value is also checked against its field's type ("max_train_steps must be a
+        whole number (got 'abc')"), so a JSON file or an API call with a wrong type gets a
+        line naming the setting, never a Python error about the comparison it broke.
+
         Raises:
-            ConfigError: on an unknown key or a value that fails validation.
+            ConfigError: on an unknown key, a value of the wrong type or one that fails validation.
         """
         if not isinstance(data, dict):
             raise ConfigError(f"{cls.__name__} expects a JSON object, got {type(data).__name__}.")
@@ -86,11 +93,19 @@ class ConfigBase:
                 value = sub.from_dict(value)
             elif _is_tuple_hint(hint) and isinstance(value, list):
                 value = tuple(value)
+            elif _is_tuple_hint(hint) and isinstance(value, str):  # "8,16" would become a tuple of characters
+                raise type_problem(cls, {name: value}, hints) or ConfigError(f"{name} must be a list.")
             values[name] = value
         try:
-            return cls(**values)
-        except TypeError as exc:  # wrong value types that __post_init__ did not catch
-            raise ConfigError(f"Invalid {cls.__name__}: {exc}") from None
+            config = cls(**values)
+        except ConfigError:  # the class's own words for the problem
+            raise
+        except (TypeError, ValueError, AttributeError, OverflowError) as exc:  # a wrong type broke a check
+            raise type_problem(cls, values, hints) or ConfigError(f"Invalid {cls.__name__}: {exc}") from None
+        problem = type_problem(cls, values, hints)  # e.g. 1.5 steps or true as a count pass the range checks
+        if problem is not None:
+            raise problem
+        return config
 
     @classmethod
     def from_json(cls: type[C], path: str | Path) -> C:
@@ -126,6 +141,47 @@ def read_json_object(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a JSON object of settings.")
     return data
+
+
+def _expected(hint: Any) -> tuple[str, Callable[[Any], bool]] | None:
+    """(words, test) for a field type hint, or None when it is not a plain JSON type."""
+    import math
+
+    args = typing.get_args(hint)
+    if type(None) in args:  # "X | None": None is allowed, else X
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) != 1:
+            return None
+        base = _expected(inner[0])
+        return None if base is None else (base[0] + " or empty", lambda v, t=base[1]: v is None or t(v))
+    if hint is bool:
+        return "true or false", lambda v: isinstance(v, bool)
+    if hint is int:
+        return "a whole number", lambda v: isinstance(v, int) and not isinstance(v, bool)
+    if hint is float:
+        return "a finite number", lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                             and math.isfinite(v))
+    if hint is str:
+        return "text", lambda v: isinstance(v, str)
+    if typing.get_origin(hint) is tuple and len(args) == 2 and args[1] is Ellipsis:
+        item = _expected(args[0])
+        if item is None:
+            return None
+        return f"a list of {item[0].removeprefix('a ')}s", lambda v, t=item[1]: (
+            isinstance(v, (list, tuple)) and all(t(x) for x in v))
+    return None
+
+
+def type_problem(cls: type, values: dict[str, Any], hints: dict[str, Any] | None = None) -> ConfigError | None:
+    """The first value in ``values`` that does not fit its field's type, as a ``ConfigError`` (else None)."""
+    hints = hints if hints is not None else typing.get_type_hints(cls)
+    helps = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+    for name, value in values.items():
+        expected = _expected(hints.get(name))
+        if expected is not None and not expected[1](value):
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            return ConfigError(f"{name} must be {expected[0]} (got {shown}).", helps.get(name, ""))
+    return None
 
 
 def _config_class(hint: Any) -> type[ConfigBase] | None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass, field
 
-from studio.config.base import ConfigBase, option, require, require_choice
+from studio.config.base import MAX_SEED, ConfigBase, option, require, require_choice
 from studio.config.data import DataConfig
 
 #: Fine-tune methods, in the order the UI offers them (LoRA is the default).
@@ -135,6 +135,7 @@ class FinetuneConfig(ConfigBase):
                 "Validation and checkpoint intervals must be 0 (off) or positive.")
         require(self.num_inference_steps >= 1, "Validation denoising steps must be at least 1.")
         require(self.checkpoints_total_limit >= 1, "Keep at least one checkpoint.")
+        require(0 <= self.seed <= MAX_SEED, f"Seed must be a whole number from 0 to {MAX_SEED} (got {self.seed}).")
         if self.is_lora:
             require(1 <= self.rank <= 1024, "LoRA rank must be between 1 and 1024 (4-64 is typical).")
             require(self.lora_alpha >= 0, "LoRA alpha must be 0 (= rank) or positive.")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from studio.config.base import ConfigBase, option, require, require_choice
+from studio.config.base import MAX_SEED, ConfigBase, option, require, require_choice
 from studio.schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
 
 #: Largest width/height accepted (pixels); larger rarely fits any GPU and is a typo.
@@ -19,7 +19,6 @@ MAX_SIZE = 4096
 MAX_BATCH_SIZE = 16
 MAX_BATCH_COUNT = 100
 MAX_STEPS = 1000
-MAX_SEED = 2**32 - 1
 
 
 @dataclass

@@ -24,7 +24,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from studio.config.base import ConfigBase, option, require, require_choice
+from studio.config.base import MAX_SEED, ConfigBase, option, require, require_choice
 from studio.config.data import DataConfig
 from studio.unet_presets import (ATTENTION_HEAD_DIM, CUSTOM, DEFAULT_PRESET, DOWN_BLOCK_TYPES, PRESETS,
                                  UP_BLOCK_TYPES, attention_levels_of, preset_matching, training_defaults)
@@ -159,8 +159,8 @@ class TrainConfig(ConfigBase):
         require_choice(self.prediction_type, PREDICTION_TYPES, "prediction_type")
         _non_negative_number(self.snr_gamma, "Min-SNR gamma (snr_gamma)")
         _non_negative_number(self.noise_offset, "Noise offset")
-        require(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
-                f"Seed must be a whole number >= 0 (got {self.seed!r}).")
+        require(isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed <= MAX_SEED,
+                f"Seed must be a whole number from 0 to {MAX_SEED} (got {self.seed!r}).")
         _non_negative_int(self.save_every, "save_every")
         _non_negative_int(self.sample_every, "sample_every")
         _positive_int(self.num_samples, "Sample grid size (num_samples)")
