@@ -79,3 +79,24 @@ def test_dataset_lookup_on_a_stalled_hub_is_one_line_within_seconds(local_hub):
     one_line(str(caught.value))
     assert took < HUB_LOOKUP_TIMEOUT + 3, f"the lookup took {took:.1f} s"
     assert "Could not reach the Hugging Face Hub" in str(caught.value)
+
+
+def test_push_to_a_stalled_hub_gives_up_within_seconds_and_keeps_the_result(local_hub, tmp_path, monkeypatch):
+    from studio.hub import LOOKUP_TIMEOUT_S
+    from studio.trainers.export import push_to_hub
+
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    folder = tmp_path / "lora"
+    folder.mkdir()
+    (folder / "README.md").write_text("# a result\n")
+    local_hub.stall_s = 120
+    try:
+        began = time.monotonic()
+        message = push_to_hub(folder, "acme/my-lora")
+        took = time.monotonic() - began
+    finally:
+        local_hub.release_stalls()
+    one_line(message)
+    assert took < LOOKUP_TIMEOUT_S + 3, f"the push waited {took:.1f} s"
+    assert message.startswith("Not pushed to the Hub (the Hugging Face Hub could not be reached: no answer within")
+    assert str(folder) in message and (folder / "README.md").is_file()

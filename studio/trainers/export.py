@@ -112,6 +112,21 @@ def write_model_card(folder: Path, cfg: FinetuneConfig, run: RunDir, step: int, 
     return path
 
 
+def _hub_unreachable(api: Any, repo_id: str) -> str:
+    """Why the Hub cannot take an upload now ("no answer within 5 s"...), or "" when it answered."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from studio.hub import LOOKUP_TIMEOUT_S, unreachable_reason
+
+    try:
+        api.repo_info(repo_id, timeout=LOOKUP_TIMEOUT_S)
+    except HfHubHTTPError:  # it answered (a repo not there yet is created next)
+        return ""
+    except Exception as exc:  # noqa: BLE001 - any transport failure
+        return f"the Hugging Face Hub could not be reached: {unreachable_reason(exc, LOOKUP_TIMEOUT_S)}"
+    return ""
+
+
 def push_to_hub(folder: Path, repo_id: str) -> str:
     """Upload ``folder`` to the Hub repository ``repo_id``; returns what happened in words.
 
@@ -129,6 +144,10 @@ def push_to_hub(folder: Path, repo_id: str) -> str:
             return ("Not pushed to the Hub: no token. Log in with `hf auth login` (or set HF_TOKEN) and "
                     f"upload with `hf upload {repo_id} {folder}`.")
         api = HfApi()
+        reason = _hub_unreachable(api, repo_id)  # create/upload have no timeout: a stalled Hub would hang here
+        if reason:
+            return (f"Not pushed to the Hub ({reason}). The result is in {folder}; upload it later with "
+                    f"`hf upload {repo_id} {folder}`.")
         api.create_repo(repo_id, exist_ok=True)
         api.upload_folder(repo_id=repo_id, folder_path=str(folder))
     except Exception as exc:  # network, permissions: the files are safe on disk
