@@ -314,6 +314,35 @@ def build_pipeline(vae: Any, text_encoder: Any, tokenizer: Any, unet: Any, predi
                                    feature_extractor=None, image_encoder=None, requires_safety_checker=False)
 
 
+@torch.no_grad()
+def reconstructions(vae: Any, images: torch.Tensor) -> Any:
+    """``images`` (float in [-1, 1]) over their autoencoder reconstructions: uint8 ``[2N, R, R, 3]``."""
+    was_training = vae.training
+    vae.eval()
+    recon = vae.decode(vae.encode(images).latent_dist.mode()).sample.clamp(-1, 1)
+    vae.train(was_training)
+    return torch.cat([images, recon]).add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def replace_pipeline_folder(pipeline: Any, folder: Path, card: str) -> Path:
+    """Write ``pipeline`` (``save_pipeline``) and its ``README.md`` to ``folder`` atomically: into a temporary
+    sibling first, then swapped in, so a kill never leaves a half-written model."""
+    import os
+    import shutil
+
+    folder = Path(folder)
+    tmp, old = folder.with_name(f".{folder.name}-tmp"), folder.with_name(f".{folder.name}-old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_pipeline(pipeline, tmp)
+    (tmp / "README.md").write_text(card, encoding="utf-8")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
 def save_pipeline(pipeline: Any, folder: str | Path) -> Path:
     """``save_pretrained`` (safetensors) plus the tokenizer files transformers 4.x needs."""
     folder = Path(folder)

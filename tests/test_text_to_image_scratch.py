@@ -45,13 +45,14 @@ class Recorder:
 
 
 def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint: weights, EMA, RNG states, AdamW moments."""
     from safetensors.torch import load_file
 
     out = {}
-    for name in ("vae", "text_encoder", "unet"):
+    for name in ("trainable", "ema", "rng"):
         out.update({f"{name}.{k}": v for k, v in load_file(str(checkpoint / f"{name}.safetensors")).items()})
-    state = torch.load(checkpoint / "training_state.pt", weights_only=True)
-    out.update({f"ema.{i}": p for i, p in enumerate(state["ema"]["shadow_params"])})
+    optimizer = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    out.update({f"adam.{i}.{k}": v for i, s in optimizer["state"].items() for k, v in s.items()})
     return out
 
 
@@ -201,3 +202,4 @@ def test_train_tab_mode_starts_stops_and_resumes_a_text_to_image_run(workspace):
         assert json.loads((Path(folder) / "config.json").read_text())["mode"] == "text-to-image"
     finally:
         ctx.jobs.stop_all()
+

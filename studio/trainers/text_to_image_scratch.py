@@ -1,35 +1,23 @@
 """Text-to-image from scratch: a small Stable Diffusion trained on captioned images, top to bottom.
 
-``train(cfg, events, stop, run)`` (Train tab mode "text-to-image", or ``python -m studio
-train`` with ``"mode": "text-to-image"``) builds the parts of ``studio.small_sd`` and
-trains them in two stages on one step counter:
-
-    steps 1 .. vae_steps            the AutoencoderKL on the images (MSE + a small KL term)
-    steps vae_steps+1 .. total      the UNet2DConditionModel and CLIP text encoder jointly on the
-                                    latents (v- or epsilon-prediction, caption dropout for
-                                    classifier-free guidance), EMA of both
-
-Between the stages the dataset is encoded once (each image's latent mean and standard
-deviation; every step samples from them) and the latent scaling factor is set to one
-over the latents' standard deviation, as Stable Diffusion chose 0.18215. The run folder
-is the DDPM trainer's: ``config.json``, ``events.jsonl``, ``samples/step-N.png`` (the
-autoencoder's reconstructions, then one row of fixed-seed images per validation prompt),
-``checkpoints/`` (atomic, with every weight, optimizer, RNG and the data position, so a
-resumed run is bit-exact), ``model/`` (a ``StableDiffusionPipeline``) and ``logs/``.
-Each validation grid is scored per prompt against the images whose captions share the
-prompt's words (``studio.quality``; lower is better). One process.
+``train(cfg, events, stop, run)`` (Train tab mode "text-to-image"; ``python -m studio train`` with
+``"mode": "text-to-image"``) trains the parts of ``studio.small_sd`` in two stages on one step counter:
+steps 1..vae_steps the AutoencoderKL on the images; then the UNet2DConditionModel and CLIP text
+encoder jointly on latents (caption dropout for classifier-free guidance; EMA of both). One AdamW
+holds both stages as two parameter groups (a group without gradients is left alone), each with its
+own learning-rate factor by step. Between the stages the dataset is encoded once (latent mean and
+std per image, sampled every step) and the latent scaling factor set to 1 / std of the latents, as
+SD chose 0.18215. The rest is the trainer toolkit (``studio.trainers``): run folder, reporter, loss
+meter, tensor checkpoints (bit-exact resume), EMA weights for sampling. Grids: the autoencoder's
+reconstructions, then a row of fixed-seed images per validation prompt, scored per prompt
+(``studio.prompt_steering``). ``model/`` is a ``StableDiffusionPipeline``. One process.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import os
-import random
-import shutil
+import functools
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -38,53 +26,40 @@ import torch
 import torch.nn.functional as F
 
 from studio import small_sd
-from studio.checkpoints import resolve_resume, save_checkpoint
 from studio.config.text_to_image import MODE, TextToImageConfig
 from studio.devices import MODEL_INIT_LOCK, resolve_device
-from studio.errors import CheckpointError, DataError, JobError, describe_exception
+from studio.errors import CheckpointError, DataError, Stopped
 from studio.events import EventSink, ignore_events
 from studio.prompt_steering import PromptQuality
 from studio.runs import RunDir, resumable_runs
+from studio.stopping import raise_if_stopped
+from studio.trainers import optimization, resume, setup
 from studio.trainers.batches import BatchSampler
-from studio.trainers.reporting import Reporter, make_grid, write_progress_gif
-from studio.trainers.resume import rng_state, set_rng_state, weights_finite
+from studio.trainers.reporting import LossMeter, Reporter, make_grid, write_progress_gif
 
 TASK = "train"
 LOSS_SMOOTHING = 0.98
 
 
-class NonFiniteLossError(JobError):
-    """The loss became NaN or infinite; the run stopped before saving the bad weights."""
-
-
 @dataclasses.dataclass
-class Models:
-    """The trained parts and their optimisation state."""
+class Parts:
+    """What trains: the tokenizer, the three models, one optimizer and schedule for both stages, the EMA."""
 
     tokenizer: Any
     vae: Any
     text_encoder: Any
     unet: Any
-    vae_optimizer: Any
     optimizer: Any
     lr_scheduler: Any
     ema: Any
-
-    def diffusion_parameters(self) -> list[torch.nn.Parameter]:
-        return list(self.unet.parameters()) + list(self.text_encoder.parameters())
+    denoiser: torch.nn.ModuleList  # [unet, text_encoder]: what the diffusion stage trains and the EMA averages
 
 
 # ----------------------------------------------------------------------------- set-up
-def find_resume_run(cfg: TextToImageConfig) -> RunDir:
-    """The run a resume request names: a checkpoint's run, ``run_name``, or the newest text-to-image run."""
-    if cfg.resume != "latest":
-        return RunDir(Path(cfg.resume).expanduser().resolve().parent.parent)
-    if cfg.run_name:
-        root = Path(cfg.workspace) / cfg.run_name
-        if not root.is_dir():
-            raise CheckpointError(f"No run named {cfg.run_name!r} in {cfg.workspace} to resume.",
-                                  "Check run_name, or leave it empty to resume the newest text-to-image run.")
-        return RunDir(root)
+def newest_text_to_image_run(cfg: TextToImageConfig) -> RunDir | None:
+    """For ``resume: latest`` without a run name: the newest run of this mode (never a DDPM run)."""
+    if cfg.resume != "latest" or cfg.run_name:
+        return None
     for info in resumable_runs(cfg.workspace, TASK):
         if RunDir(info.path).read_config().get("mode") == MODE:
             return RunDir(info.path)
@@ -109,9 +84,8 @@ def load_dataset(cfg: TextToImageConfig, report: Reporter) -> tuple[torch.Tensor
     return cache.pixels, captions
 
 
-def build_models(cfg: TextToImageConfig, run: RunDir, captions: list[str], device: torch.device) -> Models:
-    """The tokenizer (learnt from the captions, or the run's own on resume), the three models, optimizers, EMA."""
-    from diffusers.optimization import get_scheduler
+def build_parts(cfg: TextToImageConfig, run: RunDir, captions: list[str], device: torch.device) -> Parts:
+    """The tokenizer (learnt from the captions, or the run's own on resume), the models, optimizer, schedule, EMA."""
     from diffusers.training_utils import EMAModel
 
     folder = run.root / "tokenizer"
@@ -119,33 +93,48 @@ def build_models(cfg: TextToImageConfig, run: RunDir, captions: list[str], devic
         tokenizer = small_sd.load_tokenizer(folder)
     else:
         tokenizer = small_sd.train_tokenizer(captions, folder, cfg.vocab_size, cfg.max_length)
-    spec = spec_of(cfg)
-    torch.manual_seed(cfg.seed)
-    with MODEL_INIT_LOCK:
-        vae = small_sd.build_vae(spec).to(device)
-        text_encoder = small_sd.build_text_encoder(spec, tokenizer).to(device)
-        unet = small_sd.build_unet(spec).to(device)
-    vae_optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_learning_rate, weight_decay=0.0)
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay)
-    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                                 num_training_steps=cfg.max_train_steps)
-    ema = EMAModel(params, decay=cfg.ema_max_decay, use_ema_warmup=True, power=cfg.ema_power) if cfg.use_ema else None
-    return Models(tokenizer, vae, text_encoder, unet, vae_optimizer, optimizer, lr_scheduler, ema)
-
-
-def spec_of(cfg: TextToImageConfig) -> small_sd.SmallSDSpec:
-    return small_sd.SmallSDSpec(
+    spec = small_sd.SmallSDSpec(
         resolution=cfg.resolution, vocab_size=cfg.vocab_size, max_length=cfg.max_length, text_width=cfg.text_width,
         text_layers=cfg.text_layers, text_heads=cfg.text_heads, vae_channels=cfg.vae_channels,
         unet_channels=cfg.unet_channels, unet_cross_attention=cfg.unet_cross_attention,
         unet_head_dim=cfg.unet_head_dim, prediction_type=cfg.prediction_type)
+    with MODEL_INIT_LOCK:
+        vae = small_sd.build_vae(spec).to(device)
+        text_encoder = small_sd.build_text_encoder(spec, tokenizer).to(device)
+        unet = small_sd.build_unet(spec).to(device)
+    denoiser = torch.nn.ModuleList([unet, text_encoder])
+    groups = [{"params": list(vae.parameters()), "lr": cfg.vae_learning_rate, "weight_decay": 0.0},
+              {"params": list(denoiser.parameters()), "lr": cfg.learning_rate, "weight_decay": cfg.adam_weight_decay}]
+    optimizer = optimization.make_optimizer(groups, lr=cfg.learning_rate, device=device)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, stage_schedules(cfg))
+    # optimization.make_ema's EMAModel (its own step, foreach=False) over the two models at once
+    ema = EMAModel(denoiser.parameters(), decay=cfg.ema_max_decay, use_ema_warmup=True, power=cfg.ema_power,
+                   foreach=False) if cfg.use_ema else None
+    return Parts(tokenizer, vae, text_encoder, unet, optimizer, lr_scheduler, ema, denoiser)
+
+
+def stage_schedules(cfg: TextToImageConfig) -> list[Any]:
+    """The two groups' learning-rate factors by step: the autoencoder's constant in its stage (0 after),
+    the diffusion stage's ``lr_scheduler`` with its warm-up counted from that stage's first step.
+    (``functools.partial``s: LambdaLR's state then holds no code, so ``weights_only`` loads it.)"""
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    diffusion = optimization.make_lr_schedule(cfg.lr_scheduler, probe, cfg.lr_warmup_steps,
+                                              cfg.max_train_steps).lr_lambdas[0]
+    return [functools.partial(_until, cfg.vae_steps), functools.partial(_from, diffusion, cfg.vae_steps)]
+
+
+def _until(end: int, step: int) -> float:
+    return 1.0 if step < end else 0.0
+
+
+def _from(schedule: Any, start: int, step: int) -> float:
+    return float(schedule(step - start)) if step >= start else 0.0
 
 
 @torch.no_grad()
 def encode_dataset(vae: Any, pixels: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Each image's latent mean and standard deviation (the autoencoder is frozen from here on)."""
-    vae.eval()
+    vae.eval().requires_grad_(False)
     means, stds = [], []
     for i in range(0, len(pixels), 64):
         dist = vae.encode(to_float(pixels[i:i + 64], device)).latent_dist
@@ -161,168 +150,119 @@ def to_float(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- one step of each stage
-def vae_step(m: Models, pixels: torch.Tensor, sampler: BatchSampler, cfg: TextToImageConfig,
+def vae_loss(p: Parts, pixels: torch.Tensor, sampler: BatchSampler, cfg: TextToImageConfig,
              device: torch.device) -> torch.Tensor:
     indices, flips = sampler.next()
     images = to_float(pixels[indices], device)
     if cfg.random_flip:
         images = torch.where(flips.to(device)[:, None, None, None], images.flip(-1), images)
-    loss, _ = small_sd.vae_loss(m.vae, images)
-    m.vae_optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if cfg.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(m.vae.parameters(), cfg.max_grad_norm)
-    m.vae_optimizer.step()
-    return loss.detach()
+    return small_sd.vae_loss(p.vae, images)[0]
 
 
-def diffusion_step(m: Models, latents: tuple[torch.Tensor, torch.Tensor], token_ids: torch.Tensor,
+def diffusion_loss(p: Parts, latents: tuple[torch.Tensor, torch.Tensor], token_ids: torch.Tensor,
                    empty_ids: torch.Tensor, noise_scheduler: Any, sampler: BatchSampler, gen: torch.Generator,
                    cfg: TextToImageConfig, device: torch.device) -> torch.Tensor:
+    from studio.trainers.losses import diffusion_target
+
     indices, flips = sampler.next()
     mean, std = latents[0][indices], latents[1][indices]
-    x0 = (mean + std * torch.randn(mean.shape, generator=gen, device=device)) * m.vae.config.scaling_factor
+    x0 = (mean + std * torch.randn(mean.shape, generator=gen, device=device)) * p.vae.config.scaling_factor
     if cfg.random_flip:
         x0 = torch.where(flips.to(device)[:, None, None, None], x0.flip(-1), x0)
     ids = token_ids[indices].clone()
-    drop = torch.rand(len(ids), generator=gen, device=device) < cfg.caption_dropout  # classifier-free guidance
-    ids[drop] = empty_ids
+    ids[torch.rand(len(ids), generator=gen, device=device) < cfg.caption_dropout] = empty_ids  # for guidance
     noise = torch.randn(x0.shape, generator=gen, device=device)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(x0),), generator=gen, device=device)
     noisy = noise_scheduler.add_noise(x0, noise, timesteps)
-    target = noise_scheduler.get_velocity(x0, noise, timesteps) if cfg.prediction_type == "v_prediction" else noise
-    pred = m.unet(noisy, timesteps, small_sd.encode_prompts(m.text_encoder, ids)).sample
-    loss = F.mse_loss(pred.float(), target.float())
-    m.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if cfg.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(m.diffusion_parameters(), cfg.max_grad_norm)
-    m.optimizer.step()
-    m.lr_scheduler.step()
-    if m.ema is not None:
-        m.ema.step(m.diffusion_parameters())
-    return loss.detach()
+    pred = p.unet(noisy, timesteps, small_sd.encode_prompts(p.text_encoder, ids)).sample
+    target = diffusion_target(noise_scheduler, cfg.prediction_type, x0, noise, timesteps)
+    return F.mse_loss(pred.float(), target.float())
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def save(m: Models, run: RunDir, cfg: TextToImageConfig, step: int, sampler: BatchSampler, gen: torch.Generator,
-         smoothed: list[float], report: Reporter) -> Path:
-    from safetensors.torch import save_file
-
-    for model in (m.vae, m.text_encoder, m.unet):
-        if not weights_finite(model):
-            raise NonFiniteLossError(f"The weights became non-finite before step {step}; nothing was saved.",
-                                     "Lower the learning rate.")
-    state = {"step": step, "vae_optimizer": m.vae_optimizer.state_dict(), "optimizer": m.optimizer.state_dict(),
-             "lr_scheduler": m.lr_scheduler.state_dict(), "ema": m.ema.state_dict() if m.ema is not None else None,
-             "sampler": sampler.state_dict(), "rng": rng_state(gen), "smoothed_loss": smoothed,
-             "scaling_factor": float(m.vae.config.scaling_factor)}
-
-    def write(folder: Path) -> None:
-        for name in ("vae", "text_encoder", "unet"):
-            weights = {k: v.detach().contiguous() for k, v in getattr(m, name).state_dict().items()}
-            save_file(weights, str(folder / f"{name}.safetensors"))
-        torch.save(state, folder / "training_state.pt")
-        (folder / "trainer_state.json").write_text(json.dumps({"step": step, "total": cfg.total_steps}), "utf-8")
-
-    path = save_checkpoint(run.checkpoints_dir, step, write, keep=cfg.checkpoints_total_limit)
+def save(p: Parts, run: RunDir, run_cfg: TextToImageConfig, step: int, sampler: BatchSampler,
+         gen: torch.Generator, meter: LossMeter, report: Reporter) -> Path:
+    """A tensor checkpoint (toolkit layout) plus the data position, the loss curve and the latent scale."""
+    for model in (p.vae, p.text_encoder, p.unet):
+        resume.check_weights_finite(model, step)
+    trainable = {f"{name}.{k}": v for name in ("vae", "text_encoder", "unet")
+                 for k, v in getattr(p, name).named_parameters()}
+    rngs = [resume.generator_states({"noise": gen, "data": sampler.generator})]
+    data = {"perm": sampler.perm.tolist(), "pos": sampler.pos, "epoch": sampler.epoch}
+    path = resume.save_tensor_checkpoint(run, step, trainable=trainable, optimizer=p.optimizer,
+                                         lr_scheduler=p.lr_scheduler, ema=p.ema, rngs=rngs, config=run_cfg.to_dict(),
+                                         keep=run_cfg.checkpoints_total_limit,
+                                         extra={"sampler": data, "loss": meter.state(),
+                                                "scaling_factor": float(p.vae.config.scaling_factor)})
+    meter.last_checkpoint = path
     report("checkpoint", step, path=str(path), message=f"checkpoint at step {step}")
     return path
 
 
-def load(m: Models, folder: Path, sampler: BatchSampler, gen: torch.Generator) -> tuple[int, list[float]]:
-    from safetensors.torch import load_file
-
-    try:
-        for name in ("vae", "text_encoder", "unet"):
-            getattr(m, name).load_state_dict(load_file(str(folder / f"{name}.safetensors")))
-        state = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - damaged, foreign or different-sized checkpoint
-        raise CheckpointError(f"Checkpoint {folder} does not fit this run: {str(exc).splitlines()[0]}",
-                              "Resume with the run's own config.json, or start a new run.") from None
-    m.vae_optimizer.load_state_dict(state["vae_optimizer"])
-    m.optimizer.load_state_dict(state["optimizer"])
-    m.lr_scheduler.load_state_dict(state["lr_scheduler"])
-    if m.ema is not None:
-        m.ema.load_state_dict(state["ema"])
-    m.vae.register_to_config(scaling_factor=state["scaling_factor"])
-    sampler.load_state_dict(state["sampler"])
-    set_rng_state(state["rng"], gen)
-    return int(state["step"]), list(state["smoothed_loss"])
+def load(p: Parts, folder: Path, sampler: BatchSampler, gen: torch.Generator, meter: LossMeter) -> int:
+    modules = {"vae": p.vae, "text_encoder": p.text_encoder, "unet": p.unet}
+    state = resume.load_tensor_checkpoint(folder, modules=modules, optimizer=p.optimizer,
+                                          lr_scheduler=p.lr_scheduler, ema=p.ema,
+                                          generators={"noise": gen, "data": sampler.generator}, rank=0, world=1)
+    if len(state["sampler"]["perm"]) != sampler.n:
+        raise CheckpointError(f"Checkpoint {folder.name} was trained on {len(state['sampler']['perm'])} images; "
+                              f"the dataset now has {sampler.n}.", "Resume with the run's own dataset.")
+    sampler.perm = torch.tensor(state["sampler"]["perm"], dtype=torch.long)
+    sampler.pos, sampler.epoch = int(state["sampler"]["pos"]), int(state["sampler"]["epoch"])
+    meter.load_state(state["loss"])
+    p.vae.register_to_config(scaling_factor=state["scaling_factor"])
+    return int(state["step"])
 
 
 # ----------------------------------------------------------------------------- samples and export
-def pipeline_of(m: Models, cfg: TextToImageConfig) -> Any:
-    return small_sd.build_pipeline(m.vae, m.text_encoder, m.tokenizer, m.unet, cfg.prediction_type)
+def pipeline_of(p: Parts, cfg: TextToImageConfig) -> Any:
+    return small_sd.build_pipeline(p.vae, p.text_encoder, p.tokenizer, p.unet, cfg.prediction_type)
 
 
 @torch.no_grad()
-def validation_images(m: Models, cfg: TextToImageConfig) -> np.ndarray:
+def validation_images(p: Parts, cfg: TextToImageConfig, stop: threading.Event) -> np.ndarray:
     """uint8 ``[P * k, R, R, 3]``: ``images_per_prompt`` fixed-seed images per validation prompt (EMA weights)."""
-    if m.ema is not None:
-        m.ema.store(m.diffusion_parameters())
-        m.ema.copy_to(m.diffusion_parameters())
-    try:
-        m.unet.eval()
-        m.text_encoder.eval()
-        pipe = pipeline_of(m, cfg)
+    def on_step_end(pipe: Any, i: int, t: Any, tensors: dict) -> dict:
+        raise_if_stopped(stop, "drawing the validation images")
+        return tensors
+
+    with optimization.ema_weights(p.ema, p.denoiser):
+        p.denoiser.eval()
+        pipe = pipeline_of(p, cfg)
         pipe.set_progress_bar_config(disable=True)
         images = pipe(list(cfg.validation_prompts), num_images_per_prompt=cfg.images_per_prompt,
                       height=cfg.resolution, width=cfg.resolution, num_inference_steps=cfg.sample_inference_steps,
                       guidance_scale=cfg.guidance_scale, generator=torch.Generator().manual_seed(cfg.seed),
-                      output_type="np").images
-    finally:
-        if m.ema is not None:
-            m.ema.restore(m.diffusion_parameters())
-        m.unet.train()
-        m.text_encoder.train()
+                      output_type="np", callback_on_step_end=on_step_end).images
+        p.denoiser.train()
     return (images * 255).round().astype(np.uint8)
 
 
-@torch.no_grad()
-def reconstructions(m: Models, pixels: torch.Tensor, device: torch.device) -> np.ndarray:
-    """The first 8 images over their autoencoder reconstructions: uint8 ``[16, R, R, 3]``."""
-    images = to_float(pixels[:8], device)
-    was_training = m.vae.training
-    m.vae.eval()
-    recon = m.vae.decode(m.vae.encode(images).latent_dist.mode()).sample.clamp(-1, 1)
-    m.vae.train(was_training)
-    both = torch.cat([images, recon]).add(1).mul(127.5).round().byte()
-    return both.permute(0, 2, 3, 1).cpu().numpy()
-
-
-def save_grid(run: RunDir, step: int, images: np.ndarray, columns: int, report: Reporter, what: str) -> None:
-    from studio.atomic import save_image
-
+def rows_grid(images: np.ndarray, columns: int) -> Any:
+    """``images`` in rows of ``columns`` (one row per prompt), enlarged for viewing (``make_grid``)."""
     rows = [np.concatenate(list(images[i:i + columns]), axis=1) for i in range(0, len(images), columns)]
-    grid = make_grid(np.stack(rows)) if len(rows) == 1 else make_grid(np.concatenate(rows, axis=0)[None])
-    path = run.sample_path(step)
-    save_image(grid, path)
-    if report.writer is not None:
-        report.writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
-    report("samples", step, path=str(path), message=f"{what} at step {step}")
+    return make_grid(np.concatenate(rows, axis=0)[None])
 
 
-def export(m: Models, cfg: TextToImageConfig, run: RunDir, step: int) -> Path:
+def draw(p: Parts, cfg: TextToImageConfig, step: int, pixels: torch.Tensor, device: torch.device,
+         prompt_quality: PromptQuality, report: Reporter, stop: threading.Event) -> None:
+    """The grid of this step: reconstructions in the autoencoder stage, then the validation prompts (scored)."""
+    report("status", step, message=f"sampling at step {step}")
+    if step <= cfg.vae_steps:
+        report.samples(step, rows_grid(small_sd.reconstructions(p.vae, to_float(pixels[:8], device)), 8),
+                       f"autoencoder reconstructions at step {step} (top: images, bottom: reconstructed)")
+        return
+    images = validation_images(p, cfg, stop)
+    report.samples(step, rows_grid(images, cfg.images_per_prompt),
+                   f"validation images at step {step}: one row per prompt ({'; '.join(cfg.validation_prompts)})")
+    prompt_quality(images, step, report)
+
+
+def export(p: Parts, cfg: TextToImageConfig, run: RunDir, step: int) -> Path:
     """``model/``: the StableDiffusionPipeline with the EMA weights, tokenizer in both formats, a model card."""
-    if m.ema is not None:
-        m.ema.store(m.diffusion_parameters())
-        m.ema.copy_to(m.diffusion_parameters())
-    tmp = run.root / ".model-tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        small_sd.save_pipeline(pipeline_of(m, cfg), tmp)
-    finally:
-        if m.ema is not None:
-            m.ema.restore(m.diffusion_parameters())
-    (tmp / "README.md").write_text(small_sd.model_card(run.name, cfg.to_dict(), step), encoding="utf-8")
-    old = run.root / ".model-old"
-    shutil.rmtree(old, ignore_errors=True)
-    if run.model_dir.exists():
-        os.replace(run.model_dir, old)
-    os.replace(tmp, run.model_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    return run.model_dir
+    with optimization.ema_weights(p.ema, p.denoiser):
+        return small_sd.replace_pipeline_folder(pipeline_of(p, cfg), run.model_dir,
+                                                small_sd.model_card(run.name, cfg.to_dict(), step))
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -330,95 +270,92 @@ def train(cfg: TextToImageConfig, events: EventSink = ignore_events, stop: threa
           run: RunDir | None = None) -> RunDir:
     """Train a small Stable Diffusion as ``cfg`` says, reporting to ``events`` until done or ``stop``."""
     stop = stop or threading.Event()
-    device = torch.device(resolve_device(cfg.device))
-    if run is None:
-        run = find_resume_run(cfg) if cfg.resume else RunDir.create(cfg.workspace, TASK, cfg.run_name)
-    lock = run.lock(f"{TASK} '{run.name}'").acquire()
-    report = Reporter(events, run, cfg.total_steps)
+    device_name = resolve_device(cfg.device)
+    accelerator = setup.fresh_accelerator(cfg.mixed_precision, device_name)
+    folder = setup.open_run(cfg, TASK, accelerator, run or newest_text_to_image_run(cfg))
+    report = Reporter(events, folder.run, cfg.total_steps)
     try:
-        warnings: list[str] = []
-        resume_from = resolve_resume(cfg.resume, run.checkpoints_dir, warn=warnings.append) if cfg.resume else None
-        for text in warnings:
-            report("warning", message=text)
-        return _train(cfg, report, stop, run, device, resume_from)
+        return _train(cfg, report, stop, folder, torch.device(device_name), accelerator)
+    except Stopped as exc:
+        report.stopped_early(exc, folder.resume_from)
+        return folder.run
     except BaseException as exc:
-        report("failed", message=describe_exception(exc))
+        report.failed(exc)
         raise
     finally:
         report.close()
-        lock.release()
+        folder.release()
 
 
-def _train(cfg: TextToImageConfig, report: Reporter, stop: threading.Event, run: RunDir, device: torch.device,
-           resume_from: Path | None) -> RunDir:
-    run_cfg = dataclasses.replace(cfg, workspace=str(run.root.parent), run_name=run.name, resume="")
-    run.write_config(TASK, run_cfg.to_dict())
+def _train(cfg: TextToImageConfig, report: Reporter, stop: threading.Event, folder: setup.RunFolder,
+           device: torch.device, accelerator: Any) -> RunDir:
+    run = folder.run
+    for text in folder.warnings:
+        report("warning", message=text)
+    run_cfg = setup.write_run_config(run, TASK, cfg, accelerator)
     report.open_tensorboard()
+    setup.seed_everything(cfg.seed)
     pixels, captions = load_dataset(cfg, report)
+    raise_if_stopped(stop, "loading the dataset")
     report("status", message="learning the tokenizer from the captions, building the models")
-    m = build_models(cfg, run, captions, device)
-    token_ids = small_sd.tokenize(m.tokenizer, captions).to(device)
-    empty_ids = small_sd.tokenize(m.tokenizer, [""])[0].to(device)
+    p = build_parts(cfg, run, captions, device)
+    token_ids = small_sd.tokenize(p.tokenizer, captions).to(device)
+    empty_ids = small_sd.tokenize(p.tokenizer, [""])[0].to(device)
     noise_scheduler = small_sd.train_scheduler(cfg.prediction_type)
     sampler = BatchSampler(len(pixels), cfg.train_batch_size, 0, 1, cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + 1)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
     prompt_quality = PromptQuality(pixels, captions, cfg.validation_prompts, cfg.images_per_prompt)
-    step, smoothed, latents, checkpoint = 0, [0.0, 0.0], None, resume_from
-    if resume_from is not None:
-        step, smoothed = load(m, resume_from, sampler, gen)
-        report("status", step, message=f"resumed at step {step} of {cfg.total_steps}")
-    total, last_saved = cfg.total_steps, step
+    meter = LossMeter(report, cfg.total_steps, cfg.train_batch_size, LOSS_SMOOTHING)
+    step, total, latents = 0, cfg.total_steps, None
+    if folder.resume_from is not None:
+        step = load(p, folder.resume_from, sampler, gen, meter)
+        meter.last_checkpoint = folder.resume_from
+        report("status", step, message=f"resumed at step {step} of {total}")
+    last_saved = step
     report("status", step, message="training the autoencoder" if step < cfg.vae_steps else "training")
-    window = time.perf_counter()
-    while step < total and not stop.is_set():
+    meter.restart_clock()
+    while step < total and not setup.stop_requested(stop, accelerator):
+        lr = p.lr_scheduler.get_last_lr()[0 if step < cfg.vae_steps else 1]
         if step < cfg.vae_steps:
-            loss, lr = vae_step(m, pixels, sampler, cfg, device), cfg.vae_learning_rate
+            loss = vae_loss(p, pixels, sampler, cfg, device)
         else:
             if latents is None:
                 report("status", step, message="encoding the dataset into latents; training the diffusion model")
-                latents = encode_dataset(m.vae, pixels, device)
-                smoothed = [0.0, 0.0] if step == cfg.vae_steps else smoothed
-            lr = m.lr_scheduler.get_last_lr()[0]
-            loss = diffusion_step(m, latents, token_ids, empty_ids, noise_scheduler, sampler, gen, cfg, device)
+                latents = encode_dataset(p.vae, pixels, device)
+                if step == cfg.vae_steps:
+                    meter.load_state(None)  # a new curve for the new loss
+            loss = diffusion_loss(p, latents, token_ids, empty_ids, noise_scheduler, sampler, gen, cfg, device)
+        p.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.max_grad_norm > 0:
+            params = p.vae.parameters() if step < cfg.vae_steps else p.denoiser.parameters()
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        p.optimizer.step()
+        p.lr_scheduler.step()
+        if p.ema is not None and step >= cfg.vae_steps:
+            p.ema.step(p.denoiser.parameters())
         step += 1
-        value = float(loss)
-        if not math.isfinite(value):
-            raise NonFiniteLossError(f"The loss became {value} at step {step}; nothing from this step on was saved.",
-                                     "Lower the learning rate.")
-        smoothed = [LOSS_SMOOTHING * smoothed[0] + (1 - LOSS_SMOOTHING) * value,
-                    LOSS_SMOOTHING * smoothed[1] + (1 - LOSS_SMOOTHING)]
-        now = time.perf_counter()
-        per_step, window = now - window, now
-        report("step", step, loss=value, smoothed_loss=smoothed[0] / smoothed[1], lr=lr,
-               images_per_s=cfg.train_batch_size / per_step, eta_s=(total - step) * per_step)
+        meter.add(step, lr, loss)
+        meter.flush()  # one process on a CPU: every step is free
         if cfg.save_every and step % cfg.save_every == 0 and step < total:
-            checkpoint, last_saved = save(m, run, cfg, step, sampler, gen, smoothed, report), step
-        stage_end = step == cfg.vae_steps
-        if stage_end or (cfg.sample_every and step % cfg.sample_every == 0 and step < total):
-            draw(m, cfg, run, step, pixels, device, prompt_quality, report)
-            window = time.perf_counter()
+            save(p, run, run_cfg, step, sampler, gen, meter, report)
+            last_saved = step
+        if step == cfg.vae_steps or (cfg.sample_every and step % cfg.sample_every == 0 and step < total):
+            try:
+                draw(p, cfg, step, pixels, device, prompt_quality, report, stop)
+            except Stopped:  # Stop pressed while drawing: the loop ends and saves this step
+                pass
+            meter.restart_clock()
     if last_saved != step:
-        checkpoint = save(m, run, cfg, step, sampler, gen, smoothed, report)
+        checkpoint = save(p, run, run_cfg, step, sampler, gen, meter, report)
+    else:
+        checkpoint = meter.last_checkpoint
     if step < total:
         report("stopped", step, path=str(checkpoint), message=f"stopped at step {step}; resume from {checkpoint}")
         return run
-    draw(m, cfg, run, step, pixels, device, prompt_quality, report)
+    draw(p, cfg, step, pixels, device, prompt_quality, report, None)
     report("status", step, message="exporting the model")
-    model = export(m, cfg, run, step)
+    model = export(p, cfg, run, step)
     write_progress_gif(run)
     report("finished", step, path=str(model), message=f"finished {step} steps; model in {model}")
     return run
-
-
-def draw(m: Models, cfg: TextToImageConfig, run: RunDir, step: int, pixels: torch.Tensor, device: torch.device,
-         prompt_quality: Any, report: Reporter) -> None:
-    """The grid of this step: reconstructions in the autoencoder stage, then the validation prompts (scored)."""
-    report("status", step, message=f"sampling at step {step}")
-    if step <= cfg.vae_steps:
-        save_grid(run, step, reconstructions(m, pixels, device), 8, report, "autoencoder reconstructions")
-        return
-    images = validation_images(m, cfg)
-    save_grid(run, step, images, cfg.images_per_prompt, report, "validation images")
-    prompt_quality(images, step, report)
