@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shlex
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,14 +35,15 @@ from studio.config.finetune import (
     bitsandbytes_available,
 )
 from studio.context import StudioContext
-from studio.errors import CheckpointError, ConfigError, StudioError, describe_exception
+from studio.errors import CheckpointError, describe_exception
 from studio.jobs import Snapshot
 from studio.model_refs import resolve_reference
 from studio.runs import RunDir
 from tabs import GPU
 from tabs.engine_gate import engine_button
-from tabs.jobtab import (failure, field_label, format_duration, latest_resumable, latest_snapshot, loss_frame,
-                         poll_key, start_job, stop_job)
+from tabs.jobtab import (cli_resume_command, failure, format_duration, latest_resumable, latest_snapshot,
+                         lay_out_fields, loss_frame, parse_values, poll_key, resume_config, settings_json,
+                         settings_widget, start_run, stop_job, widget_value)
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def default_values() -> dict[str, Any]:
     """
     defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
                 for f in dataclasses.fields(FinetuneConfig)}
-    values = {name: _to_widget(kind, defaults[name]) for name, kind, _ in FIELDS}
+    values = {name: widget_value(kind, defaults[name]) for name, kind, _ in FIELDS}
     base = default_base_model()
     if base:
         values.update(pretrained_model_name_or_path=base, resolution=native_resolution(base) or values["resolution"])
@@ -144,12 +144,9 @@ def resolution_for(reference: str, workspace: str | Path | None = None) -> int |
     return native_resolution(reference, workspace)
 
 
-def _to_widget(kind: str, value: Any) -> Any:
-    if kind == "csv":
-        return ", ".join(value)
-    if kind == "lines":
-        return "\n".join(value)
-    return value
+def _strings(value: Any, label: str) -> tuple[str, ...]:
+    """A comma list as stripped, non-empty strings."""
+    return tuple(part.strip() for part in str(value or "").split(",") if part.strip())
 
 
 def build_config(values: dict[str, Any], ctx: StudioContext | None = None, **overrides: Any) -> FinetuneConfig:
@@ -163,40 +160,11 @@ def build_config(values: dict[str, Any], ctx: StudioContext | None = None, **ove
     Raises:
         ConfigError: with the message the tab shows.
     """
-    kinds = {name: kind for name, kind, _ in FIELDS}
-    hints = typing.get_type_hints(FinetuneConfig)
-    data: dict[str, Any] = {}
-    for name, value in values.items():
-        if name not in kinds:
-            raise ConfigError(f"Unknown fine-tune setting {name!r}.")
-        kind = kinds[name]
-        if kind == "csv":
-            value = tuple(part.strip() for part in str(value or "").split(",") if part.strip())
-        elif kind == "lines":
-            value = tuple(line.strip() for line in str(value or "").splitlines() if line.strip())
-        elif kind in ("int", "float"):
-            if value is None or value == "":
-                raise ConfigError(f"{_label(name)} needs a number.")
-            number = float(value)
-            if hints[name] is int:
-                if number != int(number):
-                    raise ConfigError(f"{_label(name)} must be a whole number (got {value}).")
-                value = int(number)
-            else:
-                value = number
-        elif kind == "bool":
-            value = bool(value)
-        elif kind in ("text", "model"):
-            value = str(value or "").strip()
-        data[name] = value
+    data = parse_values(values, FIELDS, typing.get_type_hints(FinetuneConfig), "fine-tune", _strings)
     if ctx is not None:
         data.update(data=ctx.dataset.get().config, workspace=str(ctx.workspace), device=ctx.settings.device)
     data.update(overrides)
     return FinetuneConfig(**data)
-
-
-def _label(name: str) -> str:
-    return field_label(FIELDS, name)
 
 
 def start_finetune(ctx: StudioContext, values: dict[str, Any]) -> tuple[str, str, str]:
@@ -230,13 +198,7 @@ def memory_plan(ctx: StudioContext, values: dict[str, Any]) -> str:
 
 
 def _start(ctx: StudioContext, cfg: FinetuneConfig, run: RunDir) -> tuple[str, str, str]:
-    def target(events, stop):
-        from studio.trainers.text_to_image import train
-
-        return train(cfg, events, stop, run)
-
-    start_job(ctx, TASK, run, target, resuming=bool(cfg.resume))
-    verb = "Resuming" if cfg.resume else "Started"
+    verb = start_run(ctx, TASK, cfg, run, "studio.trainers.text_to_image")
     return f"{verb} {run.name}: {cfg.method} on {cfg.pretrained_model_name_or_path}", str(run.root), cli_command(run)
 
 
@@ -250,9 +212,7 @@ def resume_latest(ctx: StudioContext) -> tuple[str, str, str]:
     found = latest_resumable(ctx, TASK)
     if found is not None:
         run, data = found
-        cfg = FinetuneConfig.from_dict(data).replace(resume="latest", workspace=str(ctx.workspace),
-                                                    run_name=run.name, device=ctx.settings.device)
-        return _start(ctx, cfg, run)
+        return _start(ctx, resume_config(ctx, FinetuneConfig, run, data), run)
     raise CheckpointError("No fine-tune run with a checkpoint to resume in this workspace.",
                           "Start a new fine-tune; Stop saves a checkpoint you can resume.")
 
@@ -311,36 +271,20 @@ def cli_command(run: RunDir | str | None = None) -> str:
     """The headless command that runs (or resumes) this fine-tune: ``python -m studio finetune ...``."""
     if run is None:
         return "python -m studio finetune --config finetune.json   # settings: the JSON below"
-    root = run.root if isinstance(run, RunDir) else Path(run)
-    return f"python -m studio finetune --config {shlex.quote(str(root / 'config.json'))} --resume latest"
+    return cli_resume_command(TASK, run)
 
 
 def config_json(values: dict[str, Any], ctx: StudioContext) -> str:
     """The settings as the JSON file the CLI reads (or the validation error, as text)."""
-    try:
-        return build_config(values, ctx).to_json()
-    except StudioError as exc:
-        return f"// {exc.user_message}"
+    return settings_json(build_config, values, ctx)
 
 
 # --------------------------------------------------------------------------- layout
 def _widget(name: str, kind: str, extra: dict[str, Any], value: Any) -> gr.components.Component:
-    kwargs = dict(extra, info=FinetuneConfig.help_for(name), elem_id=f"ft-{name.replace('_', '-')}", value=value)
-    if kind in ("text", "csv"):
-        return gr.Textbox(**kwargs)
-    if kind == "lines":
-        return gr.Textbox(**kwargs)
-    if kind == "choice":
-        return gr.Dropdown(**kwargs)
-    if kind == "model":  # the list offers what is here; any other reference can be typed
-        return gr.Dropdown(**dict(kwargs, value=value or None), allow_custom_value=True, filterable=True)
-    if kind == "bool":
-        if name == "use_8bit_adam" and not bitsandbytes_available():
-            kwargs.update(interactive=False, info=EIGHT_BIT_NOTE, value=False)
-        return gr.Checkbox(**kwargs)
-    if kind == "int":
-        return gr.Number(precision=0, **kwargs)
-    return gr.Number(**kwargs)
+    if name == "use_8bit_adam" and not bitsandbytes_available():
+        return settings_widget(name, kind, dict(extra, interactive=False), False, FinetuneConfig, "ft",
+                               info=EIGHT_BIT_NOTE)
+    return settings_widget(name, kind, extra, value, FinetuneConfig, "ft")
 
 
 def build_finetune_tab(ctx: StudioContext) -> dict[str, Any]:
@@ -350,7 +294,6 @@ def build_finetune_tab(ctx: StudioContext) -> dict[str, Any]:
         ``{"open_in_generate": button, "run_path": textbox}`` for the cross-tab link.
     """
     defaults = default_values()
-    widgets: dict[str, gr.components.Component] = {}
     gr.Markdown("Fine-tune a Stable Diffusion model on the dataset from the **Dataset** tab: LoRA (small, fast, "
                 "the default), the full UNet, or DreamBooth with a trigger word. Validation images from fixed "
                 "prompts and a fixed seed arrive as it trains; step 0 is the untouched base model.")
@@ -359,14 +302,9 @@ def build_finetune_tab(ctx: StudioContext) -> dict[str, Any]:
     plan_md = gr.Markdown("", elem_id="ft-memory-plan")
     with gr.Row():
         with gr.Column(scale=3):
-            for title, open_, names in SECTIONS:
-                container = gr.Accordion(title, open=open_) if title else gr.Group()
-                with container:
-                    for name in names:
-                        kind, extra = next((k, e) for n, k, e in FIELDS if n == name)
-                        if kind == "model":
-                            extra = dict(extra, choices=finetune_base_choices(ctx.workspace))
-                        widgets[name] = _widget(name, kind, extra, defaults[name])
+            widgets = lay_out_fields(SECTIONS, FIELDS, lambda name, kind, extra: _widget(
+                name, kind, dict(extra, choices=finetune_base_choices(ctx.workspace)) if kind == "model" else extra,
+                defaults[name]))
             with gr.Accordion("Headless (CLI)", open=False):
                 cli_box = gr.Textbox(label="Command", value=cli_command(), interactive=False, elem_id="ft-cli")
                 json_box = gr.Code(label="Settings JSON (save as finetune.json)", language="json",

@@ -1,19 +1,24 @@
-"""Helpers shared by the two training tabs (Train, Fine-tune): starting, stopping and
-resuming a job, the run on screen (live job or history restored from its folder), and
-the small formatting both tabs show. No layout lives here."""
+"""Helpers shared by the two training tabs (Train, Fine-tune): the settings widgets (one per
+config field, laid out in sections, read back into a config), starting, stopping and
+resuming a job, the run on screen (live job or history restored from its folder), the CLI
+command and JSON of a run, and the small formatting both tabs show. Each tab keeps its own
+layout of everything else."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
+import shlex
 import shutil
+import typing
 from pathlib import Path
 from typing import Any, Callable
 
 import gradio as gr
 
 from studio.context import StudioContext
-from studio.errors import JobError, StudioError, describe_exception
+from studio.errors import ConfigError, JobError, StudioError, describe_exception
 from studio.jobs import Snapshot, history_snapshot
 from studio.runs import RunDir, check_run_name, discard_if_never_trained, resumable_runs, run_status
 
@@ -54,6 +59,36 @@ def start_job(ctx: StudioContext, task: str, run: RunDir, target: Callable, resu
         if not resuming:
             remove_if_unused(run)
         raise
+
+
+class TrainerCall:
+    """A job's ``target(events, stop)``: ``<module>.train(cfg, events, stop, run)``, the trainer module
+    (which imports torch) imported only when the job runs."""
+
+    def __init__(self, module: str, cfg: Any, run: RunDir) -> None:
+        self.module, self.cfg, self.run = module, cfg, run
+
+    def __call__(self, events: Any, stop: Any) -> Any:
+        return importlib.import_module(self.module).train(self.cfg, events, stop, self.run)
+
+
+def start_run(ctx: StudioContext, task: str, cfg: Any, run: RunDir, module: str) -> str:
+    """Start (or, with ``cfg.resume``, resume) ``run`` as the job of ``task`` trained by ``module``;
+    returns the verb to show ("Started" / "Resuming"). Raises as ``start_job``."""
+    start_job(ctx, task, run, TrainerCall(module, cfg, run), resuming=bool(cfg.resume))
+    return "Resuming" if cfg.resume else "Started"
+
+
+def resume_config(ctx: StudioContext, config_cls: Any, run: RunDir, data: dict[str, Any]) -> Any:
+    """The config that resumes ``run`` (its saved settings ``data``) here, from its latest checkpoint."""
+    return config_cls.from_dict(data).replace(resume="latest", workspace=str(ctx.workspace), run_name=run.name,
+                                              device=ctx.settings.device)
+
+
+def cli_resume_command(task: str, run: RunDir | str) -> str:
+    """``python -m studio <task> --config <run>/config.json --resume latest``: continues that run headless."""
+    root = run.root if isinstance(run, RunDir) else Path(run)
+    return f"python -m studio {task} --config {shlex.quote(str(root / 'config.json'))} --resume latest"
 
 
 def remove_if_unused(run: RunDir) -> None:
@@ -154,6 +189,102 @@ def format_duration(seconds: float) -> str:
         return f"{minutes}m {seconds:02d}s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h {minutes:02d}m"
+
+
+# ----------------------------------------------------------------------------- settings widgets
+#: Widget kinds whose value is a stripped string (a model reference is one too).
+TEXT_KINDS = ("text", "pretrained", "model")
+
+
+def widget_value(kind: str, value: Any) -> Any:
+    """A config value as its widget shows it (a comma list or one line per item for tuples)."""
+    if kind == "csv" and isinstance(value, (list, tuple)):
+        return ", ".join(str(v) for v in value)
+    if kind == "lines" and isinstance(value, (list, tuple)):
+        return "\n".join(str(v) for v in value)
+    return value
+
+
+def is_int_hint(hint: Any) -> bool:
+    """Whether a field's type hint is ``int`` or ``int | None``."""
+    return hint is int or (int in typing.get_args(hint) and float not in typing.get_args(hint))
+
+
+def parse_values(values: dict[str, Any], fields: Any, hints: dict[str, Any], what: str,
+                 parse_csv: Callable[[Any, str], tuple]) -> dict[str, Any]:
+    """Named widget values -> config field values: numbers checked (whole numbers for the int fields
+    of ``hints``, the config's type hints), text stripped, one-per-line and comma lists
+    (``parse_csv(value, label)``) split.
+
+    Raises:
+        ConfigError: naming the widget's label (or the unknown setting, ``what`` being "training"...).
+    """
+    kinds = {name: kind for name, kind, _ in fields}
+    data: dict[str, Any] = {}
+    for name, value in values.items():
+        if name not in kinds:
+            raise ConfigError(f"Unknown {what} setting {name!r}.")
+        kind, label = kinds[name], field_label(fields, name)
+        if kind == "csv":
+            value = parse_csv(value, label)
+        elif kind == "lines":
+            value = tuple(line.strip() for line in str(value or "").splitlines() if line.strip())
+        elif kind in ("int", "float"):
+            if value is None or value == "":
+                raise ConfigError(f"{label} needs a number.")
+            number = float(value)
+            if is_int_hint(hints.get(name)):
+                if not math.isfinite(number) or number != int(number):
+                    raise ConfigError(f"{label} must be a whole number (got {value}).")
+                value = int(number)
+            else:
+                value = number
+        elif kind == "bool":
+            value = bool(value)
+        elif kind in TEXT_KINDS:
+            value = str(value or "").strip()
+        data[name] = value
+    return data
+
+
+def settings_widget(name: str, kind: str, extra: dict[str, Any], value: Any, config_cls: Any, prefix: str,
+                    info: str | None = None) -> gr.components.Component:
+    """The widget of config field ``name``: its help as info, ``<prefix>-<name>`` as elem_id."""
+    kwargs = dict(extra, info=config_cls.help_for(name) if info is None else info,
+                  elem_id=f"{prefix}-{name.replace('_', '-')}", value=value)
+    if kind == "pretrained":
+        return gr.Dropdown(allow_custom_value=True, **kwargs)
+    if kind == "model":  # the list offers what is here; any other reference can be typed
+        return gr.Dropdown(**dict(kwargs, value=value or None), allow_custom_value=True, filterable=True)
+    if kind == "choice":
+        return gr.Dropdown(**kwargs)
+    if kind == "bool":
+        return gr.Checkbox(**kwargs)
+    if kind == "int":
+        return gr.Number(precision=0, **kwargs)
+    if kind == "float":
+        return gr.Number(**kwargs)
+    return gr.Textbox(**kwargs)  # text, csv, lines
+
+
+def lay_out_fields(sections: Any, fields: Any, make: Callable[[str, str, dict[str, Any]], Any]) -> dict[str, Any]:
+    """The settings column: per section an accordion (or a plain group for the untitled one), in it
+    ``make(name, kind, extra)`` for each field; returns the widgets by field name."""
+    widgets: dict[str, Any] = {}
+    for title, open_, names in sections:
+        with gr.Accordion(title, open=open_) if title else gr.Group():
+            for name in names:
+                kind, extra = next((k, e) for n, k, e in fields if n == name)
+                widgets[name] = make(name, kind, extra)
+    return widgets
+
+
+def settings_json(build: Callable[..., Any], values: dict[str, Any], ctx: StudioContext) -> str:
+    """The settings as the JSON file the CLI reads (or the validation error, as a comment)."""
+    try:
+        return build(values, ctx).to_json()
+    except StudioError as exc:
+        return f"// {exc.user_message}"
 
 
 def field_label(fields: Any, name: str) -> str:

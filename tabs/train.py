@@ -24,8 +24,6 @@ device inside a handler, once the engine has loaded).
 from __future__ import annotations
 
 import logging
-import math
-import shlex
 import tempfile
 import typing
 from dataclasses import dataclass, field
@@ -42,8 +40,9 @@ from studio.jobs import Snapshot
 from studio.runs import RunDir, check_run_name
 from tabs import GPU
 from tabs.engine_gate import LOADING_LABEL, engine_button
-from tabs.jobtab import (failure, field_label, format_duration, latest_resumable, loss_frame, resumable_run,
-                         run_choices, run_key, run_snapshot, shown_run, start_job, stop_job)
+from tabs.jobtab import (cli_resume_command, failure, format_duration, latest_resumable, lay_out_fields,
+                         loss_frame, parse_values, resumable_run, resume_config, run_choices, run_key, run_snapshot,
+                         settings_json, settings_widget, shown_run, start_run, stop_job)
 from studio.pretrained import init_from_choices
 from studio.unet_presets import (CUSTOM, PRESET_TRAINING_FIELDS, PRESETS, attention_levels_of, block_types,
                                  human_count, parameter_count, preset_matching)
@@ -144,11 +143,6 @@ def default_values() -> dict[str, Any]:
     return values
 
 
-def _is_int(hint: Any) -> bool:
-    """Whether a field's type hint is ``int`` or ``int | None``."""
-    return hint is int or (int in typing.get_args(hint) and float not in typing.get_args(hint))
-
-
 def preset_values(preset: str) -> dict[str, Any]:
     """The widget values ``preset`` fills in: architecture, resolution and its training settings
     (nothing changes for 'custom')."""
@@ -190,30 +184,8 @@ def build_config(values: dict[str, Any], ctx: StudioContext | None = None, **ove
     Raises:
         ConfigError: with the widget's label in the message.
     """
-    kinds = {name: kind for name, kind, _ in FIELDS}
     hints = {**typing.get_type_hints(TextToImageConfig), **typing.get_type_hints(TrainConfig)}
-    data: dict[str, Any] = {}
-    for name, value in values.items():
-        if name not in kinds:
-            raise ConfigError(f"Unknown training setting {name!r}.")
-        kind = kinds[name]
-        if kind == "csv":
-            value = _ints(value, _label(name))
-        elif kind in ("int", "float"):
-            if value is None or value == "":
-                raise ConfigError(f"{_label(name)} needs a number.")
-            number = float(value)
-            if _is_int(hints.get(name)):
-                if not math.isfinite(number) or number != int(number):
-                    raise ConfigError(f"{_label(name)} must be a whole number (got {value}).")
-                value = int(number)
-            else:
-                value = number
-        elif kind == "bool":
-            value = bool(value)
-        elif kind in ("text", "pretrained"):
-            value = str(value or "").strip()
-        data[name] = value
+    data = parse_values(values, FIELDS, hints, "training", _ints)
     mode = data.pop("mode", None) or TRAIN_MODES[0]
     t2i = {name: data.pop(name) for name in TEXT_TO_IMAGE_FIELDS if name in data}
     if mode == TEXT_TO_IMAGE:
@@ -316,17 +288,8 @@ def start_training(ctx: StudioContext, values: dict[str, Any]) -> tuple[str, str
 
 
 def _start(ctx: StudioContext, cfg: TrainConfig | TextToImageConfig, run: RunDir) -> tuple[str, str, str]:
-    def target(events, stop):
-        if isinstance(cfg, TextToImageConfig):
-            from studio.trainers.text_to_image_scratch import train as train_text_to_image
-
-            return train_text_to_image(cfg, events, stop, run)
-        from studio.trainers.ddpm import train
-
-        return train(cfg, events, stop, run)
-
-    start_job(ctx, TASK, run, target, resuming=bool(cfg.resume))
-    verb = "Resuming" if cfg.resume else "Started"
+    trainer = "studio.trainers.text_to_image_scratch" if isinstance(cfg, TextToImageConfig) else "studio.trainers.ddpm"
+    verb = start_run(ctx, TASK, cfg, run, trainer)
     model = "text-to-image" if isinstance(cfg, TextToImageConfig) else cfg.preset
     return (f"{verb} {run.name}: {model}, {cfg.resolution} px, batch {cfg.train_batch_size}, "
             f"{cfg.max_train_steps or str(getattr(cfg, 'num_epochs', 0)) + ' epochs'} steps on {cfg.data.label}",
@@ -356,8 +319,7 @@ def resume_run(ctx: StudioContext, name: str | None = None, max_train_steps: int
                               "Start a new run; Stop saves a checkpoint you can resume.")
     run, data = found
     config_cls = TextToImageConfig if data.get("mode") == TEXT_TO_IMAGE else TrainConfig
-    cfg = config_cls.from_dict(data).replace(resume="latest", workspace=str(ctx.workspace), run_name=run.name,
-                                             device=ctx.settings.device)
+    cfg = resume_config(ctx, config_cls, run, data)
     if max_train_steps and int(max_train_steps) > 0:
         cfg = cfg.replace(max_train_steps=int(max_train_steps))
     run.write_config(TASK, cfg.replace(resume="").to_dict())  # the new target shows at once, not when the job gets to it
@@ -491,18 +453,13 @@ def cli_command(run: RunDir | str | None = None) -> str:
     """
     if run is None:
         return "python -m studio train --config train.json   # train.json: the settings JSON below"
-    root = run.root if isinstance(run, RunDir) else Path(run)
-    return (f"python -m studio train --config {shlex.quote(str(root / 'config.json'))} --resume latest\n"
-            f"# on 2 GPUs: torchrun --nproc_per_node 2 -m studio train --config "
-            f"{shlex.quote(str(root / 'config.json'))} --resume latest")
+    resume = cli_resume_command(TASK, run)
+    return f"{resume}\n# on 2 GPUs: {resume.replace('python -m studio', 'torchrun --nproc_per_node 2 -m studio')}"
 
 
 def config_json(values: dict[str, Any], ctx: StudioContext) -> str:
     """The settings as the JSON file the CLI reads (or the validation error, as a comment)."""
-    try:
-        return build_config(values, ctx).to_json()
-    except StudioError as exc:
-        return f"// {exc.user_message}"
+    return settings_json(build_config, values, ctx)
 
 
 def config_file(values: dict[str, Any], ctx: StudioContext) -> str | None:
@@ -527,19 +484,8 @@ def dataset_line(ctx: StudioContext) -> str:
 # --------------------------------------------------------------------------- layout
 def _widget(name: str, kind: str, extra: dict[str, Any], value: Any) -> gr.components.Component:
     owner = TextToImageConfig if name in (*TEXT_TO_IMAGE_FIELDS, "mode") else TrainConfig
-    info = ATTENTION_HELP if name == "attention_levels" else owner.help_for(name)
-    kwargs = dict(extra, info=info, elem_id=f"train-{name.replace('_', '-')}", value=value)
-    if kind == "pretrained":
-        return gr.Dropdown(allow_custom_value=True, **kwargs)
-    if kind in ("text", "csv"):
-        return gr.Textbox(**kwargs)
-    if kind == "choice":
-        return gr.Dropdown(**kwargs)
-    if kind == "bool":
-        return gr.Checkbox(**kwargs)
-    if kind == "int":
-        return gr.Number(precision=0, **kwargs)
-    return gr.Number(**kwargs)
+    return settings_widget(name, kind, extra, value, owner, "train",
+                           info=ATTENTION_HELP if name == "attention_levels" else None)
 
 
 def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
@@ -550,21 +496,15 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
         run's ``model/`` folder once there is one, for the Generate tab.
     """
     defaults = default_values()
-    widgets: dict[str, gr.components.Component] = {}
     gr.Markdown("Train an unconditional diffusion model (DDPM) from scratch on the dataset from the **Dataset** "
                 "tab — or, in mode **text-to-image**, a small Stable Diffusion on its captions. The sample grid uses the same starting noise every time, so you see the same images "
                 "sharpen as it learns; step 0 is pure noise.")
     data_md = gr.Markdown(dataset_line(ctx), elem_id="train-dataset")
     with gr.Row():
         with gr.Column(scale=3):
-            for title, open_, names in SECTIONS:
-                container = gr.Accordion(title, open=open_) if title else gr.Group()
-                with container:
-                    for name in names:
-                        kind, extra = next((k, e) for n, k, e in FIELDS if n == name)
-                        if kind == "pretrained":
-                            extra = dict(extra, choices=init_from_choices(ctx.workspace))
-                        widgets[name] = _widget(name, kind, extra, defaults[name])
+            widgets = lay_out_fields(SECTIONS, FIELDS, lambda name, kind, extra: _widget(
+                name, kind, dict(extra, choices=init_from_choices(ctx.workspace)) if kind == "pretrained" else extra,
+                defaults[name]))
             summary = gr.Markdown(f"*Parameter count and memory estimate: {LOADING_LABEL}*",
                                   elem_id="train-model-summary")
             with gr.Accordion("Headless (CLI)", open=False):
