@@ -255,6 +255,9 @@ def _load_target(ref: ModelRef, dtype: Any, offline: bool, report: ProgressFn) -
             raise refused from None
         if ref.kind == "hub" and _is_download_error(exc):  # cut mid-file, HTTP 5xx after the retries
             raise _download_error(ref.location, exc, again="load it again") from None
+        damaged = _model_index_problem(_local_folder(ref), ref.label)
+        if damaged is not None:  # diffusers fails on it with a TypeError/AttributeError of its own
+            raise damaged from None
         if not isinstance(exc, (ValueError, OSError)):
             raise
         text = str(exc).strip()
@@ -269,6 +272,30 @@ def _load_target(ref: ModelRef, dtype: Any, offline: bool, report: ProgressFn) -
         if "401" in first or "403" in first or "gated" in first.lower() or "private" in first.lower():
             hint = _LOGIN_HINT
         raise ModelError(f"{ref.label} could not be loaded: {first}", hint) from None
+
+
+def _model_index_problem(folder: str | None, label: str) -> ModelError | None:
+    """What is wrong with a pipeline folder's ``model_index.json`` (damaged, or a pipeline this diffusers lacks)."""
+    import json
+
+    import diffusers
+
+    if folder is None or not (Path(folder) / "model_index.json").is_file():
+        return None
+    fix = "Download the model again, or re-save it with save_pretrained."
+    try:
+        index = json.loads((Path(folder) / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ModelError(f"The model_index.json of {label} is not readable JSON.", fix)
+    if not isinstance(index, dict) or not isinstance(index.get("_class_name"), str):
+        return ModelError(f"The model_index.json of {label} is damaged (no pipeline class name).", fix)
+    for name, entry in index.items():
+        if not name.startswith("_") and isinstance(entry, list) and len(entry) != 2:  # [library, class]
+            return ModelError(f"The model_index.json of {label} is damaged (component {name!r}).", fix)
+    if not hasattr(diffusers, index["_class_name"]):
+        return ModelError(f"{label} is a {index['_class_name']}, which diffusers {diffusers.__version__} does not have.",
+                          "Update diffusers (pip install -U diffusers), or pick another model.")
+    return None
 
 
 def _local_folder(ref: ModelRef) -> str | None:

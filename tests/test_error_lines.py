@@ -123,4 +123,26 @@ def test_a_model_download_cut_on_every_try_is_one_line_when_loading(local_hub, w
     assert "partial file resumes" in text
 
 
+# ----------------------------------------------------------------------------- damaged model files
+@pytest.mark.parametrize("index, words", [
+    ([], "The model_index.json of bent is damaged (no pipeline class name)."),
+    ({"_class_name": "DDPMPipeline", "unet": ["UNet2DModel"]}, "The model_index.json of bent is damaged (component 'unet')."),
+    ({"_class_name": "NoSuchPipeline", "unet": ["diffusers", "UNet2DModel"]}, "bent is a NoSuchPipeline, which diffusers"),
+])
+def test_a_damaged_or_too_new_model_index_is_one_line(tmp_path, workspace, tiny_ddpm, index, words):  # noqa: F811
+    import shutil
+
+    from studio.errors import ModelError
+    from studio.models import PipelineManager
+
+    folder = tmp_path / "bent"
+    shutil.copytree(tiny_ddpm, folder)
+    (folder / "model_index.json").write_text(json.dumps(index), encoding="utf-8")
+    with pytest.raises(ModelError) as caught:
+        PipelineManager("cpu", workspace, offline=True).load(str(folder))
+    text = describe_exception(caught.value)
+    one_line(text)
+    assert words in text, text
+
+
 from tiny_pipelines import tiny_ddpm  # noqa: E402,F401  (fixture)
