@@ -94,6 +94,22 @@ def export_sd_pipeline(run: RunDir, cfg: FinetuneConfig, pipe: Any, step: int, r
     return out
 
 
+def export_finetune(run: RunDir, cfg: FinetuneConfig, pipe: Any, text_encoder_trained: bool, step: int,
+                    report: Callable[..., None]) -> Path:
+    """A finished fine-tune's output: ``lora/`` (LoRA methods) or ``model/`` (``pipe``, the trained
+    pipeline), a model card beside it, and the Hub push when ``cfg.push_to_hub``; returns the folder."""
+    sdxl = type(pipe).__name__.startswith("StableDiffusionXL")
+    if cfg.is_lora:
+        out = export_lora(run, cfg, pipe.unet, pipe.text_encoder if text_encoder_trained else None, sdxl=sdxl)
+    else:
+        out = export_sd_pipeline(run, cfg, pipe, step, report)
+    write_model_card(out, cfg, run, step, sdxl=sdxl)
+    if cfg.push_to_hub:
+        message = push_to_hub(out, cfg.hub_model_id)
+        report("warning" if message.startswith("Not pushed") else "status", step=step, message=message)
+    return out
+
+
 def write_model_card(folder: Path, cfg: FinetuneConfig, run: RunDir, step: int, sdxl: bool = False) -> Path:
     """README.md with the base model, trigger words, settings and the validation images."""
     samples = sorted(run.samples_dir.glob("step-*.png"))

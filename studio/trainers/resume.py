@@ -82,6 +82,12 @@ def generator_states(generators: dict[str, torch.Generator]) -> dict[str, torch.
     return {k: v.cpu().contiguous() for k, v in state.items()}
 
 
+def trainable_tensors(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """Every tensor that trains (``requires_grad``) of ``modules``, named ``<key>.<parameter>``."""
+    return {f"{prefix}.{name}": p.detach() for prefix, module in modules.items()
+            for name, p in module.named_parameters() if p.requires_grad}
+
+
 def save_tensor_checkpoint(run: RunDir, step: int, *, trainable: dict[str, torch.Tensor], optimizer: Any,
                            lr_scheduler: Any, ema: Any, rngs: list[dict[str, torch.Tensor]], config: dict,
                            keep: int, extra: dict | None = None) -> Path:

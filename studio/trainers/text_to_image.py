@@ -1,25 +1,16 @@
 """Fine-tune Stable Diffusion on image+caption pairs: LoRA, full UNet, DreamBooth.
 
-The loop is diffusers' ``train_text_to_image(_lora).py`` / ``train_dreambooth(_lora).py``
-made into one readable class: VAE and text encoder frozen, latents =
-``vae.encode(pixels) * scaling_factor``, noise, timesteps, text embeddings as
-``encoder_hidden_states``, MSE on the UNet's prediction (optionally min-SNR weighted),
-plus DreamBooth's prior-preservation loss on class images made by the base model.
+The loop is diffusers' ``train_text_to_image(_lora).py`` / ``train_dreambooth(_lora).py`` made
+into one readable class: VAE and text encoder frozen, latents = ``vae.encode(pixels) *
+scaling_factor``, noise, timesteps, text embeddings as ``encoder_hidden_states``, (min-SNR) MSE on
+the UNet's prediction, plus DreamBooth's prior-preservation loss on class images made by the base
+model. Unlike the scripts, images and captions are encoded once before training
+(``latent_batches``) and the VAE and text encoder leave the device.
 
-What differs from the scripts is the work it avoids: images and captions are encoded
-once before training (``studio.trainers.latent_batches`` over ``studio.latent_cache``) and
-the VAE and text encoder leave the device; the step does no host sync beyond reading the
-loss. Random crops and text-encoder training make a cache impossible; then the trainer
-says so and encodes per step like the scripts.
-
-Everything lands in the run folder: ``config.json``, ``events.jsonl``, validation
-images in ``samples/`` (step 0 is the untouched base model), atomic checkpoints,
-``lora/`` (diffusers ``pytorch_lora_weights.safetensors`` + a kohya/A1111 file) or
-``model/`` (a diffusers pipeline), each with a model card ``README.md``.
-
-Everything around the loop is the trainer toolkit (DEVELOPERS.md, "Trainer toolkit"):
-``setup``, ``optimization``, ``reporting``, ``resume`` (tensor checkpoints), ``batches``,
-``losses``, ``sampling``, ``export``, ``stable_diffusion`` and ``latent_batches``.
+The run folder gets ``config.json``, ``events.jsonl``, validation images in ``samples/`` (step 0 is
+the untouched base model), atomic checkpoints, and ``lora/`` (diffusers + kohya/A1111 files) or
+``model/`` (a diffusers pipeline), each with a model card. Everything around the loop is the
+trainer toolkit (DEVELOPERS.md, "Trainer toolkit").
 """
 
 from __future__ import annotations
@@ -38,14 +29,13 @@ from studio.events import EventSink
 from studio.runs import RunDir
 from studio.stopping import call_stoppable, raise_if_stopped
 from studio.trainers.batches import SeededEpochs
-from studio.trainers.export import export_lora, push_to_hub, write_model_card
-from studio.trainers.export import export_sd_pipeline as export_pipeline
+from studio.trainers.export import export_finetune, push_to_hub, write_model_card
 from studio.trainers.latent_batches import LatentBatches
 from studio.trainers.losses import diffusion_target, per_sample_loss
 from studio.trainers.optimization import ema_weights, make_ema, make_lr_schedule, make_optimizer
 from studio.trainers.reporting import LossMeter, Reporter, image_row, weights_sha256, write_ranks_report
 from studio.trainers.resume import (gather_from_processes, generator_states, load_tensor_checkpoint,
-                                    save_tensor_checkpoint)
+                                    save_tensor_checkpoint, trainable_tensors)
 from studio.trainers.sampling import make_class_images, validation_images
 from studio.trainers.setup import RunFolder, fresh_accelerator, open_run, seed_everything, stop_requested, \
     write_run_config
@@ -335,12 +325,9 @@ class _Trainer:
     # ---------------------------------------------------------------- checkpoints
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Every trainable tensor by name ('unet.' / 'text_encoder.' prefixes)."""
-        acc = self.accelerator
-        state = {f"unet.{n}": p.detach() for n, p in acc.unwrap_model(self.unet).named_parameters() if p.requires_grad}
-        if self.text_encoder_trains:
-            state.update({f"text_encoder.{n}": p.detach()
-                          for n, p in acc.unwrap_model(self.text_encoder).named_parameters() if p.requires_grad})
-        return state
+        modules = {"unet": self.unet, "text_encoder": self.text_encoder} if self.text_encoder_trains else \
+            {"unet": self.unet}
+        return trainable_tensors({k: self.accelerator.unwrap_model(m) for k, m in modules.items()})
 
     def save(self, step: int) -> Path | None:
         """Atomic tensor checkpoint (``studio.trainers.resume``); every process gives its RNG states."""
@@ -372,20 +359,10 @@ class _Trainer:
         acc.wait_for_everyone()
         if not acc.is_main_process:
             return self.run.root
-        cfg = self.cfg
         self.report("status", step=step, message="exporting")
-        unet = acc.unwrap_model(self.unet)
-        if cfg.is_lora:
-            out = export_lora(self.run, cfg, unet,
-                              acc.unwrap_model(self.text_encoder) if self.text_encoder_trains else None,
-                              sdxl=self.is_sdxl)
-        else:
-            if self.ema is not None:
-                self.ema.copy_to(unet.parameters())
-            pipe = assemble_pipeline(self.pipe, self.vae, unet, self.text_encoder, self.is_sdxl)
-            out = export_pipeline(self.run, cfg, pipe, step, self.report)
-        write_model_card(out, cfg, self.run, step, sdxl=self.is_sdxl)
-        if cfg.push_to_hub:
-            message = push_to_hub(out, cfg.hub_model_id)
-            self.report("warning" if message.startswith("Not pushed") else "status", step=step, message=message)
-        return out
+        unet, text_encoder = acc.unwrap_model(self.unet), acc.unwrap_model(self.text_encoder)
+        if self.ema is not None and not self.cfg.is_lora:  # a full fine-tune exports its EMA weights
+            self.ema.copy_to(unet.parameters())
+        return export_finetune(self.run, self.cfg, assemble_pipeline(self.pipe, self.vae, unet, text_encoder,
+                                                                     self.is_sdxl),
+                               self.text_encoder_trains, step, self.report)
