@@ -54,8 +54,8 @@ from studio.trainers.reporting import (GRID_MIN_SIDE, LossMeter, NonFiniteLossEr
                                        make_grid, params_sha, write_progress_gif, write_ranks_report)
 from studio.trainers.resume import load_ddpm_checkpoint, save_ddpm_checkpoint
 from studio.trainers.sampling import sample_images
-from studio.trainers.setup import (RunFolder, fresh_accelerator, import_diffusers, open_run, seed_everything,
-                                   stop_requested, write_run_config)
+from studio.trainers.setup import (RunFolder, fresh_accelerator, import_diffusers, open_run, phase_stop,
+                                   seed_everything, stop_requested, write_run_config)
 from studio.trainers.speed import prepare_unet_for_training
 from studio.unet_presets import unet_kwargs
 
@@ -159,7 +159,7 @@ def _train(cfg: TrainConfig, report: Reporter, stop: threading.Event, folder: Ru
     # -- data ------------------------------------------------------------------------------
     report("status", message=f"loading {cfg.data.label} at {cfg.resolution} px")
     with accelerator.main_process_first():  # one process decodes and caches, the others read the cache
-        pixels = load_images(cfg, DecodeProgress(report), stop)
+        pixels = load_images(cfg, DecodeProgress(report), phase_stop(stop, accelerator))
     check_pixels(pixels, cfg.resolution)
     if pixels.numel() < 2 * 1024 ** 3:  # small enough: keep it on the device, index there
         pixels = pixels.to(device)

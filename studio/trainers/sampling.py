@@ -61,8 +61,8 @@ def sample_images(unet: torch.nn.Module, noise_scheduler: Any, cfg: TrainConfig,
 
 @torch.no_grad()
 def make_class_images(pipe: Any, cfg: FinetuneConfig, folder: Path, device: torch.device,
-                      autocast: Callable[[], AbstractContextManager], stop: threading.Event,
-                      report: Callable[..., None]) -> torch.Tensor | None:
+                      autocast: Callable[[], AbstractContextManager], stop: threading.Event | None,
+                      report: Callable[..., None]) -> torch.Tensor:
     """Generate (or reuse) ``num_class_images`` images of ``class_prompt`` in ``folder``.
 
     Returns:

@@ -84,6 +84,17 @@ def stop_requested(stop: Any, accelerator: Any) -> bool:
     return should_stop
 
 
+def phase_stop(stop: Any, accelerator: Any) -> Any:
+    """The stop flag the phases before the loop may act on alone (``studio.stopping``), or None.
+
+    One process: the job's own flag, so Stop ends data loading, caching, class images or
+    model loading at once. Several processes must stop at the same point or the others
+    wait forever at their next collective call, and only the loop agrees on that
+    (``stop_requested``): there the phases run to their end.
+    """
+    return stop if accelerator.num_processes == 1 else None
+
+
 # ----------------------------------------------------------------------------- the run folder
 @dataclasses.dataclass
 class RunFolder:

@@ -37,8 +37,8 @@ from studio.trainers.reporting import LossMeter, Reporter, image_row, weights_sh
 from studio.trainers.resume import (gather_from_processes, generator_states, load_tensor_checkpoint,
                                     save_tensor_checkpoint, trainable_tensors)
 from studio.trainers.sampling import make_class_images, validation_images
-from studio.trainers.setup import RunFolder, fresh_accelerator, open_run, seed_everything, stop_requested, \
-    write_run_config
+from studio.trainers.setup import RunFolder, fresh_accelerator, open_run, phase_stop, seed_everything, \
+    stop_requested, write_run_config
 from studio.trainers.stable_diffusion import (add_trainables, assemble_pipeline, check_sd_pipeline, image_prompts,
                                               is_oom, load_base_pipeline, memory_warning, move_module,
                                               out_of_memory_error, sdxl_conditioning, training_noise_scheduler)
@@ -122,8 +122,9 @@ class _Trainer:
         finetune_plan(cfg, str(self.device) if self.device.type != "cpu" else "cpu",
                       unet_config=local_unet_config(cfg.pretrained_model_name_or_path)).check()
         report("status", message=f"loading base model {cfg.pretrained_model_name_or_path}")
+        self.phase_stop = phase_stop(self.stop, acc)  # phases before the loop: this process alone may stop them
         self.pipe = pipe = call_stoppable(
-            functools.partial(load_base_pipeline, cfg.pretrained_model_name_or_path, cfg.workspace), self.stop,
+            functools.partial(load_base_pipeline, cfg.pretrained_model_name_or_path, cfg.workspace), self.phase_stop,
             f"loading the base model {cfg.pretrained_model_name_or_path}")
         self.unet, self.vae, self.text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
         # SDXL has a second text encoder; its prompt embedding is both side by side, plus a pooled one
@@ -148,22 +149,22 @@ class _Trainer:
         # 3. the data: one prompt per image
         self.batches = LatentBatches(cfg, self.vae, tokenizers, self.text_encoders, self.device, self.weight_dtype,
                                      vae_dtype, self.data_gen, self.noise_gen)
-        self.batches.load(report, self.stop)
+        self.batches.load(report, self.phase_stop)
         self.validation_prompts = list(cfg.validation_prompts) or [cfg.trigger_words or self.batches.prompts[0]]
 
         # 4. DreamBooth class images, made by the untouched base model
         class_pixels = None
         if cfg.with_prior_preservation:
             class_pixels = make_class_images(pipe, cfg, self.run.root / "class_images", self.device, acc.autocast,
-                                             self.stop, report)
-        raise_if_stopped(self.stop, "preparing the run")
+                                             self.phase_stop, report)
+        raise_if_stopped(self.phase_stop, "preparing the run")
 
         # 5. what trains: LoRA adapters or the whole UNet
         self.text_encoder_trains = cfg.train_text_encoder
         add_trainables(cfg, self.unet, self.text_encoder, self.device, self.weight_dtype)
 
         # 6. encode once (or say why not) and free the frozen modules
-        self.batches.encode_once(report, self.stop, class_pixels, self.run.root / "class_images",
+        self.batches.encode_once(report, self.phase_stop, class_pixels, self.run.root / "class_images",
                                  self.text_encoder_trains)
         self.order = SeededEpochs(self.batches.count, cfg.train_batch_size, cfg.seed, rank, acc.num_processes)
         self.class_order = SeededEpochs(len(class_pixels), cfg.train_batch_size, cfg.seed + 7, rank,
@@ -206,7 +207,7 @@ class _Trainer:
         cfg, report, acc = self.cfg, self.report, self.accelerator
         if self.start_step == 0:
             self.validate(0)
-            raise_if_stopped(self.stop, "drawing the validation images of the base model")
+            raise_if_stopped(self.phase_stop, "drawing the validation images of the base model")
         step, accum = self.start_step, cfg.gradient_accumulation_steps
         meter = LossMeter(report, cfg.max_train_steps, cfg.train_batch_size * accum * acc.num_processes,
                           LOSS_SMOOTHING, acc)
