@@ -8,7 +8,8 @@ and ``--device`` override its fields of the same name.
 
 Under ``torchrun`` / ``accelerate launch`` every process runs this; only the main
 process (rank 0) shows progress and writes the run folder. Ctrl-C (or SIGTERM) asks
-the job to stop after the current step and save a resumable checkpoint; a second
+the job to stop after the current step and save a resumable checkpoint (before the first
+step: within the current image, batch or denoising step, saving nothing); a second
 Ctrl-C aborts at once.
 
 Exit codes (also in ``--help`` and the README):

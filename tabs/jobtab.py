@@ -171,12 +171,15 @@ def run_key(ctx: StudioContext, task: str, name: str | None) -> tuple:
 
 
 def stop_job(ctx: StudioContext, task: str, noun: str) -> str:
-    """Ask the running job of ``task`` to stop after its current step; the text to show."""
+    """Ask the running job of ``task`` to stop (after its step, or its image, batch or denoising step); the text."""
     job = ctx.jobs.latest(task)
     if job is None or not job.running:
         return f"No {noun} is running."
     job.stop()
-    return f"Stopping {job.snapshot().name} after the current step (a checkpoint will be saved)…"
+    s = job.snapshot()
+    if s.step or s.phase == "training":
+        return f"Stopping {s.name} after the current step (a checkpoint will be saved)…"
+    return f"Stopping {s.name} before its first step ({s.phase})…"
 
 
 def format_duration(seconds: float) -> str:

@@ -368,3 +368,35 @@ def test_finetune_stop_while_the_base_model_downloads(local_hub, tiny_sd, worksp
     train(cfg, sink, sink.stop)
     local_hub.throttle_bps = None
     assert_clean_stop(sink, "Stopped while loading the base model acme/tiny-sd-slow", limit_s=2.0)
+
+
+def test_the_stop_button_says_what_stop_does_before_the_first_step(tmp_path, workspace):
+    from studio.context import StudioContext
+    from studio.runs import RunDir
+    from studio.settings import LaunchSettings
+    from studio.trainers.ddpm import train
+    from tabs.jobtab import start_job, stop_job
+
+    ctx = StudioContext(LaunchSettings(workspace=workspace, device="cpu"))
+    folder = make_folder(tmp_path / "pics", 300, size=24)
+    cfg = ddpm_config(workspace, data=DataConfig(source="folder", path=str(folder)), run_name="button")
+    run = RunDir.create(workspace, "train", "button")
+    loading = threading.Event()
+    release = threading.Event()
+
+    def target(events, stop):
+        def watch(event):
+            events(event)
+            if event.message.startswith("Checking images"):
+                loading.set()
+                release.wait(30)  # hold the phase until the button was pressed
+        return train(cfg, watch, stop, run)
+
+    start_job(ctx, "train", run, target, resuming=False)
+    assert loading.wait(60)
+    text = stop_job(ctx, "train", "training")
+    release.set()
+    assert text.startswith("Stopping button before its first step (Checking images"), text
+    job = ctx.jobs.latest("train")
+    assert job.wait(60) and job.snapshot().status == "stopped"
+    ctx.jobs.stop_all()
