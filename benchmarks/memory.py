@@ -78,7 +78,7 @@ def _ddpm(preset_name: str, resolution: int, batch: int) -> tuple[int, int]:
     base = _reset_peak()
     torch.manual_seed(0)
     model = UNet2DModel(**unet_kwargs(resolution, preset.block_out_channels, preset.layers_per_block,
-                                      preset.down_block_types, preset.up_block_types))
+                                      preset.down_block_types, preset.up_block_types, cfg.attention_head_dim))
     optimizer = make_optimizer(model.parameters(), lr=1e-4, device="cpu")
     ema = EMAModel(model.parameters(), foreach=True)
     for _ in range(2):

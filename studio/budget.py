@@ -15,7 +15,8 @@ storage) takes them away, and the highest level is the peak. What autograd saves
 for backward (which depends on LoRA vs full, gradient checkpointing, attention
 kernels...) is therefore counted exactly as torch does it, for any architecture;
 what it cannot see (allocator rounding, kernel workspaces) is covered by ``OVERHEAD``.
-Results are cached per architecture and size, and scale linearly with the batch.
+Results are cached per architecture and size; larger batches are extrapolated linearly
+from simulations at batch 2 and 4 (``_per_batch``).
 ``benchmarks/memory.py`` compares the predictions with peaks measured on CPU.
 
 Weights, gradients and optimizer state are counted from parameter counts:
@@ -47,6 +48,15 @@ MEMORY_LIMIT_ENV = "STUDIO_MEMORY_LIMIT_GB"
 #: Share of the predicted peak added for what the simulation cannot see (allocator
 #: rounding and caching, kernel workspaces, fragmentation).
 OVERHEAD = 0.10
+
+#: On a CPU, extra share of the activation-like parts (``_CHURN``): glibc's malloc raises
+#: its mmap threshold after the first large frees (up to 32 MiB), so the many mid-sized
+#: activation tensors of a step are then served from the heap, where freed blocks
+#: fragment. Measured on the tiny preset (64 px, batch 16): peak RSS 723 MiB for a step
+#: whose live tensors peak at 562 MiB (555 MiB with ``MALLOC_MMAP_THRESHOLD_`` fixed,
+#: which costs speed instead). See ``benchmarks/memory.py``.
+CPU_HEAP = 0.30
+_CHURN = ("activations", "gradients + backward", "working set")
 
 
 @dataclass(frozen=True)
@@ -181,13 +191,23 @@ def _gpus(peak: int) -> tuple[tuple[str, bool], ...]:
     return tuple((g.name, peak <= g.usable) for g in GPUS)
 
 
+def _with_heap(parts: dict[str, int], device: str) -> dict[str, int]:
+    """``parts`` plus, off CUDA, the glibc heap's share of the activation-like parts (``CPU_HEAP``)."""
+    if device.startswith("cuda"):
+        return parts
+    return {**parts, "CPU heap fragmentation": int(CPU_HEAP * sum(parts.get(k, 0) for k in _CHURN))}
+
+
 def _make(task: str, parts: dict[str, int], device: str, summary: str,
           alternatives: Callable[[], list[tuple[str, int]]], resident: int = 0) -> Plan:
-    """Build the plan; ``alternatives`` lists (change, peak) in order of cost, cheapest first.
+    """Build the plan; ``alternatives`` lists (change, peak) in order of cost, cheapest first
+    (each peak a sum of parts through ``_with_heap``, without ``OVERHEAD``).
 
     ``resident``: bytes of this request already in RAM (a loaded pipeline), which the
     free-RAM figure of a CPU no longer counts; they are added back to its limit.
     """
+    gpu_peak = int(sum(parts.values()) * (1 + OVERHEAD))
+    parts = _with_heap(parts, device)
     peak = int(sum(parts.values()) * (1 + OVERHEAD))
     limit, limit_name = device_limit(device)
     if resident and not device.startswith("cuda"):
@@ -198,7 +218,7 @@ def _make(task: str, parts: dict[str, int], device: str, summary: str,
             if int(other * (1 + OVERHEAD)) <= limit:
                 suggestion = change
                 break
-    return Plan(task, parts, peak, device, limit, limit_name, suggestion, summary, _gpus(peak))
+    return Plan(task, parts, peak, device, limit, limit_name, suggestion, summary, _gpus(gpu_peak))
 
 
 # --------------------------------------------------------------------------- the simulated allocator
@@ -462,26 +482,44 @@ def _fit(kind: str, config: tuple, h: int, w: int, at: Callable[[int, int], tupl
 
 
 def _train_sim(kind: str, config: tuple, side: int, trainable: str, checkpointing: bool, lora_rank: int,
-               lora_targets: tuple[str, ...]) -> _Sim:
-    """Simulated training step at batch 1 and ``side`` (see ``_fit``)."""
+               lora_targets: tuple[str, ...], batch: int = 1) -> _Sim:
+    """Simulated training step at ``batch`` (1 or 2) and ``side`` (see ``_fit``)."""
     def at(h: int, w: int) -> tuple[int, int]:
-        sim = _train_sim_at(kind, config, h, trainable, checkpointing, lora_rank, lora_targets)
+        sim = _train_sim_at(kind, config, h, trainable, checkpointing, lora_rank, lora_targets, batch)
         return sim.after_forward, sim.peak
 
     after, peak = _fit(kind, config, side, side, at)
     return _Sim(after, peak)
 
 
-def _infer_sim(kind: str, config: tuple, side_h: int, side_w: int) -> int:
-    """Peak bytes of one no-grad forward at batch 1 (see ``_fit``)."""
-    return _fit("vae" if kind == "vae" else kind, config, side_h, side_w,
-                lambda h, w: (_infer_sim_at(kind, config, h, w),))[0]
+def _infer_sim(kind: str, config: tuple, side_h: int, side_w: int, batch: int = 1) -> int:
+    """Peak bytes of one no-grad forward at ``batch`` (see ``_fit`` and ``_per_batch``)."""
+    def at(b: int) -> int:
+        return _fit("vae" if kind == "vae" else kind, config, side_h, side_w,
+                    lambda h, w: (_infer_sim_at(kind, config, h, w, b),))[0]
+
+    return _per_batch(at, batch)
+
+
+def _per_batch(at: Callable[[int], int], batch: int) -> int:
+    """``at(batch)``: simulated at batch 1 for batch 1, else fitted linearly on batches 2 and 4.
+
+    Batch 1 is a special case: some reshapes and transposes are views at batch 1 but copies
+    at any larger batch (the tiny preset at 64 px saves 29.5 MiB for one sample, 33.5 MiB per
+    sample at batch 2 and 16 alike). The fit keeps a constant part (the weight gradients of
+    a backward pass do not grow with the batch, its temporaries do)."""
+    if batch <= 1:
+        return at(1)
+    two = at(2)
+    if batch == 2:
+        return two
+    return max(0, int(two + (batch - 2) * (at(4) - two) / 2))
 
 
 @functools.lru_cache(maxsize=64)
 def _train_sim_at(kind: str, config: tuple, side: int, trainable: str, checkpointing: bool, lora_rank: int,
-                  lora_targets: tuple[str, ...]) -> _Sim:
-    """Simulated training step at batch 1: forward, MSE loss, backward.
+                  lora_targets: tuple[str, ...], batch: int = 1) -> _Sim:
+    """Simulated training step at ``batch``: forward, MSE loss, backward.
 
     ``trainable``: "all" (every weight) or "lora" (frozen base, LoRA adapters on ``lora_targets``).
     """
@@ -500,7 +538,7 @@ def _train_sim_at(kind: str, config: tuple, side: int, trainable: str, checkpoin
         with MODEL_INIT_LOCK, torch.device("meta"):
             model.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
                                          target_modules=list(lora_targets)))
-    call = _unet_call(kind, model, dict(config), 1, side, side)
+    call = _unet_call(kind, model, dict(config), batch, side, side)
 
     def run(mark):
         out = call()
@@ -514,25 +552,25 @@ def _train_sim_at(kind: str, config: tuple, side: int, trainable: str, checkpoin
 
 
 @functools.lru_cache(maxsize=64)
-def _infer_sim_at(kind: str, config: tuple, side_h: int, side_w: int) -> int:
-    """Peak bytes of one no-grad forward at batch 1 (the model's own weights not included)."""
+def _infer_sim_at(kind: str, config: tuple, side_h: int, side_w: int, batch: int = 1) -> int:
+    """Peak bytes of one no-grad forward at ``batch`` (the model's own weights not included)."""
     import torch
 
     model = _build(kind, config).eval()
     if kind == "vae":
-        z, = _meta_inputs((1, int(dict(config).get("latent_channels", 4)), side_h, side_w))
+        z, = _meta_inputs((batch, int(dict(config).get("latent_channels", 4)), side_h, side_w))
 
         def run(mark):
             with torch.no_grad():
                 model.decode(z)
     elif kind == "vae_encode":
-        x, = _meta_inputs((1, 3, side_h, side_w))
+        x, = _meta_inputs((batch, 3, side_h, side_w))
 
         def run(mark):
             with torch.no_grad():
                 model.encode(x)
     else:
-        call = _unet_call(kind, model, dict(config), 1, side_h, side_w)
+        call = _unet_call(kind, model, dict(config), batch, side_h, side_w)
 
         def run(mark):
             with torch.no_grad():
@@ -545,10 +583,12 @@ def _train_activation(kind: str, config: tuple, side: int, batch: int, trainable
                       lora_targets: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0")) -> tuple[int, int]:
     """(activations, gradients) of a training step at ``batch``: what lives at the step's peak
     beyond weights and optimizer state, split into the per-sample part and the rest."""
-    sim = _train_sim(kind, config, side, trainable, checkpointing, lora_rank, tuple(lora_targets))
-    per_sample = sim.after_forward
-    rest = max(0, sim.peak - sim.after_forward)  # gradients and backward temporaries on top of the saved tensors
-    return per_sample * batch, rest
+    sims = {b: _train_sim(kind, config, side, trainable, checkpointing, lora_rank, tuple(lora_targets), b)
+            for b in ((1,) if batch <= 1 else (2,) if batch == 2 else (2, 4))}
+    act = _per_batch(lambda b: sims[b].after_forward, batch)
+    # gradients and backward temporaries on top of the saved tensors (they grow with the batch too)
+    rest = _per_batch(lambda b: max(0, sims[b].peak - sims[b].after_forward), batch)
+    return act, rest
 
 
 # --------------------------------------------------------------------------- Train (DDPM)
@@ -567,7 +607,7 @@ def train_plan(cfg: Any, device: str | None = None) -> Plan:
         conf = config  # sample_size does not change the layers; the simulation takes the size itself
         act, rest = _train_activation("unet2d", conf, resolution, batch)
         # the sample grid (num_samples images, no grad) runs between steps: the larger of the two counts
-        sampling = _infer_sim("unet2d", conf, resolution, resolution) * cfg.num_samples
+        sampling = _infer_sim("unet2d", conf, resolution, resolution, cfg.num_samples)
         return {"weights": params * 4, "AdamW": params * 8, "EMA": params * 4 if cfg.use_ema else 0,
                 "gradients + backward": rest, "activations": int(max(act, sampling) * (0.5 if half else 1))}
 
@@ -575,19 +615,24 @@ def train_plan(cfg: Any, device: str | None = None) -> Plan:
 
     def alternatives() -> list[tuple[str, int]]:
         out = []
-        one = sum(parts_for(1, cfg.resolution).values())
-        per_sample = max(1, sum(parts_for(2, cfg.resolution).values()) - one)
+
+        def total(batch: int, resolution: int = cfg.resolution) -> int:
+            return sum(_with_heap(parts_for(batch, resolution), device).values())
+
+        per_sample = max(1, (total(4) - total(2)) // 2)
         limit = device_limit(device)[0] / (1 + OVERHEAD)
-        fitting = int((limit - (one - per_sample)) // per_sample)
+        fitting = int((limit - (total(2) - 2 * per_sample)) // per_sample)
+        if fitting < 2:
+            fitting = 1 if total(1) <= limit else 0
         if 1 <= fitting < cfg.train_batch_size:
             accum = cfg.gradient_accumulation_steps * _ceil(cfg.train_batch_size, fitting)
             keep = f" with gradient accumulation {accum} for the same effective batch" if accum <= 64 else ""
-            out.append((f"batch size {fitting} or less{keep}", one + (fitting - 1) * per_sample))
+            out.append((f"batch size {fitting} or less{keep}", total(fitting)))
         step = 2 ** (len(cfg.block_out_channels) - 1)
         r = cfg.resolution // 2
         while r >= max(8, step):
             if r % step == 0:
-                out.append((f"resolution {r} px at batch 1", sum(parts_for(1, r).values())))
+                out.append((f"resolution {r} px at batch 1", total(1, r)))
             r //= 2
         return out
 
@@ -652,7 +697,7 @@ def finetune_plan(cfg: Any, device: str | None = None, unet_config: dict | None 
         frozen = 0 if cache and not cfg.train_text_encoder else int((vae_params + te_params) * 4 * factor)
         if cache and cfg.train_text_encoder:
             frozen = int(te_params * 4 * factor)
-        vae_step = 0 if cache else int(_infer_sim("vae_encode", vae_config, resolution, resolution) * batch * factor)
+        vae_step = 0 if cache else int(_infer_sim("vae_encode", vae_config, resolution, resolution, batch) * factor)
         parts = {"weights": weights, "VAE + text encoder": frozen,
                  "optimizer": trainable * opt_bytes, "EMA": unet_params * 4 if cfg.use_ema and not lora else 0,
                  "gradients + backward": int(rest * (factor if lora else 1.0)),
@@ -669,7 +714,7 @@ def finetune_plan(cfg: Any, device: str | None = None, unet_config: dict | None 
         out: list[tuple[str, int]] = []
 
         def add(change: str, **kw: Any) -> None:
-            out.append((change, sum(parts_for(**{**base, **kw}).values())))
+            out.append((change, sum(_with_heap(parts_for(**{**base, **kw}), device).values())))
 
         if not base["checkpointing"]:
             add("turn on gradient checkpointing", checkpointing=True)
@@ -748,24 +793,25 @@ def generate_plan(width: int, height: int, batch: int = 1, *, device: str = "cpu
 
     def parts_for(w: int, h: int, b: int, tiling: bool) -> dict[str, int]:
         if unconditional:
-            unet = _infer_sim(kind, config, h, w) * b
+            unet = _infer_sim(kind, config, h, w, b)
             return {"weights": weights, "denoising": int(unet * scale)}
         down = 2 ** (len(dict(vcfg).get("block_out_channels", (1, 1, 1, 1))) - 1)
         lw, lh = max(1, w // down), max(1, h // down)
-        unet = _infer_sim(kind, config, lh, lw) * b * (2 if guidance else 1)
+        unet = _infer_sim(kind, config, lh, lw, b * (2 if guidance else 1))
         latents = 4 * lw * lh * b * 4 * 3  # latents, noise prediction, scheduler state
         if tiling and (w > 512 or h > 512):
             tw, th = min(w, 512), min(h, 512)
             decode = _infer_sim("vae", vcfg, th // down, tw // down) + 3 * w * h * b * 4 * 2  # tile + output image
         else:
-            decode = _infer_sim("vae", vcfg, lh, lw) * b
+            decode = _infer_sim("vae", vcfg, lh, lw, b)
         return {"weights": weights, "denoising": int(unet * scale) + latents, "VAE decode": int(decode * scale)}
 
     def peak_of(parts: dict[str, int]) -> int:
-        return parts["weights"] + max(v for k, v in parts.items() if k != "weights")
+        working = max(v for k, v in parts.items() if k != "weights")
+        return sum(_with_heap({"weights": parts["weights"], "working set": working}, device).values())
 
     parts = parts_for(width, height, batch, vae_tiling)
-    shown = {"weights": parts["weights"], "working set": peak_of(parts) - parts["weights"]}
+    shown = {"weights": parts["weights"], "working set": max(v for k, v in parts.items() if k != "weights")}
 
     def alternatives() -> list[tuple[str, int]]:
         out: list[tuple[str, int]] = []

@@ -35,15 +35,42 @@ def tiny_train(**changes) -> TrainConfig:
 
 
 def test_train_estimate_grows_with_batch_and_resolution_and_is_linear_in_batch():
-    one, four, eight = (train_plan(tiny_train(train_batch_size=b)) for b in (1, 4, 8))
-    assert one.peak < four.peak < eight.peak
+    one, two, four, eight = (train_plan(tiny_train(train_batch_size=b)) for b in (1, 2, 4, 8))
+    assert one.peak < two.peak < four.peak < eight.peak
     assert train_plan(tiny_train(resolution=32)).peak > four.peak
-    act = [p.parts["activations"] for p in (one, four, eight)]
-    assert act[1] == 4 * act[0] and act[2] == 8 * act[0]
+    act = [p.parts["activations"] for p in (one, two, four, eight)]
+    assert abs(act[3] - (act[2] + 2 * (act[2] - act[1]))) <= 2  # linear from batch 2 on
+    assert act[0] <= act[1]
+    # on a CPU the glibc heap's share is counted, but the GPU table is judged without it
+    assert four.parts["CPU heap fragmentation"] > 0
+    assert four.gpus == budget._gpus(int(sum(v for k, v in four.parts.items() if k != "CPU heap fragmentation")
+                                         * (1 + budget.OVERHEAD)))
     no_ema = train_plan(tiny_train(use_ema=False))
     assert no_ema.parts["EMA"] == 0 and four.parts["EMA"] == four.parts["weights"]
     assert four.parts["AdamW"] == 2 * four.parts["weights"]
     assert budget.human_bytes(1536) == "1.5 KiB"
+
+
+def test_simulated_forward_matches_live_tensors_of_a_real_cpu_forward_at_batch_4():
+    """Batch 1 is not representative (some reshapes are views only at batch 1): the plan's
+    activations at batch 4 equal what a real CPU forward keeps alive, within 2 %."""
+    import torch
+    from diffusers import UNet2DModel
+
+    from studio.unet_presets import unet_kwargs
+
+    cfg = tiny_train(train_batch_size=4, num_samples=1)
+    predicted = train_plan(cfg).parts["activations"]
+    torch.manual_seed(0)
+    model = UNet2DModel(**unet_kwargs(16, cfg.block_out_channels, cfg.layers_per_block, cfg.down_block_types,
+                                      cfg.up_block_types))
+    alloc = budget._Allocator()
+    x, t = torch.randn(4, 3, 16, 16), torch.randint(0, 1000, (4,))
+    with alloc.mode:
+        out = model(x, t).sample
+        live = alloc.live
+    del out
+    assert abs(predicted - live) <= 0.02 * live, (predicted, live)
 
 
 def test_generate_estimate_grows_with_size_and_batch():
@@ -85,8 +112,8 @@ def test_train_batch_of_a_billion_is_refused_at_once_naming_the_limit(workspace)
 
 def test_suggestion_is_the_cheapest_change_that_fits(monkeypatch):
     plan = train_plan(tiny_train(train_batch_size=4096))
-    per_sample = plan.parts["activations"] // 4096
-    fixed = sum(plan.parts.values()) - plan.parts["activations"]
+    per_sample = (sum(train_plan(tiny_train(train_batch_size=8192)).parts.values()) - sum(plan.parts.values())) // 4096
+    fixed = sum(plan.parts.values()) - 4096 * per_sample
     limit_gib = (fixed + 100 * per_sample) * 1.1 / GIB
     monkeypatch.setenv(budget.MEMORY_LIMIT_ENV, f"{limit_gib:.9f}")
     plan = train_plan(tiny_train(train_batch_size=4096))
