@@ -15,8 +15,8 @@ storage) takes them away, and the highest level is the peak. What autograd saves
 for backward (which depends on LoRA vs full, gradient checkpointing, attention
 kernels...) is therefore counted exactly as torch does it, for any architecture;
 what it cannot see (allocator rounding, kernel workspaces) is covered by ``OVERHEAD``.
-Results are cached per architecture and size; larger batches are extrapolated linearly
-from simulations at batch 2 and 4 (``_per_batch``).
+Results are cached per architecture and size; every batch scales from a simulation at
+batch 2 (``_per_batch``).
 ``benchmarks/memory.py`` compares the predictions with peaks measured on CPU.
 
 Weights, gradients and optimizer state are counted from parameter counts:
@@ -502,18 +502,14 @@ def _infer_sim(kind: str, config: tuple, side_h: int, side_w: int, batch: int = 
 
 
 def _per_batch(at: Callable[[int], int], batch: int) -> int:
-    """``at(batch)``: simulated at batch 1 for batch 1, else fitted linearly on batches 2 and 4.
+    """``at(batch)`` as ``batch / 2`` times the simulation at batch 2.
 
-    Batch 1 is a special case: some reshapes and transposes are views at batch 1 but copies
-    at any larger batch (the tiny preset at 64 px saves 29.5 MiB for one sample, 33.5 MiB per
-    sample at batch 2 and 16 alike). The fit keeps a constant part (the weight gradients of
-    a backward pass do not grow with the batch, its temporaries do)."""
-    if batch <= 1:
-        return at(1)
-    two = at(2)
-    if batch == 2:
-        return two
-    return max(0, int(two + (batch - 2) * (at(4) - two) / 2))
+    Batch 1 is not representative: some reshapes and transposes are views at batch 1 but
+    copies at any larger batch (the tiny preset at 64 px saves 29.5 MiB for one sample,
+    33.5 MiB per sample at batch 2 and at batch 16 alike). One simulation size for every
+    batch also keeps the number of (slow, for an SD-sized UNet) simulations down; batch 1
+    is then over-counted a little, on the safe side."""
+    return int(at(2) * batch / 2)
 
 
 @functools.lru_cache(maxsize=64)
@@ -583,11 +579,11 @@ def _train_activation(kind: str, config: tuple, side: int, batch: int, trainable
                       lora_targets: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0")) -> tuple[int, int]:
     """(activations, gradients) of a training step at ``batch``: what lives at the step's peak
     beyond weights and optimizer state, split into the per-sample part and the rest."""
-    sims = {b: _train_sim(kind, config, side, trainable, checkpointing, lora_rank, tuple(lora_targets), b)
-            for b in ((1,) if batch <= 1 else (2,) if batch == 2 else (2, 4))}
-    act = _per_batch(lambda b: sims[b].after_forward, batch)
-    # gradients and backward temporaries on top of the saved tensors (they grow with the batch too)
-    rest = _per_batch(lambda b: max(0, sims[b].peak - sims[b].after_forward), batch)
+    sim = _train_sim(kind, config, side, trainable, checkpointing, lora_rank, tuple(lora_targets), 2)
+    act = _per_batch(lambda b: sim.after_forward, batch)
+    # gradients and backward temporaries on top of the saved tensors: mostly the weight gradients,
+    # which do not grow with the batch (as the activations are freed while they are made)
+    rest = max(0, sim.peak - sim.after_forward)
     return act, rest
 
 

@@ -39,7 +39,7 @@ def test_train_estimate_grows_with_batch_and_resolution_and_is_linear_in_batch()
     assert one.peak < two.peak < four.peak < eight.peak
     assert train_plan(tiny_train(resolution=32)).peak > four.peak
     act = [p.parts["activations"] for p in (one, two, four, eight)]
-    assert abs(act[3] - (act[2] + 2 * (act[2] - act[1]))) <= 2  # linear from batch 2 on
+    assert act[2] == 2 * act[1] and act[3] == 4 * act[1]  # linear from batch 2 on
     assert act[0] <= act[1]
     # on a CPU the glibc heap's share is counted, but the GPU table is judged without it
     assert four.parts["CPU heap fragmentation"] > 0
