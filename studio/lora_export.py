@@ -172,6 +172,8 @@ def save_lora(folder: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
+    from studio.transformers_compat import hub_lora_text_encoder_keys
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     unet_state = {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(unet).items()}
@@ -184,7 +186,9 @@ def save_lora(folder: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.
     (StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline).save_lora_weights(
         folder,
         unet_lora_layers=convert_state_dict_to_diffusers(dict(unet_state)),
-        text_encoder_lora_layers=convert_state_dict_to_diffusers(dict(te_state)) if te_state else None,
+        # the text encoder's keys as Hub LoRAs have them (text_model.*): transformers 4.x and 5 both load that
+        text_encoder_lora_layers=hub_lora_text_encoder_keys(convert_state_dict_to_diffusers(dict(te_state)))
+        if te_state else None,
         weight_name=DIFFUSERS_WEIGHT_NAME,
         safe_serialization=True,
         unet_lora_adapter_metadata=_peft_metadata(unet_config),
@@ -196,9 +200,20 @@ def save_lora(folder: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.
 
 
 def _peft_metadata(config) -> dict:
-    """A LoraConfig as a JSON-able dict (sets become sorted lists)."""
+    """A LoraConfig as JSON-able metadata: rank, alpha, targets and what differs from peft's defaults.
+
+    diffusers rebuilds the config as ``LoraConfig(**metadata)``; fields a newer peft added (at their
+    defaults here) would make an older peft refuse the file, so only settings that matter are kept.
+    """
+    from peft import LoraConfig
+
     data = config.to_dict()
-    return json.loads(json.dumps(data, default=lambda v: sorted(v) if isinstance(v, (set, frozenset)) else str(v)))
+    defaults = LoraConfig().to_dict()
+    skip = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping"}
+    kept = {k: v for k, v in data.items()
+            if k in ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern")
+            or (k not in skip and v != defaults.get(k))}
+    return json.loads(json.dumps(kept, default=lambda v: sorted(v) if isinstance(v, (set, frozenset)) else str(v)))
 
 
 def load_kohya(path: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None = None,

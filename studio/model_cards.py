@@ -223,7 +223,7 @@ def finetune_card(folder: Path, cfg: Any, run: Any, step: int, samples: list[str
     base_comment = "" if base is not None else "  # the base model on the machine that trained this"
     if cfg.is_lora:
         load = [f"pipe = {from_pretrained_call(cls, source, base)}{base_comment}",
-                f"pipe.load_lora_weights({json.dumps(mine)}){comment}"]
+                f'pipe.load_lora_weights({json.dumps(mine)}, weight_name="pytorch_lora_weights.safetensors"){comment}']
     else:
         load = [f"pipe = {from_pretrained_call(cls, mine)}{comment}"]
     usage = "\n".join(["```python", f"from diffusers import {cls}", "", *load,

@@ -344,10 +344,13 @@ def replace_pipeline_folder(pipeline: Any, folder: Path, card: str) -> Path:
 
 
 def save_pipeline(pipeline: Any, folder: str | Path) -> Path:
-    """``save_pretrained`` (safetensors) plus the tokenizer files transformers 4.x needs."""
+    """``save_pretrained`` (safetensors) plus the tokenizer files and text-encoder layout transformers 4.x needs."""
+    from studio.transformers_compat import rewrite_text_encoder
+
     folder = Path(folder)
     pipeline.save_pretrained(folder, safe_serialization=True)
     save_tokenizer(pipeline.tokenizer, folder / "tokenizer")
+    rewrite_text_encoder(folder / "text_encoder")  # text_model.* keys: 4.x loads the encoder, not random weights
     return folder
 
 

@@ -83,6 +83,9 @@ def export_sd_pipeline(run: RunDir, cfg: FinetuneConfig, pipe: Any, step: int, r
     out = run.model_dir
     pipe.save_pretrained(out, safe_serialization=True)
     scrub_local_paths(out)  # diffusers writes the base's local path as _name_or_path
+    from studio.transformers_compat import portable_pipeline_folder
+
+    portable_pipeline_folder(out, pipe)  # text encoder + tokenizer files transformers 4.x loads too
     if cfg.save_single_file:
         from studio.single_file import save_single_file
 
