@@ -165,9 +165,17 @@ def test_a_hub_repo_with_only_bin_weights_loads_and_a_poisoned_one_is_refused(ti
     from studio.hub import pipeline_download_size
     from studio.models import load_pipeline
 
+    from studio.hub import download_pipeline
+
     files = files_of(_to_bin(Path(shutil.copytree(tiny_sd, tmp_path / "binned"))))
-    local_hub.add_repo("acme/pickle-era", files)
-    assert pipeline_download_size({k: len(v) for k, v in files.items()}) == sum(len(v) for v in files.values())
+    # the layout of many older repos: a root single-file checkpoint beside the .bin diffusers folders
+    local_hub.add_repo("acme/pickle-era", {**files, "tiny-pruned.ckpt": b"\0" * 300_000})
+    expected = sum(len(v) for v in files.values())
+    assert pipeline_download_size({**{k: len(v) for k, v in files.items()}, "tiny-pruned.ckpt": 300_000}) == expected
+    reports = []
+    download_pipeline("acme/pickle-era", on_progress=reports.append)
+    assert reports[-1].finished and reports[-1].total_bytes == expected
+    assert not any("tiny-pruned.ckpt" in path for _, path, _ in local_hub.requests), "the root checkpoint was fetched"
     pipe = load_pipeline("acme/pickle-era", "cpu", offline=False)
     np.testing.assert_allclose(_pixels(pipe), _pixels(load_pipeline(str(tiny_sd), "cpu", offline=True)), atol=1e-5)
 
