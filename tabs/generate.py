@@ -329,7 +329,7 @@ def build_generate_tab(ctx: StudioContext) -> dict:
                                         info=help_("batch_count"), elem_id="gen-batch-count")
             with gr.Accordion("LoRA", open=False) as lora_box:
                 lora = gr.Dropdown(lora_choices(workspace), value=None, allow_custom_value=True,
-                                   label="LoRA (.safetensors file or Fine-tune run)", elem_id="gen-lora")
+                                   label="LoRA (.safetensors or .bin file, or a Fine-tune run)", elem_id="gen-lora")
                 lora_scale = gr.Slider(-1, 2, value=1.0, step=0.05, label="LoRA scale", info=help_("lora_scale"),
                                        elem_id="gen-lora-scale")
             plan_md = gr.Markdown("", elem_id="gen-memory-plan")
