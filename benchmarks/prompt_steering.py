@@ -11,18 +11,20 @@ prints per prompt:
   of those the red and yellow shares; the same figures of the dataset images matching
   the prompt (``matching_images``) are printed beside them;
 - a steering matrix of the quality figure (``studio.quality``, sliced Wasserstein
-  distance of patches x 1000, lower is closer): each prompt's images against the
-  dataset images matching each prompt. A steered model has the lowest value of each
-  row on the diagonal; ``diagonal_ratio`` is the mean diagonal over the mean
-  off-diagonal value (below 1 = steered; the empty prompt's row is the reference).
+  distance of patches x 1000, lower is closer): each prompt's images (rows) against the
+  dataset images matching each prompt (columns). A steered model has the lowest value
+  of each column on the diagonal (``columns_steered``); ``diagonal_ratio`` is, per
+  column, the prompt's own value over the other prompts' mean, averaged (below 1 =
+  steered; the empty prompt's row is printed as the unsteered reference).
 
 It also times loading the pipeline (``load_s``: ``from_pretrained``, CPU, fp32).
 
     python benchmarks/prompt_steering.py                         # the bundled emoji SD
     python benchmarks/prompt_steering.py --model runs/my-run     # a run folder or pipeline folder
+    python benchmarks/prompt_steering.py --grid samples.png      # also save 8 images per prompt, a row each
 
 The last line printed is one JSON object: ``{"model", "load_s", "red_share", "yellow_share",
-"hue", "diagonal_ratio", "rows_steered"}`` (per-prompt dicts where it says so).
+"hue", "diagonal_ratio", "columns_steered"}`` (per-prompt dicts where it says so).
 """
 
 from __future__ import annotations
@@ -84,22 +86,38 @@ def measure(model: Path, prompts=PROMPTS, images: int = 16, steps: int = 25, gui
     pixels, captions = cache.pixels, cache.captions
     drawn = {p: generate(pipe, p, images, steps, guidance, seed) for p in ("", *prompts)}
     refs = {p: QualityReference.build(pixels[matching_images(captions, p)], sample_count=images) for p in prompts}
-    result = {"model": str(model), "load_s": round(load_s, 3), "colour": {}, "data_colour": {}, "matrix": {}}
+    start = time.perf_counter()
+    StableDiffusionPipeline.from_pretrained(model, local_files_only=True)
+    again_s = time.perf_counter() - start
+    result = {"model": str(model), "load_s": round(load_s, 3), "load_again_s": round(again_s, 3), "colour": {},
+              "data_colour": {}, "matrix": {}, "images": {p: drawn[p][:8] for p in prompts}}
     for p in ("", *prompts):
         result["colour"][p] = colour_stats(drawn[p])
         result["matrix"][p] = {q: refs[q].score(drawn[p]) for q in prompts}
     for p in prompts:
         matched = pixels[matching_images(captions, p)].permute(0, 2, 3, 1).numpy()
         result["data_colour"][p] = colour_stats(matched)
-    diagonal = [result["matrix"][p][p] for p in prompts]
-    off = [result["matrix"][p][q] for p in prompts for q in prompts if q != p]
-    result["diagonal_ratio"] = float(np.mean(diagonal) / np.mean(off))
-    result["rows_steered"] = sum(min(result["matrix"][p], key=result["matrix"][p].get) == p for p in prompts)
+    m = result["matrix"]  # per reference (column): are the prompt's own images the closest to it?
+    result["diagonal_ratio"] = float(np.mean([m[q][q] / np.mean([m[p][q] for p in prompts if p != q])
+                                              for q in prompts]))
+    result["columns_steered"] = sum(min(prompts, key=lambda p: m[p][q]) == q for q in prompts)
     return result
 
 
+def save_grid(images: dict, path: str, scale: int = 3) -> None:
+    """One row of images per prompt (white gaps), enlarged ``scale`` times (nearest neighbour)."""
+    import numpy as np
+    from PIL import Image
+
+    rows = [np.concatenate([np.pad(im, ((2, 2), (2, 2), (0, 0)), constant_values=255) for im in row], axis=1)
+            for row in images.values()]
+    grid = Image.fromarray(np.concatenate(rows, axis=0))
+    grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST).save(path)
+    print(f"grid: {path} (rows: {', '.join(images)})")
+
+
 def print_report(r: dict, prompts=PROMPTS) -> None:
-    print(f"model {r['model']}  (loaded in {r['load_s']:.2f} s)")
+    print(f"model {r['model']}  (loaded in {r['load_s']:.2f} s, again in {r['load_again_s']:.2f} s)")
     print(f"{'prompt':22s} {'hue':>5s} {'coloured':>8s} {'red':>5s} {'yellow':>6s} |"
           f" data: {'hue':>5s} {'red':>5s} {'yellow':>6s}")
     for p in ("", *prompts):
@@ -113,8 +131,8 @@ def print_report(r: dict, prompts=PROMPTS) -> None:
     for p in ("", *prompts):
         row = r["matrix"][p]
         print(f"{(p or '(empty prompt)'):22s} " + " ".join(f"{row[q]:12.0f}" for q in prompts))
-    print(f"\ndiagonal / off-diagonal: {r['diagonal_ratio']:.2f} (below 1 = steered); "
-          f"rows whose own prompt is closest: {r['rows_steered']} of {len(prompts)}")
+    print(f"\nper column, own prompt / other prompts: {r['diagonal_ratio']:.2f} (below 1 = steered); "
+          f"columns whose own prompt's images are the closest: {r['columns_steered']} of {len(prompts)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,17 +143,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=25, help="PNDM steps per image")
     parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--grid", default="", help="also write the first 8 images of each prompt, a row each, here")
     args = parser.parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)
     r = measure(model_folder(args.model), images=args.images, steps=args.steps, guidance=args.guidance)
     print_report(r)
-    summary = {"model": r["model"], "load_s": r["load_s"],
+    if args.grid:
+        save_grid(r["images"], args.grid)
+    summary = {"model": r["model"], "load_s": r["load_s"], "load_again_s": r["load_again_s"],
                "red_share": {p: round(r["colour"][p]["red"], 3) for p in ("", *PROMPTS)},
                "yellow_share": {p: round(r["colour"][p]["yellow"], 3) for p in ("", *PROMPTS)},
                "hue": {p: round(r["colour"][p]["hue"], 1) for p in ("", *PROMPTS)},
-               "diagonal_ratio": round(r["diagonal_ratio"], 3), "rows_steered": r["rows_steered"]}
+               "diagonal_ratio": round(r["diagonal_ratio"], 3), "columns_steered": r["columns_steered"]}
     print(json.dumps(summary))
     return 0
 
