@@ -56,8 +56,9 @@ def test_the_bundled_model_loads_with_plain_diffusers_and_samples():
 def test_generate_lists_bundled_models_first_and_resolves_them_offline(workspace):
     from studio.model_refs import model_choices, resolve_reference
 
-    first_label, first_value = model_choices(workspace)[0]
-    assert first_value == "bundled:emoji-ddpm" and "emoji" in first_label
+    choices = model_choices(workspace)
+    assert [value for _, value in choices[:2]] == ["bundled:emoji-sd", "bundled:emoji-ddpm"]  # the table's order
+    assert all("emoji" in label for label, _ in choices[:2])
     ref = resolve_reference("bundled:emoji-ddpm", workspace, offline=True)
     assert ref.kind == "folder" and Path(ref.location) == EMOJI.path
     assert resolve_reference("emoji-ddpm", workspace, offline=True).location == str(EMOJI.path)

@@ -203,3 +203,35 @@ def test_train_tab_mode_starts_stops_and_resumes_a_text_to_image_run(workspace):
     finally:
         ctx.jobs.stop_all()
 
+
+
+# ----------------------------------------------------------------------------- the bundled emoji SD
+def test_bundled_emoji_sd_loads_with_plain_diffusers_and_the_prompt_steers_it():
+    import time
+
+    from diffusers import StableDiffusionPipeline
+
+    from studio.bundled import BUNDLED_MODELS, bundled_models
+
+    model = BUNDLED_MODELS["emoji-sd"]
+    assert model.available, f"{model.path} must hold the bundled pipeline"
+    assert [m.name for m in bundled_models()][:2] == ["emoji-sd", "emoji-ddpm"]  # Generate lists it first
+    files = [p for p in model.path.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 30 * 1024 ** 2 and not [p for p in files if p.suffix == ".bin"]
+    assert {"vocab.json", "merges.txt", "tokenizer.json"} <= {p.name for p in (model.path / "tokenizer").iterdir()}
+    card = (model.path / "README.md").read_text(encoding="utf-8")
+    for line in ("license: cc-by-4.0", "library_name: diffusers", "pipeline_tag: text-to-image"):
+        assert line in card.split("---")[1]
+    start = time.perf_counter()
+    pipe = StableDiffusionPipeline.from_pretrained(model.path, local_files_only=True)
+    assert time.perf_counter() - start < 10  # about 0.3 s alone; generous for a loaded CI machine
+    pipe.set_progress_bar_config(disable=True)
+    stats = {}
+    for prompt in ("red heart", "yellow smiling face"):
+        images = pipe([prompt] * 4, height=32, width=32, num_inference_steps=10, guidance_scale=4.0,
+                      generator=torch.Generator().manual_seed(0), output_type="np").images
+        stats[prompt] = colour_stats(images)
+    print(stats)
+    assert stats["red heart"]["red"] > stats["yellow smiling face"]["red"] + 0.15, stats
+    assert stats["yellow smiling face"]["yellow"] > stats["red heart"]["yellow"] + 0.08, stats
+    assert stats["yellow smiling face"]["hue"] > stats["red heart"]["hue"] + 5, stats  # towards yellow (60)
