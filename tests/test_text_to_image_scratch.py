@@ -242,3 +242,34 @@ def test_bundled_emoji_sd_loads_with_plain_diffusers_and_the_prompt_steers_it():
     assert stats["red heart"]["red"] > stats["yellow smiling face"]["red"] + 0.15, stats
     assert stats["yellow smiling face"]["yellow"] > stats["red heart"]["yellow"] + 0.08, stats
     assert stats["yellow smiling face"]["hue"] > stats["red heart"]["hue"] + 5, stats  # towards yellow (60)
+
+
+@pytest.mark.integration
+@pytest.mark.slow  # about 15 s: a launched app trains a tiny text-to-image run through gradio_client
+def test_train_tab_text_to_image_mode_through_gradio_client(launched_app, client):
+    import time
+
+    from studio.config.data import DataConfig
+    from studio.context import DatasetChoice
+    from tabs import train as tab
+
+    app, _ = launched_app
+    app.studio_context.dataset.set(DatasetChoice(DataConfig(source="emoji", max_rows=16), "emoji (first 16)", 16, True))
+    values = tab.default_values()
+    values.update(mode="text-to-image", run_name="words", resolution=16, train_batch_size=4, max_train_steps=2,
+                  vae_steps=1, sample_every=0, save_every=0, sample_inference_steps=1, validation_prompts="red heart",
+                  lr_warmup_steps=0)
+    status, folder, command, *_ = client.predict(*[values[n] for n in tab.INPUT_NAMES], api_name="/start_training")
+    assert status.startswith("Started words: text-to-image"), status
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        status, progress, plot, quality, sample, gallery, run_folder, model = client.predict(
+            False, "words", api_name="/train_status")
+        if "finished" in status:
+            break
+        time.sleep(0.3)
+    assert "words: finished" in status, status
+    curves = {row[-1] for row in quality.get("data", [])} if isinstance(quality, dict) else set()
+    assert "samples" in curves and Path(sample).is_file() and len(gallery) == 2  # reconstructions, validation row
+    assert model.endswith("words/model") and Path(model, "tokenizer", "vocab.json").is_file()
+    assert json.loads(Path(folder, "config.json").read_text())["mode"] == "text-to-image"
