@@ -23,7 +23,7 @@ from studio.pnginfo import read_png_parameters
 from test_bundled_sd import red_hearts
 from tiny_pipelines import bundled_sd, tiny_sd_stand_in  # noqa: F401  (fixtures)
 
-pytestmark = [pytest.mark.browser, pytest.mark.integration]
+pytestmark = [pytest.mark.browser, pytest.mark.integration, pytest.mark.slow]
 
 SHOTS = os.environ.get("STUDIO_SCREENSHOTS", "")
 
@@ -35,8 +35,12 @@ def set_number(page, elem_id: str, value: float) -> None:
 
 
 def shoot(page, name: str) -> None:
+    """Save the top of the page, tall enough for the results beside the settings."""
     if SHOTS:
         Path(SHOTS).mkdir(parents=True, exist_ok=True)
+        page.set_viewport_size({"width": 1400, "height": 1250})
+        page.evaluate("window.scrollTo(0, 0)")
+        page.wait_for_timeout(500)
         page.screenshot(path=str(Path(SHOTS) / name))
 
 
@@ -85,5 +89,4 @@ def test_red_heart_in_generate_and_a_lora_in_fine_tune(bundled_sd, page, launche
         "() => [...document.querySelectorAll('#ft-gallery img')].filter(i => i.complete && i.naturalWidth).length"
         " >= 3", timeout=30_000)
     assert (ctx.workspace / "my-hearts-lora" / "lora" / "pytorch_lora_weights.safetensors").is_file()
-    page.locator("#ft-dataset").scroll_into_view_if_needed()
     shoot(page, "finetune-emoji-sd.png")
