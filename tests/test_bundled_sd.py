@@ -199,3 +199,23 @@ def test_a_fine_tuned_lora_loads_in_generate_with_a_scale_and_round_trips(ctx, b
     assert loaded.ref.kind == "lora-run" and loaded.label == "run hearts (LoRA on emoji-sd (bundled))"
     opened = generate(manager, cfg.replace(model=str(workspace / "hearts"), lora=""), save=False)
     assert (np.asarray(opened.images[0].image).astype(int) == pix[1]).all()
+
+
+def test_switching_models_frees_the_last_one_without_a_full_collection_unless_a_cycle_holds_it(
+        ctx, bundled_sd, monkeypatch):
+    import gc
+    import weakref
+
+    manager = ctx.pipelines
+    collections = []
+    real_collect = gc.collect
+    monkeypatch.setattr(gc, "collect", lambda *a: collections.append(a) or real_collect(*a))
+    unet = weakref.ref(manager.load(bundled_sd).pipe.unet)
+    manager.load("bundled:emoji-ddpm")
+    assert unet() is None and collections == []  # freed by its last reference going: no 0.5 s gc pass
+    pipe = manager.load(bundled_sd).pipe
+    pipe.unet.owner = pipe  # a reference cycle (as hooks or adapters can make)
+    unet = weakref.ref(pipe.unet)
+    del pipe
+    manager.load("bundled:emoji-ddpm")
+    assert unet() is None and len(collections) == 1  # the cycle was collected before the next model loaded
