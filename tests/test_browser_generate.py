@@ -46,7 +46,10 @@ def test_generate_an_image_with_dpm_2m_karras(page, tiny_sd, tiny_ddpm, launched
         "() => document.querySelector('#gen-progress textarea').value === 'Done.'", timeout=60_000)
     image = page.locator("#gen-gallery img").first
     image.wait_for(state="visible")
-    assert image.evaluate("img => img.complete && img.naturalWidth") == 16
+    page.wait_for_function(  # visible comes before decoded: wait for the picture itself
+        "() => { const i = document.querySelector('#gen-gallery img'); return !!i && i.complete && i.naturalWidth > 0; }",
+        timeout=30_000)
+    assert image.evaluate("img => img.naturalWidth") == 16
     info = page.locator("#gen-info textarea").input_value()
     assert "DPM++ 2M Karras" in info and "seed 31" in info
     saved = list((app.studio_context.workspace / "outputs").rglob("*-31.png"))
