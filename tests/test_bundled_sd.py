@@ -219,3 +219,34 @@ def test_switching_models_frees_the_last_one_without_a_full_collection_unless_a_
     del pipe
     manager.load("bundled:emoji-ddpm")
     assert unet() is None and len(collections) == 1  # the cycle was collected before the next model loaded
+
+
+def test_online_a_hub_id_is_first_class_and_then_listed_as_cached(settings, local_hub, bundled_sd, tiny_sd_stand_in,
+                                                                    workspace, tmp_path):
+    from dataclasses import replace
+
+    from hub_server import files_of
+
+    from studio.base_models import finetune_base_choices, native_resolution
+
+    ctx = StudioContext(replace(settings, offline=False))
+    try:
+        use_folder(ctx, red_hearts(tmp_path / "hearts", count=2, size=16), 2)
+        with pytest.raises(ModelError, match="not found on the Hugging Face Hub"):
+            start_finetune(ctx, quick(default_values(), pretrained_model_name_or_path="acme/missing"))
+        assert list(workspace.iterdir()) == []
+        local_hub.add_repo("acme/small-sd", files_of(tiny_sd_stand_in))
+        values = quick(default_values(), pretrained_model_name_or_path="acme/small-sd", resolution=16,
+                       max_train_steps=2, run_name="from-hub")
+        start_finetune(ctx, values)  # downloads the base, then trains
+        snap = finish(ctx)
+        assert snap.status == "finished", snap.error
+        assert ("acme/small-sd (cached)", "acme/small-sd") in finetune_base_choices(workspace)
+        assert native_resolution("acme/small-sd") == 16  # read from the cached configs
+    finally:
+        import shutil
+
+        from huggingface_hub import constants
+
+        ctx.jobs.stop_all()
+        shutil.rmtree(Path(constants.HF_HUB_CACHE) / "models--acme--small-sd", ignore_errors=True)
