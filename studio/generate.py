@@ -123,6 +123,29 @@ def latent_preview(latents: Any, kind: str) -> Any:
     return Image.fromarray(array)
 
 
+#: A VAE this small (parameters) decodes the preview exactly: it is cheap, and the SD/SDXL
+#: latent -> RGB maps are wrong for any VAE trained apart from those (e.g. the bundled emoji SD's).
+EXACT_PREVIEW_VAE_PARAMS = 20_000_000
+
+
+def vae_preview(pipe: Any) -> Callable[[Any], Any] | None:
+    """A preview function decoding the first latent with ``pipe``'s own VAE when it is small, else None."""
+    import torch
+
+    vae = getattr(pipe, "vae", None)
+    if vae is None or sum(p.numel() for p in vae.parameters()) > EXACT_PREVIEW_VAE_PARAMS:
+        return None
+
+    def decode(latents: Any) -> Any:
+        if latents is None or latents.ndim != 4:
+            return None
+        first = latents[:1].to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor
+        with torch.inference_mode():
+            return sample_preview(vae.decode(first).sample)
+
+    return decode
+
+
 def sample_preview(sample: Any) -> Any:
     """The first image of an unconditional sample batch (values in -1..1) as PIL."""
     import numpy as np
@@ -350,9 +373,10 @@ def _run_text_to_image(pipe: Any, cfg: GenerateConfig, seeds: list[int], size: t
     kwargs = build_call_kwargs(pipe, cfg, seeds, size, caps)
     _seed_sde(pipe, seeds[0])
     state = {"stopped": False}
+    preview = vae_preview(pipe) or (lambda latents: latent_preview(latents, kind))
     if caps["callback"]:
         def callback(pipeline: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-            if on_step(index, tensors.get("latents"), lambda latents: latent_preview(latents, kind)):
+            if on_step(index, tensors.get("latents"), preview):
                 state["stopped"] = True
                 pipeline._interrupt = True
             return tensors

@@ -13,7 +13,7 @@ from studio.errors import ConfigError, ModelError
 from studio.generate import generate
 from studio.model_names import NameLookup
 from studio.pnginfo import config_updates, format_parameters, parse_parameters, read_png_parameters
-from tiny_pipelines import make_tiny_lora, tiny_ddpm, tiny_sd  # noqa: F401  (fixtures)
+from tiny_pipelines import bundled_sd, make_tiny_lora, tiny_ddpm, tiny_sd, tiny_sd_stand_in  # noqa: F401  (fixtures)
 
 
 @pytest.fixture
@@ -169,6 +169,18 @@ def test_lora_errors(manager, tiny_ddpm, tiny_sd, tmp_path):
     (tmp_path / "old.bin").write_bytes(b"x")
     with pytest.raises(ModelError, match="Refused to load old.bin"):
         generate(manager, GenerateConfig(model=str(tiny_sd), lora=str(tmp_path / "old.bin")), save=False)
+
+
+def test_live_preview_of_a_small_vae_is_the_vae_decode_of_the_latents(manager, bundled_sd):  # noqa: F811
+    """The SD latent -> RGB map is wrong for a VAE of its own (the bundled emoji SD's gave blue/pink
+    previews of red hearts): a small VAE decodes the preview exactly, so the last preview is the image."""
+    seen = []
+    result = generate(manager, GenerateConfig(model=bundled_sd, prompt="yellow smiling face", num_inference_steps=4,
+                                              seed=3), on_progress=seen.append, save=False, preview_every=1)
+    last = [p.preview for p in seen if p.preview is not None][-1]
+    image = np.asarray(result.images[0].image.convert("RGB"), dtype=np.float32)
+    assert last.size == result.images[0].image.size
+    assert np.abs(np.asarray(last, dtype=np.float32) - image).mean() < 2.0
 
 
 def test_no_model_is_explained(manager):
