@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from studio.errors import ConfigError, ModelError
+from studio.errors import ConfigError, JobError, ModelError
 from studio.schedulers import DEFAULT_SCHEDULER
 from tabs.generate import build_config, gallery_items, is_local_model, load_model, reuse_parameters, stream_generation
 from tiny_pipelines import tiny_ddpm, tiny_sd  # noqa: F401  (fixtures)
@@ -81,6 +82,16 @@ def test_closing_the_stream_stops_the_generation(ctx, tiny_sd):
     assert stop.is_set()
     assert ctx.pipelines.lock.acquire(timeout=30)  # the worker let go of the pipeline
     ctx.pipelines.lock.release()
+    # ... and then of the device (released just after the pipeline: the next test's Generate
+    # was refused "device in use" when it came in between)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with ctx.jobs.use_device(ctx.pipelines.device, "test"):
+                break
+        except JobError:
+            assert time.monotonic() < deadline, "the closed stream kept the device"
+            time.sleep(0.05)
 
 
 def test_reuse_parameters_from_a_saved_png(ctx, tiny_sd):
