@@ -39,7 +39,7 @@ def test_start_training_see_loss_and_samples_then_stop(page, launched_app):
     _fill(page, "train-sample-inference-steps", "2")
     page.wait_for_function(
         "() => { const t = document.querySelector('#train-model-summary').innerText;"
-        " return t.includes('custom') && t.includes('parameters'); }", timeout=30_000)
+        " return t.includes('custom') && t.includes('parameters'); }", timeout=90_000)  # 8 edits, one plan each
 
     page.locator("#train-start").click()
     page.wait_for_function(
