@@ -69,6 +69,20 @@ def workspace(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def train_ctx(workspace: Path):
+    """A CPU ``StudioContext`` on ``workspace`` with the first 8 emoji as its dataset (Train tab tests);
+    its jobs are stopped afterwards."""
+    from studio.config.data import DataConfig
+    from studio.context import DatasetChoice, StudioContext
+    from studio.settings import LaunchSettings
+
+    c = StudioContext(LaunchSettings(workspace=workspace, device="cpu"))
+    c.dataset.set(DatasetChoice(DataConfig(source="emoji", max_rows=8), "emoji (first 8)", 8, True))
+    yield c
+    c.jobs.stop_all()
+
+
+@pytest.fixture
 def settings(workspace: Path):
     from studio.settings import LaunchSettings
 

@@ -9,12 +9,11 @@ from pathlib import Path
 import pytest
 
 from studio.config.data import DataConfig
-from studio.context import DatasetChoice, StudioContext
+from studio.context import DatasetChoice
 from studio.errors import CheckpointError
 from studio.events import Event
 from studio.jobs import Job, history_snapshot
 from studio.runs import RunDir, discard_if_never_trained, resumable_runs, run_status
-from studio.settings import LaunchSettings
 from tabs import jobtab
 from tabs import train as tab
 
@@ -32,11 +31,8 @@ def tiny_values(**changes):
 
 
 @pytest.fixture
-def ctx(workspace):
-    c = StudioContext(LaunchSettings(workspace=workspace, device="cpu"))
-    c.dataset.set(DatasetChoice(DataConfig(source="emoji", max_rows=8), "emoji (first 8)", 8, True))
-    yield c
-    c.jobs.stop_all()
+def ctx(train_ctx):
+    return train_ctx
 
 
 def finish(ctx, timeout=600.0):

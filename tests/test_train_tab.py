@@ -30,11 +30,8 @@ def tiny_values(**changes):
 
 
 @pytest.fixture
-def ctx(workspace):
-    c = StudioContext(LaunchSettings(workspace=workspace, device="cpu"))
-    c.dataset.set(DatasetChoice(DataConfig(source="emoji", max_rows=8), "emoji (first 8)", 8, True))
-    yield c
-    c.jobs.stop_all()
+def ctx(train_ctx):
+    return train_ctx
 
 
 def wait_for(job, predicate, timeout=120.0):
