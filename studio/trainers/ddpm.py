@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import threading
@@ -55,7 +56,7 @@ from studio.trainers.reporting import (GRID_MIN_SIDE, LossMeter, NonFiniteLossEr
 from studio.trainers.resume import load_ddpm_checkpoint, save_ddpm_checkpoint
 from studio.trainers.sampling import sample_images
 from studio.trainers.setup import (RunFolder, fresh_accelerator, import_diffusers, open_run, phase_stop,
-                                   seed_everything, stop_requested, write_run_config)
+                                   run_reported, seed_everything, stop_requested, write_run_config)
 from studio.trainers.speed import prepare_unet_for_training
 from studio.unet_presets import unet_kwargs
 
@@ -131,17 +132,7 @@ def train(cfg: TrainConfig, events: EventSink = ignore_events, stop: threading.E
     accelerator = fresh_accelerator(cfg.mixed_precision, device_name)
     folder = open_run(cfg, TASK, accelerator, run)
     report = Reporter(events, folder.run if accelerator.is_main_process else None, cfg.max_train_steps)
-    try:
-        return _train(cfg, report, stop, folder, accelerator)
-    except Stopped as exc:  # Stop during a phase before the loop: nothing trained, no checkpoint changed
-        report.stopped_early(exc, folder.resume_from)
-        return folder.run
-    except BaseException as exc:
-        report.failed(exc)
-        raise
-    finally:
-        report.close()
-        folder.release()
+    return run_reported(folder, report, functools.partial(_train, cfg, report, stop, folder, accelerator))
 
 
 def _train(cfg: TrainConfig, report: Reporter, stop: threading.Event, folder: RunFolder, accelerator: Any) -> RunDir:

@@ -18,10 +18,10 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from studio.checkpoints import resolve_resume
-from studio.errors import CheckpointError
+from studio.errors import CheckpointError, Stopped
 from studio.runs import RunDir, resumable_runs
 
 #: What "the newest run" of each task is called in messages.
@@ -187,3 +187,28 @@ def write_run_config(run: RunDir, task: str, cfg: Any, accelerator: Any) -> Any:
     if accelerator.is_main_process:
         run.write_config(task, run_cfg.to_dict())
     return run_cfg
+
+
+def run_reported(folder: RunFolder, report: Any, body: Callable[[], Any],
+                 translate: Callable[[BaseException], BaseException] | None = None) -> RunDir:
+    """Run a trainer's ``body`` in its run folder and report how it ended; returns ``folder.run``.
+
+    Stop pressed in a phase before the loop (``Stopped``) is reported with ``report.stopped_early``
+    (nothing trained, the checkpoint resumed from unchanged); any other exception as ``failed``
+    (``translate`` may turn it into the error shown and raised, e.g. an out-of-memory line) and
+    raised again. The reporter is closed and the folder's lock released in every case.
+    """
+    try:
+        body()
+    except Stopped as exc:
+        report.stopped_early(exc, folder.resume_from)
+    except BaseException as exc:
+        shown = translate(exc) if translate is not None else exc
+        report.failed(exc, shown=shown)
+        if shown is exc:
+            raise
+        raise shown from exc
+    finally:
+        report.close()
+        folder.release()
+    return folder.run

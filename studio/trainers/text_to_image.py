@@ -37,8 +37,8 @@ from studio.trainers.reporting import LossMeter, Reporter, image_row, weights_sh
 from studio.trainers.resume import (gather_from_processes, generator_states, load_tensor_checkpoint,
                                     save_tensor_checkpoint, trainable_tensors)
 from studio.trainers.sampling import make_class_images, validation_images
-from studio.trainers.setup import RunFolder, fresh_accelerator, open_run, phase_stop, seed_everything, \
-    stop_requested, write_run_config
+from studio.trainers.setup import RunFolder, fresh_accelerator, open_run, phase_stop, run_reported, \
+    seed_everything, stop_requested, write_run_config
 from studio.trainers.stable_diffusion import (add_trainables, assemble_pipeline, check_sd_pipeline, image_prompts,
                                               is_oom, load_base_pipeline, memory_warning, move_module,
                                               out_of_memory_error, sdxl_conditioning, training_noise_scheduler)
@@ -76,20 +76,8 @@ def train(cfg: FinetuneConfig, events: EventSink, stop: threading.Event, run: Ru
     accelerator = fresh_accelerator("no" if device == "cpu" else cfg.mixed_precision, device)
     folder = open_run(cfg, TASK, accelerator, run)
     report = Reporter(events, folder.run if accelerator.is_main_process else None, cfg.max_train_steps)
-    try:
-        _Trainer(cfg, report, stop, folder, accelerator).fit()
-    except Stopped as exc:  # Stop during a phase before the loop: nothing trained, no checkpoint changed
-        report.stopped_early(exc, folder.resume_from)
-    except BaseException as exc:
-        error = out_of_memory_error(cfg, exc) if is_oom(exc) else exc
-        report.failed(exc, shown=error)
-        if error is exc:
-            raise
-        raise error from exc
-    finally:
-        report.close()
-        folder.release()
-    return folder.run
+    return run_reported(folder, report, lambda: _Trainer(cfg, report, stop, folder, accelerator).fit(),
+                        lambda exc: out_of_memory_error(cfg, exc) if is_oom(exc) else exc)
 
 
 class _Trainer:

@@ -274,17 +274,8 @@ def train(cfg: TextToImageConfig, events: EventSink = ignore_events, stop: threa
     accelerator = setup.fresh_accelerator(cfg.mixed_precision, device_name)
     folder = setup.open_run(cfg, TASK, accelerator, run or newest_text_to_image_run(cfg))
     report = Reporter(events, folder.run, cfg.total_steps)
-    try:
-        return _train(cfg, report, stop, folder, torch.device(device_name), accelerator)
-    except Stopped as exc:
-        report.stopped_early(exc, folder.resume_from)
-        return folder.run
-    except BaseException as exc:
-        report.failed(exc)
-        raise
-    finally:
-        report.close()
-        folder.release()
+    return setup.run_reported(folder, report, functools.partial(_train, cfg, report, stop, folder,
+                                                                torch.device(device_name), accelerator))
 
 
 def _train(cfg: TextToImageConfig, report: Reporter, stop: threading.Event, folder: setup.RunFolder,
