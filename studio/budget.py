@@ -481,11 +481,15 @@ def _fit(kind: str, config: tuple, h: int, w: int, at: Callable[[int, int], tupl
     return tuple(int(a + (b - a) * (pixels - r1 * r1) / (r2 * r2 - r1 * r1)) for a, b in zip(small, large))
 
 
+#: Batch size of every simulation; other batches scale from it (``_per_batch``).
+SIM_BATCH = 2
+
+
 def _train_sim(kind: str, config: tuple, side: int, trainable: str, checkpointing: bool, lora_rank: int,
-               lora_targets: tuple[str, ...], batch: int = 1) -> _Sim:
-    """Simulated training step at ``batch`` (1 or 2) and ``side`` (see ``_fit``)."""
+               lora_targets: tuple[str, ...]) -> _Sim:
+    """Simulated training step at ``SIM_BATCH`` and ``side`` (see ``_fit``)."""
     def at(h: int, w: int) -> tuple[int, int]:
-        sim = _train_sim_at(kind, config, h, trainable, checkpointing, lora_rank, lora_targets, batch)
+        sim = _train_sim_at(kind, config, h, trainable, checkpointing, lora_rank, lora_targets)
         return sim.after_forward, sim.peak
 
     after, peak = _fit(kind, config, side, side, at)
@@ -494,28 +498,26 @@ def _train_sim(kind: str, config: tuple, side: int, trainable: str, checkpointin
 
 def _infer_sim(kind: str, config: tuple, side_h: int, side_w: int, batch: int = 1) -> int:
     """Peak bytes of one no-grad forward at ``batch`` (see ``_fit`` and ``_per_batch``)."""
-    def at(b: int) -> int:
-        return _fit("vae" if kind == "vae" else kind, config, side_h, side_w,
-                    lambda h, w: (_infer_sim_at(kind, config, h, w, b),))[0]
-
-    return _per_batch(at, batch)
+    simulated = _fit("vae" if kind == "vae" else kind, config, side_h, side_w,
+                     lambda h, w: (_infer_sim_at(kind, config, h, w),))[0]
+    return _per_batch(simulated, batch)
 
 
-def _per_batch(at: Callable[[int], int], batch: int) -> int:
-    """``at(batch)`` as ``batch / 2`` times the simulation at batch 2.
+def _per_batch(simulated: int, batch: int) -> int:
+    """Bytes at ``batch`` from ``simulated`` bytes at ``SIM_BATCH``, in proportion.
 
     Batch 1 is not representative: some reshapes and transposes are views at batch 1 but
     copies at any larger batch (the tiny preset at 64 px saves 29.5 MiB for one sample,
     33.5 MiB per sample at batch 2 and at batch 16 alike). One simulation size for every
     batch also keeps the number of (slow, for an SD-sized UNet) simulations down; batch 1
     is then over-counted a little, on the safe side."""
-    return int(at(2) * batch / 2)
+    return int(simulated * batch / SIM_BATCH)
 
 
 @functools.lru_cache(maxsize=64)
 def _train_sim_at(kind: str, config: tuple, side: int, trainable: str, checkpointing: bool, lora_rank: int,
-                  lora_targets: tuple[str, ...], batch: int = 1) -> _Sim:
-    """Simulated training step at ``batch``: forward, MSE loss, backward.
+                  lora_targets: tuple[str, ...]) -> _Sim:
+    """Simulated training step at ``SIM_BATCH``: forward, MSE loss, backward.
 
     ``trainable``: "all" (every weight) or "lora" (frozen base, LoRA adapters on ``lora_targets``).
     """
@@ -534,7 +536,7 @@ def _train_sim_at(kind: str, config: tuple, side: int, trainable: str, checkpoin
         with MODEL_INIT_LOCK, torch.device("meta"):
             model.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
                                          target_modules=list(lora_targets)))
-    call = _unet_call(kind, model, dict(config), batch, side, side)
+    call = _unet_call(kind, model, dict(config), SIM_BATCH, side, side)
 
     def run(mark):
         out = call()
@@ -548,25 +550,25 @@ def _train_sim_at(kind: str, config: tuple, side: int, trainable: str, checkpoin
 
 
 @functools.lru_cache(maxsize=64)
-def _infer_sim_at(kind: str, config: tuple, side_h: int, side_w: int, batch: int = 1) -> int:
-    """Peak bytes of one no-grad forward at ``batch`` (the model's own weights not included)."""
+def _infer_sim_at(kind: str, config: tuple, side_h: int, side_w: int) -> int:
+    """Peak bytes of one no-grad forward at ``SIM_BATCH`` (the model's own weights not included)."""
     import torch
 
     model = _build(kind, config).eval()
     if kind == "vae":
-        z, = _meta_inputs((batch, int(dict(config).get("latent_channels", 4)), side_h, side_w))
+        z, = _meta_inputs((SIM_BATCH, int(dict(config).get("latent_channels", 4)), side_h, side_w))
 
         def run(mark):
             with torch.no_grad():
                 model.decode(z)
     elif kind == "vae_encode":
-        x, = _meta_inputs((batch, 3, side_h, side_w))
+        x, = _meta_inputs((SIM_BATCH, 3, side_h, side_w))
 
         def run(mark):
             with torch.no_grad():
                 model.encode(x)
     else:
-        call = _unet_call(kind, model, dict(config), batch, side_h, side_w)
+        call = _unet_call(kind, model, dict(config), SIM_BATCH, side_h, side_w)
 
         def run(mark):
             with torch.no_grad():
@@ -579,8 +581,8 @@ def _train_activation(kind: str, config: tuple, side: int, batch: int, trainable
                       lora_targets: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0")) -> tuple[int, int]:
     """(activations, gradients) of a training step at ``batch``: what lives at the step's peak
     beyond weights and optimizer state, split into the per-sample part and the rest."""
-    sim = _train_sim(kind, config, side, trainable, checkpointing, lora_rank, tuple(lora_targets), 2)
-    act = _per_batch(lambda b: sim.after_forward, batch)
+    sim = _train_sim(kind, config, side, trainable, checkpointing, lora_rank, tuple(lora_targets))
+    act = _per_batch(sim.after_forward, batch)
     # gradients and backward temporaries on top of the saved tensors: mostly the weight gradients,
     # which do not grow with the batch (as the activations are freed while they are made)
     rest = max(0, sim.peak - sim.after_forward)
