@@ -103,6 +103,28 @@ def files_of(folder: str | Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def image_parquet(images: list, texts: list[str], compression: str = "snappy") -> bytes:
+    """A Hub-style image dataset shard: PNG ``images`` (PIL) with their ``texts`` in an ``image``/``text``
+    Parquet table carrying the ``datasets`` features, as ``datasets`` pushes it."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = []
+    for i, (image, text) in enumerate(zip(images, texts, strict=True)):
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        rows.append({"image": {"bytes": buf.getvalue(), "path": f"{i}.png"}, "text": text})
+    table = pa.Table.from_pylist(rows, schema=pa.schema([
+        ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])), ("text", pa.string())]))
+    table = table.replace_schema_metadata({"huggingface": '{"info": {"features": {"image": {"_type": "Image"}, '
+                                                          '"text": {"dtype": "string", "_type": "Value"}}}}'})
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression=compression)
+    return sink.getvalue()
+
+
 class LocalHub:
     """The server. ``with LocalHub() as hub: hub.add_repo(...); os.environ["HF_ENDPOINT"] = hub.url``."""
 

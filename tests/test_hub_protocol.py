@@ -8,7 +8,6 @@ checked for what a person sees.
 
 from __future__ import annotations
 
-import io
 import os
 
 import pytest
@@ -115,25 +114,15 @@ def test_interrupted_download_resumes_with_a_range_request(local_hub, tmp_path):
 
 def test_hub_dataset_by_id(local_hub):
     pytest.importorskip("pyarrow")
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from hub_server import image_parquet
     from PIL import Image
 
     from studio.config.data import DataConfig
     from studio.data import load_image_dataset
 
-    rows = []
-    for i, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
-        buf = io.BytesIO()
-        Image.new("RGB", (16, 16), colour).save(buf, format="PNG")
-        rows.append({"image": {"bytes": buf.getvalue(), "path": f"{i}.png"}, "text": f"colour {i}"})
-    table = pa.Table.from_pylist(rows, schema=pa.schema([
-        ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])), ("text", pa.string())]))
-    table = table.replace_schema_metadata({"huggingface": '{"info": {"features": {"image": {"_type": "Image"}, '
-                                                          '"text": {"dtype": "string", "_type": "Value"}}}}'})
-    sink = io.BytesIO()
-    pq.write_table(table, sink)
-    local_hub.add_repo("acme/colours", {"data/train-00000-of-00001.parquet": sink.getvalue(),
+    shard = image_parquet([Image.new("RGB", (16, 16), c) for c in [(255, 0, 0), (0, 255, 0), (0, 0, 255)]],
+                          [f"colour {i}" for i in range(3)])
+    local_hub.add_repo("acme/colours", {"data/train-00000-of-00001.parquet": shard,
                                         "README.md": b"# colours\n"}, repo_type="dataset")
     ds = load_image_dataset(DataConfig(source="hub", hub_id="acme/colours"))
     assert len(ds) == 3

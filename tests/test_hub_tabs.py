@@ -8,7 +8,6 @@ now offered as cached, and a model card naming the Hub base.
 
 from __future__ import annotations
 
-import io
 import time
 
 import pytest
@@ -28,28 +27,12 @@ def settings(workspace, local_hub):
     return LaunchSettings(host="127.0.0.1", port=free_port(), workspace=workspace, device="cpu", offline=False)
 
 
-def _parquet(rows: list[dict]) -> bytes:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pa.Table.from_pylist(rows, schema=pa.schema([
-        ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])), ("text", pa.string())]))
-    table = table.replace_schema_metadata({"huggingface": '{"info": {"features": {"image": {"_type": "Image"}, '
-                                                          '"text": {"dtype": "string", "_type": "Value"}}}}'})
-    sink = io.BytesIO()
-    pq.write_table(table, sink)
-    return sink.getvalue()
-
-
-def _squares(count: int) -> list[dict]:
+def _squares(count: int) -> bytes:
+    from hub_server import image_parquet
     from PIL import Image
 
-    rows = []
-    for i in range(count):
-        buf = io.BytesIO()
-        Image.new("RGB", (16, 16), (40 * i % 256, 200, 90)).save(buf, format="PNG")
-        rows.append({"image": {"bytes": buf.getvalue(), "path": f"{i}.png"}, "text": f"a green square {i}"})
-    return rows
+    return image_parquet([Image.new("RGB", (16, 16), (40 * i % 256, 200, 90)) for i in range(count)],
+                         [f"a green square {i}" for i in range(count)])
 
 
 def test_dataset_and_finetune_by_hub_id_through_the_app(launched_app, client, local_hub, tmp_path):
@@ -58,7 +41,7 @@ def test_dataset_and_finetune_by_hub_id_through_the_app(launched_app, client, lo
 
     app, _ = launched_app
     ctx = app.studio_context
-    local_hub.add_repo("acme/squares", {"data/train-00000-of-00001.parquet": _parquet(_squares(4)),
+    local_hub.add_repo("acme/squares", {"data/train-00000-of-00001.parquet": _squares(4),
                                         "README.md": b"---\nlicense: mit\n---\n# squares\n"}, repo_type="dataset")
     local_hub.add_repo("acme/tiny-sd", {**files_of(make_tiny_sd(tmp_path / "base")),
                                         "README.md": b"---\nlicense: creativeml-openrail-m\n---\n# tiny\n"})

@@ -10,7 +10,6 @@ keeps its checkpoints, no half-written cache file is trusted later.
 
 from __future__ import annotations
 
-import io
 import threading
 import time
 from pathlib import Path
@@ -111,22 +110,11 @@ def test_stop_before_listing_a_folder(tmp_path):
 
 def _parquet_of(count: int, size: int) -> bytes:
     import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from hub_server import image_parquet
 
     rng = np.random.default_rng(0)
-    rows = []
-    for i in range(count):
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
-        rows.append({"image": {"bytes": buf.getvalue(), "path": f"{i}.png"}, "text": f"noise {i}"})
-    table = pa.Table.from_pylist(rows, schema=pa.schema([
-        ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])), ("text", pa.string())]))
-    table = table.replace_schema_metadata({"huggingface": '{"info": {"features": {"image": {"_type": "Image"}, '
-                                                          '"text": {"dtype": "string", "_type": "Value"}}}}'})
-    sink = io.BytesIO()
-    pq.write_table(table, sink, compression="none")
-    return sink.getvalue()
+    images = [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(count)]
+    return image_parquet(images, [f"noise {i}" for i in range(count)], compression="none")
 
 
 def test_stop_during_a_hub_dataset_download_returns_at_once_and_the_next_load_finishes(local_hub):
