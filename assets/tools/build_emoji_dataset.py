@@ -5,11 +5,16 @@ fresh machine. It is made from the npm package ``emoji-datasource-twitter@16.0.0
 (emoji metadata MIT, Cal Henderson; Twemoji graphics CC-BY 4.0, Twitter Inc. and
 contributors — see assets/emoji/LICENSE.md).
 
+Captions use each emoji's CLDR short name ("red heart", "grinning face") from the npm
+package ``emojibase-data@17.0.0`` (MIT, Miles Johnson), falling back to the Unicode name
+that emoji-datasource gives (which calls ❤️ "heavy black heart") for an emoji it lacks.
+
 Rebuild it with::
 
-    cd /tmp && npm pack emoji-datasource-twitter@16.0.0
-    mkdir -p emoji-pkg && tar xzf emoji-datasource-twitter-16.0.0.tgz -C emoji-pkg
-    python assets/tools/build_emoji_dataset.py /tmp/emoji-pkg/package
+    cd /tmp && npm pack emoji-datasource-twitter@16.0.0 emojibase-data@17.0.0
+    mkdir -p emoji-pkg emojibase && tar xzf emoji-datasource-twitter-16.0.0.tgz -C emoji-pkg
+    tar xzf emojibase-data-17.0.0.tgz -C emojibase
+    python assets/tools/build_emoji_dataset.py /tmp/emoji-pkg/package --names /tmp/emojibase/package/en/data.json
 
 What it does:
 
@@ -19,7 +24,8 @@ What it does:
 2. opens ``img/twitter/64/<image>`` (64x64 RGBA or palette PNG), composites it on a
    white background and stores it as an RGB PNG;
 3. writes a caption ``"<name>, <category>, <subcategory>"`` in lower case, e.g.
-   ``"grinning face, smileys & emotion, face-smiling"``, and the category;
+   ``"grinning face, smileys & emotion, face-smiling"`` or ``"red heart, smileys & emotion,
+   heart"`` (the name is the CLDR short name, see above), and the category;
 4. saves a Parquet file with the Hugging Face ``datasets`` features
    ``{image: Image(), text: Value("string"), category: Value("string")}`` embedded,
    so ``datasets.Dataset.from_parquet(path)`` gives PIL images back directly.
@@ -48,17 +54,35 @@ def composite_on_white(image: Image.Image) -> Image.Image:
     return Image.alpha_composite(background, rgba).convert("RGB")
 
 
-def caption_for(entry: dict) -> str:
-    """The caption of one emoji.json entry: name, category and subcategory, lower case."""
-    parts = [entry["name"], entry["category"], entry["subcategory"]]
+def read_cldr_names(path: Path | None) -> dict[str, str]:
+    """CLDR short names by code point sequence (upper-case hex, dashes, no FE0F) from emojibase's data.json."""
+    if path is None:
+        return {}
+    names = {}
+    for item in json.loads(path.read_text(encoding="utf-8")):
+        if item.get("label"):
+            names[_codepoints(item["hexcode"])] = item["label"]
+    return names
+
+
+def _codepoints(hexcode: str) -> str:
+    """A code point sequence without variation selector 16, so qualified and unqualified forms match."""
+    return "-".join(cp for cp in hexcode.upper().split("-") if cp != "FE0F")
+
+
+def caption_for(entry: dict, cldr_names: dict[str, str] | None = None) -> str:
+    """The caption of one emoji.json entry: name (CLDR when known), category and subcategory, lower case."""
+    name = (cldr_names or {}).get(_codepoints(entry["unified"]), entry["name"])
+    parts = [name, entry["category"], entry["subcategory"]]
     return ", ".join(str(p).strip().lower() for p in parts if p)
 
 
-def read_package(package_dir: Path) -> list[dict]:
+def read_package(package_dir: Path, cldr_names: dict[str, str] | None = None) -> list[dict]:
     """The base emoji that have a Twitter image, as rows {image, text, category}.
 
     Args:
         package_dir: The unpacked npm package (the folder holding emoji.json).
+        cldr_names: CLDR short names by code points (``read_cldr_names``); Unicode names without.
 
     Raises:
         SystemExit: when the folder is not the expected package.
@@ -80,7 +104,7 @@ def read_package(package_dir: Path) -> list[dict]:
         buf = io.BytesIO()
         rgb.save(buf, format="PNG", optimize=True)
         rows.append({"image": {"bytes": buf.getvalue(), "path": entry["image"]},
-                     "text": caption_for(entry),
+                     "text": caption_for(entry, cldr_names),
                      "category": str(entry["category"]).lower()})
     return rows
 
@@ -99,9 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry: package folder in, Parquet out."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("package_dir", type=Path, help="unpacked npm package folder (holds emoji.json)")
+    parser.add_argument("--names", type=Path, default=None,
+                        help="emojibase-data's en/data.json: CLDR short names for the captions")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output Parquet (default {DEFAULT_OUT})")
     args = parser.parse_args(argv)
-    rows = read_package(args.package_dir)
+    rows = read_package(args.package_dir, read_cldr_names(args.names))
     write_parquet(rows, args.out)
     size_mb = args.out.stat().st_size / 1e6
     print(f"wrote {len(rows)} emoji to {args.out} ({size_mb:.1f} MB)")
