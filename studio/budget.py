@@ -7,16 +7,10 @@ chosen device (this machine's RAM on CPU), and the cheapest change that makes it
 allocated; the UI shows ``Plan.markdown()`` as settings change, the trainers, the CLI
 and Generate call ``check()`` first.
 
-How the activations are predicted: the real model is built on torch's ``meta``
-device (shapes only, no memory) from its config and one training step (or one
-denoising pass / VAE decode) runs under a dispatch mode that plays allocator: every
-tensor an op creates adds its bytes, every tensor freed (weak reference on its
-storage) takes them away, and the highest level is the peak. What autograd saves
-for backward (which depends on LoRA vs full, gradient checkpointing, attention
-kernels...) is therefore counted exactly as torch does it, for any architecture;
+Activations come from ``studio.memory_sim``: the real model runs one step on torch's
+``meta`` device under a simulated allocator, so what autograd saves for backward (LoRA
+vs full, gradient checkpointing, attention kernels...) is counted as torch does it;
 what it cannot see (allocator rounding, kernel workspaces) is covered by ``OVERHEAD``.
-Results are cached per architecture and size; every batch scales from a simulation at
-batch 2 (``_per_batch``).
 ``benchmarks/memory.py`` compares the predictions with peaks measured on CPU.
 
 Weights, gradients and optimizer state are counted from parameter counts:
@@ -26,14 +20,12 @@ EMA 4. Mixed precision (fp16/bf16, GPU only) halves activations and frozen weigh
 
 from __future__ import annotations
 
-import functools
 import os
-import threading
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from studio.errors import ConfigError
+from studio.memory_sim import freeze, infer_sim, lora_params, param_count, train_activation
 
 __all__ = ["GPUS", "GPU", "Plan", "BudgetError", "train_plan", "finetune_plan", "generate_plan", "device_limit",
            "human_bytes", "MEMORY_LIMIT_ENV", "family_of", "SD_FAMILIES", "pipeline_plan",
@@ -221,111 +213,7 @@ def _make(task: str, parts: dict[str, int], device: str, summary: str,
     return Plan(task, parts, peak, device, limit, limit_name, suggestion, summary, _gpus(gpu_peak))
 
 
-# --------------------------------------------------------------------------- the simulated allocator
-class _Allocator:
-    """A ``TorchDispatchMode`` that counts the bytes of live tensors created under it (see module doc)."""
-
-    def __init__(self) -> None:
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        owner = self
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                if not any(r.alias_info is not None for r in func._schema.returns):
-                    owner._created(out)
-                return out
-
-        self.mode = Mode()
-        self.live = 0
-        self.peak = 0
-        self._lock = threading.Lock()
-
-    def _free(self, n: int) -> None:
-        with self._lock:
-            self.live -= n
-
-    def _created(self, out: Any) -> None:
-        import torch
-
-        for t in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                n = storage.nbytes()
-                with self._lock:
-                    self.live += n
-                    self.peak = max(self.peak, self.live)
-                weakref.finalize(storage, self._free, n)
-
-
-def _FlashAttention():
-    """A ``TorchFunctionMode`` sending SDPA on meta tensors to the flash kernel, as on a real CPU/GPU.
-
-    On the meta device torch picks SDPA's math path, which keeps the L x L attention
-    matrix; the fused kernels real devices use (CPU flash, CUDA flash/memory-efficient)
-    keep O(L) per head. Masked attention keeps the math path.
-    """
-    import torch
-    import torch.nn.functional as F
-    from torch.overrides import TorchFunctionMode
-
-    class Mode(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            if func is F.scaled_dot_product_attention and len(args) >= 3 and args[0].device.type == "meta" \
-                    and kwargs.get("attn_mask") is None and (len(args) < 4 or args[3] is None):
-                q, k, v = args[:3]
-                out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                    q, k, v, float(kwargs.get("dropout_p", 0.0)), bool(kwargs.get("is_causal", False)),
-                    scale=kwargs.get("scale"))
-                return out[0]
-            return func(*args, **kwargs)
-
-    return Mode()
-
-
-@dataclass(frozen=True)
-class _Sim:
-    after_forward: int  # bytes live when the forward returned (saved activations + output)
-    peak: int           # highest level over the whole run
-
-
-def _simulate(run: Callable[[], Any], flash: bool = True) -> _Sim:
-    """Run ``run`` (meta tensors) under the simulated allocator.
-
-    A model the meta device cannot run (an op without a meta kernel, a shape only a real
-    run would reject) gives ``_Sim(0, 0)`` and a log line: the plan then counts weights and
-    optimizer state only, so a failed simulation never refuses a run that would fit.
-    """
-    import gc
-    import logging
-
-    alloc = _Allocator()
-    marks: dict[str, int] = {}
-    try:
-        with (_FlashAttention() if flash else _nothing()), alloc.mode:
-            run(lambda: marks.setdefault("forward", alloc.live))
-    except Exception as exc:  # noqa: BLE001 - an estimate must never break the run it estimates
-        logging.getLogger(__name__).warning("memory simulation failed (%s): counting weights only", exc)
-        return _Sim(0, 0)
-    gc.collect()
-    return _Sim(marks.get("forward", alloc.peak), alloc.peak)
-
-
-def _nothing():
-    import contextlib
-
-    return contextlib.nullcontext()
-
-
-def _meta_inputs(*shapes: tuple[int, ...]):
-    import torch
-
-    return [torch.empty(s, device="meta") for s in shapes]
-
-
-# --------------------------------------------------------------------------- architectures
+# --------------------------------------------------------------------------- model families
 #: UNet2DConditionModel configs of the Stable Diffusion families (from their unet/config.json).
 SD_FAMILIES: dict[str, dict[str, Any]] = {
     "sd1": {"label": "SD 1.x", "resolution": 512, "text_encoder_params": 123_060_480, "unet": dict(
@@ -396,199 +284,6 @@ def local_unet_config(reference: str, workspace: str | None = None) -> dict | No
     return None
 
 
-def _freeze(value: Any) -> Any:
-    """A hashable copy of a JSON-like config (lists -> tuples, dicts -> sorted item tuples)."""
-    if isinstance(value, dict):
-        return tuple(sorted((k, _freeze(v)) for k, v in value.items() if not str(k).startswith("_")))
-    if isinstance(value, (list, tuple)):
-        return tuple(_freeze(v) for v in value)
-    return value
-
-
-def _thaw(items: tuple) -> dict[str, Any]:
-    return {k: (list(v) if isinstance(v, tuple) and k not in ("block_out_channels",) else v) for k, v in items}
-
-
-def _build(kind: str, config: tuple):
-    """A diffusers model on the meta device from a frozen config."""
-    import torch
-
-    from studio.devices import MODEL_INIT_LOCK
-
-    kwargs = dict(config)
-    with MODEL_INIT_LOCK, torch.device("meta"):
-        if kind == "unet2d":
-            from diffusers import UNet2DModel
-
-            return UNet2DModel(**_known(UNet2DModel, kwargs))
-        if kind == "unet_cond":
-            from diffusers import UNet2DConditionModel
-
-            return UNet2DConditionModel(**_known(UNet2DConditionModel, kwargs))
-        from diffusers import AutoencoderKL
-
-        return AutoencoderKL(**_known(AutoencoderKL, kwargs))
-
-
-def _known(cls: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The constructor arguments ``cls`` takes (a saved config also holds bookkeeping keys)."""
-    import inspect
-
-    known = set(inspect.signature(cls.__init__).parameters)
-    return {k: v for k, v in kwargs.items() if k in known}
-
-
-@functools.lru_cache(maxsize=32)
-def _param_count(kind: str, config: tuple) -> int:
-    return sum(p.numel() for p in _build(kind, config).parameters())
-
-
-def _unet_call(kind: str, model: Any, config: dict, batch: int, side_h: int, side_w: int):
-    """(inputs, call) for one UNet forward at ``batch`` x ``side_h`` x ``side_w`` (latent/pixel side)."""
-    import torch
-
-    channels = int(config.get("in_channels", 4))
-    x, = _meta_inputs((batch, channels, side_h, side_w))
-    t = torch.full((batch,), 10, device="meta", dtype=torch.long)
-    if kind == "unet2d":
-        return lambda: model(x, t).sample
-    ctx, = _meta_inputs((batch, 77, int(config.get("cross_attention_dim", 768))))
-    extra = {}
-    if config.get("addition_embed_type") == "text_time":
-        pooled = int(config.get("projection_class_embeddings_input_dim", 2816)) - 6 * int(
-            config.get("addition_time_embed_dim", 256))
-        text_embeds, time_ids = _meta_inputs((batch, pooled), (batch, 6))
-        extra = {"added_cond_kwargs": {"text_embeds": text_embeds, "time_ids": time_ids}}
-    return lambda: model(x, t, ctx, **extra).sample
-
-
-def _reference_sides(kind: str, config: tuple) -> tuple[int, int]:
-    """Two small sides the simulation runs at; larger sizes are extrapolated linearly in pixels
-    (with fused attention every activation is proportional to the pixel count)."""
-    conf = dict(config)
-    factor = 1 if kind == "vae" else 2 ** (len(conf.get("block_out_channels", (1,))) - 1)
-    first = max(8, 2 * factor)
-    return first, 2 * first
-
-
-def _fit(kind: str, config: tuple, h: int, w: int, at: Callable[[int, int], tuple[int, ...]]) -> tuple[int, ...]:
-    """``at(h, w)`` exactly for small sizes, else a + b * pixels fitted on the two reference sides."""
-    r1, r2 = _reference_sides(kind, config)
-    if h * w <= r2 * r2:
-        return at(h, w)
-    small, large = at(r1, r1), at(r2, r2)
-    pixels = h * w
-    return tuple(int(a + (b - a) * (pixels - r1 * r1) / (r2 * r2 - r1 * r1)) for a, b in zip(small, large))
-
-
-#: Batch size of every simulation; other batches scale from it (``_per_batch``).
-SIM_BATCH = 2
-
-
-def _train_sim(kind: str, config: tuple, side: int, trainable: str, checkpointing: bool, lora_rank: int,
-               lora_targets: tuple[str, ...]) -> _Sim:
-    """Simulated training step at ``SIM_BATCH`` and ``side`` (see ``_fit``)."""
-    def at(h: int, w: int) -> tuple[int, int]:
-        sim = _train_sim_at(kind, config, h, trainable, checkpointing, lora_rank, lora_targets)
-        return sim.after_forward, sim.peak
-
-    after, peak = _fit(kind, config, side, side, at)
-    return _Sim(after, peak)
-
-
-def _infer_sim(kind: str, config: tuple, side_h: int, side_w: int, batch: int = 1) -> int:
-    """Peak bytes of one no-grad forward at ``batch`` (see ``_fit`` and ``_per_batch``)."""
-    simulated = _fit("vae" if kind == "vae" else kind, config, side_h, side_w,
-                     lambda h, w: (_infer_sim_at(kind, config, h, w),))[0]
-    return _per_batch(simulated, batch)
-
-
-def _per_batch(simulated: int, batch: int) -> int:
-    """Bytes at ``batch`` from ``simulated`` bytes at ``SIM_BATCH``, in proportion.
-
-    Batch 1 is not representative: some reshapes and transposes are views at batch 1 but
-    copies at any larger batch (the tiny preset at 64 px saves 29.5 MiB for one sample,
-    33.5 MiB per sample at batch 2 and at batch 16 alike). One simulation size for every
-    batch also keeps the number of (slow, for an SD-sized UNet) simulations down; batch 1
-    is then over-counted a little, on the safe side."""
-    return int(simulated * batch / SIM_BATCH)
-
-
-@functools.lru_cache(maxsize=64)
-def _train_sim_at(kind: str, config: tuple, side: int, trainable: str, checkpointing: bool, lora_rank: int,
-                  lora_targets: tuple[str, ...]) -> _Sim:
-    """Simulated training step at ``SIM_BATCH``: forward, MSE loss, backward.
-
-    ``trainable``: "all" (every weight) or "lora" (frozen base, LoRA adapters on ``lora_targets``).
-    """
-    import torch
-
-    model = _build(kind, config)
-    if checkpointing:
-        model.enable_gradient_checkpointing()
-    model.train()
-    if trainable == "lora":
-        model.requires_grad_(False)
-        from peft import LoraConfig
-
-        from studio.devices import MODEL_INIT_LOCK
-
-        with MODEL_INIT_LOCK, torch.device("meta"):
-            model.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
-                                         target_modules=list(lora_targets)))
-    call = _unet_call(kind, model, dict(config), SIM_BATCH, side, side)
-
-    def run(mark):
-        out = call()
-        mark()
-        loss = out.float().pow(2).mean()
-        loss.backward()
-
-    # checkpointing recomputes the forward inside backward, where the routing mode is not
-    # active: keep SDPA's math path in both (conservative: counts the attention matrix)
-    return _simulate(run, flash=not checkpointing)
-
-
-@functools.lru_cache(maxsize=64)
-def _infer_sim_at(kind: str, config: tuple, side_h: int, side_w: int) -> int:
-    """Peak bytes of one no-grad forward at ``SIM_BATCH`` (the model's own weights not included)."""
-    import torch
-
-    model = _build(kind, config).eval()
-    if kind == "vae":
-        z, = _meta_inputs((SIM_BATCH, int(dict(config).get("latent_channels", 4)), side_h, side_w))
-
-        def run(mark):
-            with torch.no_grad():
-                model.decode(z)
-    elif kind == "vae_encode":
-        x, = _meta_inputs((SIM_BATCH, 3, side_h, side_w))
-
-        def run(mark):
-            with torch.no_grad():
-                model.encode(x)
-    else:
-        call = _unet_call(kind, model, dict(config), SIM_BATCH, side_h, side_w)
-
-        def run(mark):
-            with torch.no_grad():
-                call()
-    return _simulate(run).peak
-
-
-def _train_activation(kind: str, config: tuple, side: int, batch: int, trainable: str = "all",
-                      checkpointing: bool = False, lora_rank: int = 4,
-                      lora_targets: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0")) -> tuple[int, int]:
-    """(activations, gradients) of a training step at ``batch``: what lives at the step's peak
-    beyond weights and optimizer state, split into the per-sample part and the rest."""
-    sim = _train_sim(kind, config, side, trainable, checkpointing, lora_rank, tuple(lora_targets))
-    act = _per_batch(sim.after_forward, batch)
-    # gradients and backward temporaries on top of the saved tensors: mostly the weight gradients,
-    # which do not grow with the batch (as the activations are freed while they are made)
-    rest = max(0, sim.peak - sim.after_forward)
-    return act, rest
-
-
 # --------------------------------------------------------------------------- Train (DDPM)
 def train_plan(cfg: Any, device: str | None = None) -> Plan:
     """The memory plan of a DDPM ``TrainConfig`` on ``device`` (default: ``cfg.device`` resolved)."""
@@ -597,15 +292,15 @@ def train_plan(cfg: Any, device: str | None = None) -> Plan:
     device = device or _resolve(cfg.device)
     kwargs = unet_kwargs(cfg.resolution, cfg.block_out_channels, cfg.layers_per_block, cfg.down_block_types,
                          cfg.up_block_types, *([cfg.attention_head_dim] if getattr(cfg, "attention_head_dim", 0) else []))
-    config = _freeze(kwargs)
-    params = _param_count("unet2d", config)
+    config = freeze(kwargs)
+    params = param_count("unet2d", config)
     half = cfg.mixed_precision in ("fp16", "bf16") and not device.startswith("cpu")
 
     def parts_for(batch: int, resolution: int) -> dict[str, int]:
         conf = config  # sample_size does not change the layers; the simulation takes the size itself
-        act, rest = _train_activation("unet2d", conf, resolution, batch)
+        act, rest = train_activation("unet2d", conf, resolution, batch)
         # the sample grid (num_samples images, no grad) runs between steps: the larger of the two counts
-        sampling = _infer_sim("unet2d", conf, resolution, resolution, cfg.num_samples)
+        sampling = infer_sim("unet2d", conf, resolution, resolution, cfg.num_samples)
         return {"weights": params * 4, "AdamW": params * 8, "EMA": params * 4 if cfg.use_ema else 0,
                 "gradients + backward": rest, "activations": int(max(act, sampling) * (0.5 if half else 1))}
 
@@ -669,11 +364,11 @@ def finetune_plan(cfg: Any, device: str | None = None, unet_config: dict | None 
     device = device or _resolve(cfg.device)
     family = SD_FAMILIES[family_of(cfg.pretrained_model_name_or_path)]
     ucfg = dict(unet_config or family["unet"])
-    config = _freeze(ucfg)
+    config = freeze(ucfg)
     te_params = family["text_encoder_params"] if text_encoder_params is None else int(text_encoder_params)
-    unet_params = _param_count("unet_cond", config)
-    vae_config = _freeze(SD_VAE)
-    vae_params = _param_count("vae", vae_config)
+    unet_params = param_count("unet_cond", config)
+    vae_config = freeze(SD_VAE)
+    vae_params = param_count("vae", vae_config)
     gpu_half = cfg.mixed_precision in ("fp16", "bf16") and device.startswith("cuda")
     factor = 0.5 if gpu_half else 1.0
     scale = 2 ** (len(ucfg.get("block_out_channels", (1, 1, 1, 1))) - 1)
@@ -681,11 +376,11 @@ def finetune_plan(cfg: Any, device: str | None = None, unet_config: dict | None 
     def parts_for(batch: int, resolution: int, lora: bool, checkpointing: bool, adam8: bool,
                   cache: bool) -> dict[str, int]:
         side = max(scale, resolution // 8)
-        act, rest = _train_activation("unet_cond", config, side, batch, "lora" if lora else "all", checkpointing,
+        act, rest = train_activation("unet_cond", config, side, batch, "lora" if lora else "all", checkpointing,
                                       int(getattr(cfg, "rank", 4) or 4), tuple(cfg.lora_target_modules))
         opt_bytes = 2 if adam8 else 8
         if lora:
-            trainable = _lora_params(ucfg, int(cfg.rank), tuple(cfg.lora_target_modules))
+            trainable = lora_params(ucfg, int(cfg.rank), tuple(cfg.lora_target_modules))
             if cfg.train_text_encoder:
                 trainable += int(te_params * 0.0016 * cfg.rank / 4)  # q/k/v/out LoRA on the CLIP layers
             weights = int(unet_params * 4 * factor) + trainable * 4
@@ -695,7 +390,7 @@ def finetune_plan(cfg: Any, device: str | None = None, unet_config: dict | None 
         frozen = 0 if cache and not cfg.train_text_encoder else int((vae_params + te_params) * 4 * factor)
         if cache and cfg.train_text_encoder:
             frozen = int(te_params * 4 * factor)
-        vae_step = 0 if cache else int(_infer_sim("vae_encode", vae_config, resolution, resolution, batch) * factor)
+        vae_step = 0 if cache else int(infer_sim("vae_encode", vae_config, resolution, resolution, batch) * factor)
         parts = {"weights": weights, "VAE + text encoder": frozen,
                  "optimizer": trainable * opt_bytes, "EMA": unet_params * 4 if cfg.use_ema and not lora else 0,
                  "gradients + backward": int(rest * (factor if lora else 1.0)),
@@ -738,18 +433,6 @@ def finetune_plan(cfg: Any, device: str | None = None, unet_config: dict | None 
     return _make("finetune", parts, device, summary, alternatives)
 
 
-def _lora_params(ucfg: dict, rank: int, targets: tuple[str, ...]) -> int:
-    """LoRA parameters: rank x (in + out) for every targeted linear layer of the meta UNet."""
-    import torch
-
-    model = _build("unet_cond", _freeze(ucfg))
-    total = 0
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
-            total += rank * (module.in_features + module.out_features)
-    return total
-
-
 # --------------------------------------------------------------------------- Generate
 def generate_plan(width: int, height: int, batch: int = 1, *, device: str = "cpu", unet_config: dict | None = None,
                   unconditional: bool = False, vae_config: dict | None = None, weight_bytes: int | None = None,
@@ -777,31 +460,31 @@ def generate_plan(width: int, height: int, batch: int = 1, *, device: str = "cpu
     scale = 0.5 if half else 1.0
     if unconditional:
         ucfg = dict(unet_config or {})
-        kind, config = "unet2d", _freeze(ucfg)
-        weights = _param_count(kind, config) * dbytes if weight_bytes is None else int(weight_bytes)
+        kind, config = "unet2d", freeze(ucfg)
+        weights = param_count(kind, config) * dbytes if weight_bytes is None else int(weight_bytes)
         vcfg = None
     else:
         fam = SD_FAMILIES.get(family, SD_FAMILIES["sd1"])
         ucfg = dict(unet_config or fam["unet"])
-        kind, config = "unet_cond", _freeze(ucfg)
-        vcfg = _freeze(dict(vae_config or SD_VAE))
+        kind, config = "unet_cond", freeze(ucfg)
+        vcfg = freeze(dict(vae_config or SD_VAE))
         if weight_bytes is None:
-            weight_bytes = (_param_count(kind, config) + _param_count("vae", vcfg) + fam["text_encoder_params"]) * dbytes
+            weight_bytes = (param_count(kind, config) + param_count("vae", vcfg) + fam["text_encoder_params"]) * dbytes
         weights = int(weight_bytes)
 
     def parts_for(w: int, h: int, b: int, tiling: bool) -> dict[str, int]:
         if unconditional:
-            unet = _infer_sim(kind, config, h, w, b)
+            unet = infer_sim(kind, config, h, w, b)
             return {"weights": weights, "denoising": int(unet * scale)}
         down = 2 ** (len(dict(vcfg).get("block_out_channels", (1, 1, 1, 1))) - 1)
         lw, lh = max(1, w // down), max(1, h // down)
-        unet = _infer_sim(kind, config, lh, lw, b * (2 if guidance else 1))
+        unet = infer_sim(kind, config, lh, lw, b * (2 if guidance else 1))
         latents = 4 * lw * lh * b * 4 * 3  # latents, noise prediction, scheduler state
         if tiling and (w > 512 or h > 512):
             tw, th = min(w, 512), min(h, 512)
-            decode = _infer_sim("vae", vcfg, th // down, tw // down) + 3 * w * h * b * 4 * 2  # tile + output image
+            decode = infer_sim("vae", vcfg, th // down, tw // down) + 3 * w * h * b * 4 * 2  # tile + output image
         else:
-            decode = _infer_sim("vae", vcfg, lh, lw, b)
+            decode = infer_sim("vae", vcfg, lh, lw, b)
         return {"weights": weights, "denoising": int(unet * scale) + latents, "VAE decode": int(decode * scale)}
 
     def peak_of(parts: dict[str, int]) -> int:

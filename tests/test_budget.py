@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from studio import budget
+from studio import budget, memory_sim
 from studio.budget import GIB, BudgetError, finetune_plan, generate_plan, train_plan
 from studio.config.data import DataConfig
 from studio.config.finetune import FinetuneConfig
@@ -64,7 +64,7 @@ def test_simulated_forward_matches_live_tensors_of_a_real_cpu_forward_at_batch_4
     torch.manual_seed(0)
     model = UNet2DModel(**unet_kwargs(16, cfg.block_out_channels, cfg.layers_per_block, cfg.down_block_types,
                                       cfg.up_block_types))
-    alloc = budget._Allocator()
+    alloc = memory_sim.Allocator()
     x, t = torch.randn(4, 3, 16, 16), torch.randint(0, 1000, (4,))
     with alloc.mode:
         out = model(x, t).sample
