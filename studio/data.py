@@ -2,9 +2,10 @@
 
 Every source a person can pick in the Dataset tab — the bundled emoji set, a local
 folder, an upload (files or a .zip, unpacked to a folder by ``studio.uploads``), a
-Hugging Face dataset — becomes the same ``ImageDataset``: names, optional captions,
-the files that were skipped and why, and a fingerprint that identifies the content.
-Images are decoded on demand (``ds.image(i)``), never held all at once.
+Hugging Face dataset (its split fetched by ``studio.hub_datasets``) — becomes the same
+``ImageDataset``: names, optional captions, the files that were skipped and why, and a
+fingerprint that identifies the content. Images are decoded on demand (``ds.image(i)``),
+never held all at once.
 
 Each image is checked once when the dataset is loaded, by ``studio.images``: empty,
 truncated or corrupt files, non-images, formats outside the allow-list and
@@ -39,7 +40,7 @@ import numpy as np
 from PIL import Image
 
 from studio.config.data import DataConfig
-from studio.errors import DataError, StudioError
+from studio.errors import DataError
 from studio.paths import MAX_IMAGE_FILE_BYTES, MAX_TEXT_FILE_BYTES, RefusedPath, inside_name, read_confined, refusal
 from studio.images import (
     IMAGE_EXTENSIONS,
@@ -59,7 +60,8 @@ from studio.uploads import (
     extract_zip,
     unpack_upload,
 )
-from studio.stopping import call_stoppable, raise_if_stopped
+from studio.hub_datasets import load_hub_split
+from studio.stopping import raise_if_stopped
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -489,211 +491,8 @@ def _read_metadata(root: Path, caption_column: str, files: list[Path],
     return captions, columns
 
 
-# --------------------------------------------------------------------------- Hugging Face Hub
-
-
-def _hub_offline() -> bool:
-    value = os.environ.get("HF_HUB_OFFLINE", "") or os.environ.get("HF_DATASETS_OFFLINE", "")
-    return value.strip().lower() in ("1", "true", "yes", "on")
-
-
-def _offline_error(hub_id: str) -> DataError:
-    return DataError(f"The dataset '{hub_id}' is not in the local cache and the studio is offline "
-                     "(HF_HUB_OFFLINE / --offline).",
-                     "Start the studio with network access once to download it, or use a local folder.")
-
-
-def _hub_error(cfg: DataConfig, exc: BaseException) -> DataError:
-    """Map datasets / huggingface_hub exceptions to a message a person can act on."""
-    from datasets.exceptions import DatasetNotFoundError
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-    )
-
-    hub_id = cfg.hub_id.strip()
-    text = str(exc)
-    offline_like = isinstance(exc, (OfflineModeIsEnabled, LocalEntryNotFoundError)) or "OfflineModeIsEnabled" in text
-    if isinstance(exc, GatedRepoError) or "gated" in text.lower():
-        return DataError(f"The dataset '{hub_id}' is gated: you must accept its terms on the Hub and be logged in.",
-                         "Accept the terms on its Hub page, then run `hf auth login` and load again.")
-    if offline_like or (isinstance(exc, ConnectionError) and _hub_offline()):
-        return _offline_error(hub_id)
-    if isinstance(exc, ConnectionError):
-        return DataError(f"Could not reach the Hugging Face Hub to get '{hub_id}', and it is not in the local cache.",
-                         "Check the network connection, or use a local folder or the bundled emoji set.")
-    if isinstance(exc, (DatasetNotFoundError, RepositoryNotFoundError, FileNotFoundError)):
-        return DataError(f"Dataset '{hub_id}' was not found on the Hugging Face Hub (or it is private).",
-                         "Check the spelling (user/name); for a private dataset run `hf auth login`.")
-    if isinstance(exc, HFValidationError):
-        return DataError(f"'{hub_id}' is not a valid dataset id.", "Use the form user/name, e.g. nelorth/oxford-flowers.")
-    if isinstance(exc, ValueError) and "split" in text.lower():
-        return DataError(f"Split '{cfg.split}' does not exist in '{hub_id}'.", "Pick one of the splits in the list.")
-    first = text.strip().splitlines()[0][:300] if text.strip() else type(exc).__name__
-    return DataError(f"Could not load the dataset '{hub_id}': {first}")
-
-
-#: Most files a local dataset folder given as a Hub id may hold (datasets lists them all first).
-MAX_LOCAL_DATASET_FILES = 20_000
-
-
-def _check_local_dataset_folder(hub_id: str) -> None:
-    """Refuse at once a local path that is no dataset folder, before ``datasets`` looks it up.
-
-    Without this a path that does not exist goes to the Hub as an id (minutes of network
-    retries when the Hub is unreachable), and a huge folder ("/") is listed file by file.
-    """
-    looks_local = hub_id.startswith(("/", "~", "./", "../", "\\")) or bool(re.match(r"^[A-Za-z]:[\\/]", hub_id))
-    path = Path(hub_id).expanduser()
-    if not looks_local and not path.exists():
-        return
-    if not path.exists():
-        raise DataError(f"There is no folder {hub_id} on this machine.",
-                        "For a folder of images choose the source 'Local folder'; for the Hub type an id "
-                        "like user/name.")
-    if not path.is_dir():
-        raise DataError(f"{hub_id} is a file, not a dataset folder or a Hub id.",
-                        "Choose the folder that holds the dataset, or the source 'Local folder'.")
-    count = 0
-    for _dirpath, dirnames, filenames in os.walk(path):
-        count += len(filenames)
-        if count > MAX_LOCAL_DATASET_FILES:
-            raise DataError(f"{hub_id} holds more than {MAX_LOCAL_DATASET_FILES:,} files: it does not look like "
-                            "one dataset folder.",
-                            "Give the folder that holds the dataset's files (Parquet, or images with "
-                            "metadata.jsonl), or use the source 'Local folder'.")
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-
-
-#: Seconds the first Hub lookup of a dataset id may take before the Hub counts as unreachable.
-HUB_LOOKUP_TIMEOUT = 2.0
-_OFFLINE_SWITCH = threading.Lock()
-
-
-def _hub_cached(hub_id: str) -> bool:
-    """Whether ``datasets`` or the Hub cache may hold ``hub_id`` (checked on disk, no network)."""
-    from huggingface_hub import constants
-
-    namespace, _, name = hub_id.rpartition("/")
-    snake = re.sub(r"([a-z\d])([A-Z])", r"\1_\2", re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1_\2", name)).lower()
-    datasets_cache = Path(os.environ.get("HF_DATASETS_CACHE") or Path(constants.HF_HOME) / "datasets")
-    candidates = [datasets_cache / "___".join(p for p in (namespace, n) if p) for n in {name, snake}]
-    candidates.append(Path(constants.HF_HUB_CACHE) / ("datasets--" + hub_id.replace("/", "--")))
-    return any(path.is_dir() for path in candidates)
-
-
-def _hub_reachable(cfg: DataConfig) -> bool:
-    """Fail fast before ``datasets`` spends ~30 s retrying an unreachable Hub.
-
-    Offline (``HF_HUB_OFFLINE`` / the app's ``--offline``) or unreachable within
-    ``HUB_LOOKUP_TIMEOUT``: a dataset that is not cached is one clear ``DataError`` at once.
-
-    Returns:
-        True when the Hub answered (or the id is a local folder); False when it is offline
-        or unreachable but the dataset may be in the cache (load it from there).
-
-    Raises:
-        DataError: the dataset is not cached and the Hub cannot be used, or it does not exist.
-    """
-    hub_id = cfg.hub_id.strip()
-    if Path(hub_id).expanduser().exists():
-        return True
-    if _hub_offline():
-        if _hub_cached(hub_id):
-            return False
-        raise _offline_error(hub_id)
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
-
-    try:
-        HfApi().dataset_info(hub_id, timeout=HUB_LOOKUP_TIMEOUT)
-        return True
-    except GatedRepoError:
-        raise DataError(f"The dataset '{hub_id}' is gated: you must accept its terms on the Hub and be logged in.",
-                        "Accept the terms on its Hub page, then run `hf auth login` and load again.") from None
-    except RepositoryNotFoundError:
-        raise DataError(f"Dataset '{hub_id}' was not found on the Hugging Face Hub (or it is private).",
-                        "Check the spelling (user/name); for a private dataset run `hf auth login`.") from None
-    except HFValidationError:
-        raise DataError(f"'{hub_id}' is not a valid dataset id.",
-                        "Use the form user/name, e.g. nelorth/oxford-flowers.") from None
-    except Exception as exc:  # noqa: BLE001 - any transport failure means "unreachable"
-        if _hub_cached(hub_id):
-            return False
-        raise DataError(f"Could not reach the Hugging Face Hub within {HUB_LOOKUP_TIMEOUT:g} s to get '{hub_id}' "
-                        f"({_first_line(exc)}), and it is not in the local cache.",
-                        "Check the network connection (or HF_ENDPOINT), or use a local folder or the bundled "
-                        "emoji set.") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0][:160] if text else type(exc).__name__)
-
-
-def _offline_datasets() -> Any:
-    """A context in which ``datasets`` reads only its cache (the Hub was found unreachable)."""
-    import contextlib
-
-    import datasets
-    from huggingface_hub import constants
-
-    @contextlib.contextmanager
-    def switched():
-        with _OFFLINE_SWITCH:
-            saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
-            datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
-            try:
-                yield
-            finally:
-                datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
-
-    return switched()
-
-
-def _load_hub_split(cfg: DataConfig, stop: threading.Event | None = None) -> tuple[Any, list[str], str]:
-    """The chosen split of a Hub (or local dataset-folder) id, its split names and the split used.
-
-    The download (inside ``datasets``) runs through ``call_stoppable``: Stop ends the wait
-    at once, and what was fetched stays in the cache for the next load.
-    """
-    import contextlib
-
-    hub_id = cfg.hub_id.strip()
-    _check_local_dataset_folder(hub_id)
-    online = _hub_reachable(cfg)  # before importing datasets: offline or unreachable fails fast
-    import datasets
-
-    def load() -> tuple[Any, list[str], str]:
-        with contextlib.nullcontext() if online else _offline_datasets():
-            return _load_split(datasets, cfg, hub_id)
-
-    try:
-        ds, splits, split = call_stoppable(load, stop, f"downloading the dataset '{hub_id}'")
-    except StudioError:  # DataError, Stopped
-        raise
-    except Exception as exc:  # every failure of the Hub stack becomes a clear DataError
-        raise _hub_error(cfg, exc) from None
-    if not splits:
-        try:
-            with contextlib.nullcontext() if online else _offline_datasets():
-                splits = list(datasets.get_dataset_split_names(hub_id))
-        except Exception:  # split names are a convenience for the dropdown
-            splits = [split]
-    return ds, splits, split
-
-
-def _load_split(datasets: Any, cfg: DataConfig, hub_id: str) -> tuple[Any, list[str], str]:
-    """``load_dataset`` of the chosen split (or of all, then 'train' or the first); splits known so far."""
-    if cfg.split:
-        return datasets.load_dataset(hub_id, split=cfg.split), [], cfg.split
-    dd = datasets.load_dataset(hub_id)
-    splits = list(dd.keys())
-    split = "train" if "train" in dd else splits[0]
-    return dd[split], splits, split
+# --------------------------------------------------------------------------- Hub datasets: columns and rows
+# (the split itself, with the Hub's offline, timeout and error handling: studio.hub_datasets)
 
 
 def detect_columns(features: dict[str, Any]) -> tuple[list[str], list[str]]:
@@ -712,7 +511,7 @@ def detect_columns(features: dict[str, Any]) -> tuple[list[str], list[str]]:
 
 
 def _scan_hub(cfg: DataConfig, stop: threading.Event | None = None) -> _Scan:
-    ds, splits, split = _load_hub_split(cfg, stop)  # first: fails fast offline, before importing datasets
+    ds, splits, split = load_hub_split(cfg, stop)  # first: fails fast offline, before importing datasets
     from datasets import Image as ImageFeature
 
     columns = list(ds.column_names)

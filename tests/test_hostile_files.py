@@ -242,7 +242,7 @@ def test_a_local_path_typed_as_a_hub_id_is_answered_at_once(tmp_path: Path, monk
     (tmp_path / "file.txt").write_text("x")
     with pytest.raises(DataError, match="is a file, not a dataset folder"):
         load_image_dataset(DataConfig(source="hub", hub_id=str(tmp_path / "file.txt")))
-    monkeypatch.setattr("studio.data.MAX_LOCAL_DATASET_FILES", 3)
+    monkeypatch.setattr("studio.hub_datasets.MAX_LOCAL_DATASET_FILES", 3)
     for i in range(5):
         (tmp_path / f"{i}.png").write_bytes(b"x")
     with pytest.raises(DataError, match="holds more than 3 files"):

@@ -65,7 +65,8 @@ def test_a_cached_model_on_a_stalled_hub_points_at_offline(local_hub, workspace,
 
 def test_dataset_lookup_on_a_stalled_hub_is_one_line_within_seconds(local_hub):
     from studio.config.data import DataConfig
-    from studio.data import HUB_LOOKUP_TIMEOUT, load_image_dataset
+    from studio.data import load_image_dataset
+    from studio.hub_datasets import HUB_LOOKUP_TIMEOUT
     from studio.errors import DataError
 
     local_hub.stall_s = 120
