@@ -21,6 +21,7 @@ from seed 0. The reference is the emoji set at the model's resolution (seed 0).
     python benchmarks/quality.py                  # 5 minutes of training, then score
     python benchmarks/quality.py --quick          # 1 minute
     python benchmarks/quality.py --model assets/models/emoji-ddpm
+    python benchmarks/quality.py --set learning_rate=2e-3 --set 'block_out_channels=[64, 64]'   # a recipe probe
 
 The last line printed is one JSON object:
 ``{"minutes": ..., "steps": ..., "quality": ..., "noise_level": ..., "data_level": ...}``.
@@ -131,6 +132,30 @@ def train_for(minutes: float, workspace: Path, **overrides: Any) -> tuple[Path, 
     return run.root, steps[0], elapsed, curve
 
 
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["learning_rate=2e-3", "block_out_channels=[64, 64]"]`` -> TrainConfig keyword arguments.
+
+    Values are JSON (lists become tuples, as TrainConfig's architecture fields are); a value
+    that is not JSON is taken as a string (``prediction_type=epsilon``).
+    """
+    from studio.config.train import TrainConfig
+
+    fields = set(TrainConfig.__dataclass_fields__)
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, raw = pair.partition("=")
+        name = name.strip()
+        if not sep or name not in fields:
+            raise SystemExit(f"--set {pair!r}: expected FIELD=VALUE with a TrainConfig field "
+                             f"(e.g. learning_rate=2e-3).")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        overrides[name] = tuple(value) if isinstance(value, list) else value
+    return overrides
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=5.0, help="wall-clock training budget (default 5)")
@@ -141,7 +166,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max-rows", type=int, default=0, help="use at most this many dataset images (0 = all)")
     parser.add_argument("--workspace", default="", help="where the run and the image cache go (default: a temp dir)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                        help="change one TrainConfig setting for a recipe probe (repeatable), e.g. "
+                             "learning_rate=2e-3 or 'block_out_channels=[64, 64]'")
     args = parser.parse_args(argv)
+    overrides = parse_overrides(args.set)
 
     import torch
 
@@ -154,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         target = Path(args.model)
     else:
         minutes = 1.0 if args.quick else args.minutes
-        target, steps, elapsed, curve = train_for(minutes, workspace)
+        target, steps, elapsed, curve = train_for(minutes, workspace, **overrides)
         print(f"trained {steps} steps in {elapsed / 60:.2f} minutes; run folder {target}")
         if curve:
             print("quality during training (lower is better): "
@@ -168,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"quality (SWD x 1000, lower is better): {result['quality']:.1f}   per level "
           + " / ".join(f"{v:.1f}" for v in result["levels"])
           + f"\nreference levels: noise {result['noise_level']:.1f} (untrained) · data {data} (held-out images)")
-    summary = {"minutes": minutes, "steps": steps, "quality": round(result["quality"], 2),
+    summary = {"minutes": minutes, "steps": steps, **({"set": overrides} if overrides else {}), "quality": round(result["quality"], 2),
                "noise_level": round(result["noise_level"], 2),
                "data_level": None if result["data_level"] is None else round(result["data_level"], 2)}
     print(json.dumps(summary))

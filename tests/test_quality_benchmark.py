@@ -51,3 +51,13 @@ def test_training_mode_trains_the_run_and_reads_its_quality_curve(bench, tmp_pat
     assert [step for step, _ in curve] == [0, 1, 2] and all(value > 0 for _, value in curve)
     result = bench.score_pipeline(run, samples=4, inference_steps=2, cache_root=tmp_path / ".cache", max_rows=16)
     assert result["resolution"] == 8 and result["quality"] > 0
+
+
+def test_set_turns_field_value_pairs_into_train_config_overrides(bench):
+    overrides = bench.parse_overrides(["learning_rate=2e-3", "block_out_channels=[64, 64]",
+                                       "prediction_type=epsilon", "use_ema=false"])
+    assert overrides == {"learning_rate": 2e-3, "block_out_channels": (64, 64), "prediction_type": "epsilon",
+                         "use_ema": False}
+    for bad in (["no_such_field=1"], ["learning_rate"]):
+        with pytest.raises(SystemExit):
+            bench.parse_overrides(bad)
