@@ -1,9 +1,10 @@
 """What goes into a training batch: the decoded images and the seeded order they are drawn in.
 
-Responsible for: the dataset as a decode-once uint8 tensor (``load_images``); the seeded
+Responsible for: the dataset as a decode-once uint8 tensor (``load_images``; with one caption
+per image: ``load_captioned_images``) and its check (``check_pixels``); the seeded
 shuffled batch stream shared by all processes (``BatchSampler``: its state goes into the
 checkpoint, so a resumed run draws the same batches; use it in a new trainer); a batch of
-those images as floats in [-1, 1] (``get_batch``); the fine-tune's stateless order
+those images as floats in [-1, 1] (``get_batch``, ``to_float``); the fine-tune's stateless order
 (``SeededEpochs``: micro-batch number -> rows, nothing to save) and its random crops.
 """
 
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 
 from studio.config.train import TrainConfig
+from studio.errors import CheckpointError, ConfigError, DataError
 
 
 def load_images(cfg: TrainConfig, progress: Callable[[float, str], None] | None = None,
@@ -33,6 +35,36 @@ def load_images(cfg: TrainConfig, progress: Callable[[float, str], None] | None 
     cache = load_tensor_cache(cfg.data, cfg.resolution, Path(cfg.workspace).expanduser() / ".cache",
                               center_crop=cfg.center_crop, progress=progress, stop=stop)
     return cache.pixels
+
+
+def load_captioned_images(cfg: Any, report: Callable[..., None]) -> tuple[torch.Tensor, list[str]]:
+    """The images (uint8 ``[N, 3, R, R]``, decoded once) and one caption per image ("" when none).
+
+    Raises:
+        DataError: no images, or no captions at all (text-to-image training learns from them).
+    """
+    from studio.data import load_tensor_cache
+
+    report("status", message=f"loading {cfg.data.label} at {cfg.resolution} px")
+    cache = load_tensor_cache(cfg.data, cfg.resolution, Path(cfg.workspace).expanduser() / ".cache",
+                              center_crop=cfg.center_crop)
+    if len(cache.pixels) == 0:
+        raise DataError("The dataset has no images.", "Pick another dataset in the Dataset tab.")
+    captions = [str(c or "") for c in (cache.captions or [""] * len(cache.pixels))]
+    if not any(captions):
+        raise DataError("This dataset has no captions, and text-to-image training learns from them.",
+                        "Pick a captioned dataset (the emoji set, or a folder with .txt or metadata.jsonl "
+                        "captions), or train in unconditional mode.")
+    return cache.pixels, captions
+
+
+def check_pixels(pixels: torch.Tensor, resolution: int) -> None:
+    """Refuse an image cache of the wrong shape or an empty dataset."""
+    if pixels.dtype != torch.uint8 or pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, resolution, resolution):
+        raise ConfigError(f"The image cache has shape {tuple(pixels.shape)} {pixels.dtype}; "
+                          f"expected uint8 [N, 3, {resolution}, {resolution}].")
+    if len(pixels) == 0:
+        raise ConfigError("The dataset has no images.", "Pick another dataset in the Dataset tab.")
 
 
 class BatchSampler:
@@ -77,6 +109,22 @@ class BatchSampler:
         return {"generator": self.generator.get_state(), "perm": self.perm.clone(), "pos": self.pos,
                 "epoch": self.epoch}
 
+    def position(self) -> dict[str, Any]:
+        """Where the stream is, as JSON (for a tensor checkpoint's ``state.json``; the generator is saved apart)."""
+        return {"perm": self.perm.tolist(), "pos": self.pos, "epoch": self.epoch}
+
+    def load_position(self, position: dict[str, Any], checkpoint: str) -> None:
+        """Go back to ``position`` (from ``position()``) of ``checkpoint`` (named in the refusal).
+
+        Raises:
+            CheckpointError: the checkpoint was trained on a dataset of another size.
+        """
+        if len(position["perm"]) != self.n:
+            raise CheckpointError(f"Checkpoint {checkpoint} was trained on {len(position['perm'])} images; "
+                                  f"the dataset now has {self.n}.", "Resume with the run's own dataset.")
+        self.perm = torch.tensor(position["perm"], dtype=torch.long)
+        self.pos, self.epoch = int(position["pos"]), int(position["epoch"])
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
         self.perm, self.pos, self.epoch = state["perm"].clone(), int(state["pos"]), int(state["epoch"])
@@ -91,6 +139,11 @@ def get_batch(pixels: torch.Tensor, sampler: BatchSampler, random_flip: bool, de
         flips = flips.to(device)[:, None, None, None]
         batch = torch.where(flips, batch.flip(-1), batch)
     return batch.contiguous()
+
+
+def to_float(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 images as floats in [-1, 1] on ``device``."""
+    return pixels.to(device).float().div_(127.5).sub_(1.0)
 
 
 class SeededEpochs:

@@ -35,7 +35,6 @@ import contextlib
 import dataclasses
 import functools
 import math
-import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -44,19 +43,20 @@ import torch
 
 from studio.config.train import BF16_CPU_WARNING, TrainConfig, check_precision_for_device
 from studio.devices import MODEL_INIT_LOCK
-from studio.errors import ConfigError, Stopped
+from studio.errors import Stopped
 from studio.events import EventSink, ignore_events
 from studio.runs import RunDir
-from studio.trainers.batches import BatchSampler, get_batch, load_images
+from studio.trainers.batches import BatchSampler, check_pixels, get_batch, load_images
 from studio.trainers.export import export_ddpm_pipeline as export_pipeline
-from studio.trainers.losses import diffusion_loss, snr
+from studio.trainers.losses import diffusion_loss, draw_noise, snr
 from studio.trainers.optimization import ema_weights, make_ema, make_lr_schedule, make_optimizer
-from studio.trainers.reporting import (GRID_MIN_SIDE, LossMeter, NonFiniteLossError, Reporter, SampleQuality,
-                                       make_grid, params_sha, write_progress_gif, write_ranks_report)
+from studio.trainers.reporting import (GRID_MIN_SIDE, DecodeProgress, LossMeter, NonFiniteLossError, Reporter,
+                                       SampleQuality, make_grid, params_sha, write_progress_gif, write_ranks_report)
 from studio.trainers.resume import load_ddpm_checkpoint, save_ddpm_checkpoint
 from studio.trainers.sampling import sample_images
 from studio.trainers.setup import (RunFolder, fresh_accelerator, import_diffusers, open_run, phase_stop,
-                                   run_reported, seed_everything, stop_requested, write_run_config)
+                                   run_reported, seed_everything, stop_requested, training_device,
+                                   write_run_config)
 from studio.trainers.speed import prepare_unet_for_training
 from studio.unet_presets import unet_kwargs
 
@@ -119,12 +119,7 @@ def train(cfg: TrainConfig, events: EventSink = ignore_events, stop: threading.E
         StudioError: bad settings, unreadable data, an unusable checkpoint, a non-finite loss.
     """
     stop = stop or threading.Event()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        device_name = "cpu" if cfg.device == "cpu" else "auto"
-    else:
-        from studio.devices import resolve_device
-
-        device_name = resolve_device(cfg.device)
+    device_name = training_device(cfg.device)  # 'auto' under torchrun: accelerate gives each process its own
     check_precision_for_device(cfg.mixed_precision, device_name)
     from studio.budget import train_plan
 
@@ -140,8 +135,7 @@ def _train(cfg: TrainConfig, report: Reporter, stop: threading.Event, folder: Ru
     DDPMScheduler, UNet2DModel, _, _ = import_diffusers()
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     run, resume_from = folder.run, folder.resume_from
-    for text in folder.warnings:
-        report("warning", message=text)
+    report.warnings(folder.warnings)
     if cfg.mixed_precision == "bf16" and device.type == "cpu":
         report("warning", message=BF16_CPU_WARNING)
     run_cfg = write_run_config(run, TASK, cfg, accelerator)
@@ -156,8 +150,7 @@ def _train(cfg: TrainConfig, report: Reporter, stop: threading.Event, folder: Ru
         pixels = pixels.to(device)
     total = report.total = total_steps(cfg, len(pixels), world)
     if resume_from is None:
-        for text in cfg.run_length_warnings(len(pixels)):
-            report("warning", message=text)
+        report.warnings(cfg.run_length_warnings(len(pixels)))
 
     # -- model, noise schedule, optimizer, LR schedule, EMA ------------------------------------
     report("status", message="building the model")
@@ -202,7 +195,6 @@ def _train(cfg: TrainConfig, report: Reporter, stop: threading.Event, folder: Ru
                         if step >= total else f"resumed at step {step} of {total}"))
 
     # -- the loop ------------------------------------------------------------------------------
-    log_every = 1 if device.type == "cpu" else 10  # host syncs: every step is free on CPU, not on a GPU
     if resume_from is None:
         draw_samples(t, 0)
     report("status", step, message="training")
@@ -218,10 +210,7 @@ def _train(cfg: TrainConfig, report: Reporter, stop: threading.Event, folder: Ru
             clean = get_batch(pixels, t.sampler, cfg.random_flip, device)
             first_batch = first_batch or t.sampler.last_indices.tolist()
             # 2. noise, timesteps, noisy images
-            noise = torch.randn(clean.shape, generator=t.noise_gen, device=device)
-            if cfg.noise_offset:
-                noise = noise + cfg.noise_offset * torch.randn((clean.shape[0], clean.shape[1], 1, 1),
-                                                               generator=t.noise_gen, device=device)
+            noise = draw_noise(clean.shape, t.noise_gen, device, cfg.noise_offset)
             timesteps = torch.randint(0, cfg.num_train_timesteps, (clean.shape[0],), generator=t.noise_gen,
                                       device=device)
             noisy = noise_scheduler.add_noise(clean, noise, timesteps)
@@ -247,8 +236,7 @@ def _train(cfg: TrainConfig, report: Reporter, stop: threading.Event, folder: Ru
         # 5. report the losses (one host sync), checkpoints, sample grids
         save_due = cfg.save_every and step % cfg.save_every == 0 and step < total
         sample_due = cfg.sample_every and step % cfg.sample_every == 0 and step < total
-        if step % log_every == 0 or step == total or save_due or sample_due or stop.is_set():
-            t.meter.flush()
+        t.meter.flush_if_due(step, save_due or sample_due or stop.is_set())
         if save_due:
             save(t, step)
             last_saved = step
@@ -265,27 +253,6 @@ def _train(cfg: TrainConfig, report: Reporter, stop: threading.Event, folder: Ru
 
 
 # ----------------------------------------------------------------------------- helpers of the loop
-class DecodeProgress:
-    """``progress(fraction, message)`` for the image cache: a status event every 10 %."""
-
-    def __init__(self, report: Reporter) -> None:
-        self.report, self.shown = report, -1.0
-
-    def __call__(self, fraction: float, message: str) -> None:
-        if fraction >= 1.0 or fraction - self.shown >= 0.1:
-            self.shown = fraction
-            self.report("status", message=message)
-
-
-def check_pixels(pixels: torch.Tensor, resolution: int) -> None:
-    """Refuse an image cache of the wrong shape or an empty dataset."""
-    if pixels.dtype != torch.uint8 or pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, resolution, resolution):
-        raise ConfigError(f"The image cache has shape {tuple(pixels.shape)} {pixels.dtype}; "
-                          f"expected uint8 [N, 3, {resolution}, {resolution}].")
-    if len(pixels) == 0:
-        raise ConfigError("The dataset has no images.", "Pick another dataset in the Dataset tab.")
-
-
 def save(t: Training, step: int) -> Path:
     """Checkpoint (all processes take part); a non-finite weight refuses it."""
     path = save_ddpm_checkpoint(t.run, step, unet=t.unet, optimizer=t.optimizer, lr_scheduler=t.lr_scheduler,

@@ -98,9 +98,12 @@ def export_sd_pipeline(run: RunDir, cfg: FinetuneConfig, pipe: Any, step: int, r
 
 
 def export_finetune(run: RunDir, cfg: FinetuneConfig, pipe: Any, text_encoder_trained: bool, step: int,
-                    report: Callable[..., None]) -> Path:
+                    report: Callable[..., None], ema: Any = None) -> Path:
     """A finished fine-tune's output: ``lora/`` (LoRA methods) or ``model/`` (``pipe``, the trained
-    pipeline), a model card beside it, and the Hub push when ``cfg.push_to_hub``; returns the folder."""
+    pipeline, with the ``ema`` weights when given), a model card beside it, and the Hub push when
+    ``cfg.push_to_hub``; returns the folder."""
+    if ema is not None and not cfg.is_lora:  # a full fine-tune exports its EMA weights
+        ema.copy_to(pipe.unet.parameters())
     sdxl = type(pipe).__name__.startswith("StableDiffusionXL")
     if cfg.is_lora:
         out = export_lora(run, cfg, pipe.unet, pipe.text_encoder if text_encoder_trained else None, sdxl=sdxl)

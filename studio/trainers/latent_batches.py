@@ -7,12 +7,16 @@ then the VAE and text encoders leave the device), and hands the loop, for any ro
 ``text_embeddings(rows)`` (looked up, or encoded now; with caption dropout), for the
 training images or DreamBooth's class images (``is_class``). Random crops and a training
 text encoder make a cache impossible; it says so and encodes per step like the scripts.
+``for_validation`` brings the freed modules back to the device while validation images are drawn.
+``encode_dataset`` is the text-to-image-from-scratch trainer's: its own autoencoder, frozen, encodes
+every image once and sets the latent scaling factor.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +24,7 @@ import torch
 
 from studio.config.finetune import FinetuneConfig
 from studio.errors import DataError
-from studio.trainers.batches import random_crop
+from studio.trainers.batches import random_crop, to_float
 from studio.trainers.stable_diffusion import image_prompts
 
 
@@ -115,6 +119,29 @@ class LatentBatches:
             for module in self.text_encoders:
                 free_module(module)
 
+    @contextlib.contextmanager
+    def for_validation(self, unet: Any, text_encoder: Any) -> Iterator[None]:
+        """Inside: the VAE and the text encoders (``text_encoder``, the unwrapped first one, and SDXL's second)
+        on the device, ``unet`` and ``text_encoder`` in eval mode. After: training mode again (the text
+        encoder only when it trains), and the modules whose outputs are cached back off the device."""
+        encoders = (text_encoder, *self.text_encoders[1:])
+        self.vae.to(self.device)
+        for module in encoders:
+            module.to(self.device)
+        unet.eval()
+        text_encoder.eval()
+        try:
+            yield
+        finally:
+            unet.train()
+            if self.text_encoder_trains:
+                text_encoder.train()
+            if self.cache_images:  # the VAE is only needed here: back off the device
+                self.vae.to("cpu")
+            if self.cache_text:
+                for module in encoders:
+                    module.to("cpu")
+
     # ---------------------------------------------------------------- per step
     def text_embeddings(self, rows: torch.Tensor, is_class: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Encoder hidden states (and SDXL's pooled embedding) for images ``rows``, with caption dropout."""
@@ -166,3 +193,18 @@ class CacheProgress:
 
     def __call__(self, done: int, total: int) -> None:
         self.report("status", message=f"caching latents {done}/{total}")
+
+
+@torch.no_grad()
+def encode_dataset(vae: Any, pixels: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image's latent mean and standard deviation (the autoencoder is frozen from here on); the
+    autoencoder's scaling factor becomes 1 / std of the latents (as SD chose 0.18215)."""
+    vae.eval().requires_grad_(False)
+    means, stds = [], []
+    for i in range(0, len(pixels), 64):
+        dist = vae.encode(to_float(pixels[i:i + 64], device)).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+    mean = torch.cat(means)
+    vae.register_to_config(scaling_factor=round(1.0 / float(mean.std()), 4))
+    return mean, torch.cat(stds)

@@ -1,4 +1,4 @@
-"""The diffusion training loss: the target of each prediction type and min-SNR weighting.
+"""The diffusion training loss: the noise drawn, the target of each prediction type, min-SNR weighting.
 
 ``diffusion_loss`` is the DDPM's (one number per batch); ``per_sample_loss`` the fine-tune's
 (one number per image, so DreamBooth can weigh instance and class images). Min-SNR-gamma
@@ -18,6 +18,15 @@ def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at ``timesteps`` (as diffusers' compute_snr)."""
     a = alphas_cumprod.to(timesteps.device)[timesteps].float()
     return (a.sqrt() / (1.0 - a).sqrt()) ** 2
+
+
+def draw_noise(shape: tuple[int, ...], generator: torch.Generator, device: Any, offset: float = 0.0) -> torch.Tensor:
+    """Gaussian noise of ``shape`` from ``generator``, plus offset noise (one value per sample and
+    channel, times ``offset``) when ``offset`` is not 0 (drawn after the noise, from the same generator)."""
+    noise = torch.randn(shape, generator=generator, device=device)
+    if offset:
+        noise = noise + offset * torch.randn((shape[0], shape[1], 1, 1), generator=generator, device=device)
+    return noise
 
 
 def diffusion_target(noise_scheduler: Any, prediction_type: str, clean: torch.Tensor, noise: torch.Tensor,

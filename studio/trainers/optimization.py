@@ -4,6 +4,8 @@ A trainer calls::
 
     optimizer = make_optimizer(params_or_groups, lr=..., device=device)   # fused AdamW (or 8-bit)
     lr_scheduler = make_lr_schedule(cfg.lr_scheduler, optimizer, warmup, total)
+    # or, for two parameter groups trained one after the other (an autoencoder, then a diffusion model):
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, two_stage_lr_factors(name, warmup, total, first))
     ema = make_ema(unet, UNet2DModel, decay=..., warmup=True)            # None when EMA is off
     ... each step: optimizer.step(); lr_scheduler.step(); ema.step(unet.parameters())
     with ema_weights(ema, unet): ...                                     # sample / export with EMA weights
@@ -18,6 +20,7 @@ multiply-add that rounds differently), so it is not used; see DEVELOPERS.md.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -43,6 +46,24 @@ def make_lr_schedule(name: str, optimizer: torch.optim.Optimizer, warmup_steps: 
     from diffusers.optimization import get_scheduler
 
     return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+
+
+def two_stage_lr_factors(name: str, warmup_steps: int, total_steps: int, first_stage_steps: int) -> list[Any]:
+    """Learning-rate factors by step of two parameter groups trained one after the other: the first
+    group's constant during its ``first_stage_steps`` (0 after), the second's schedule ``name`` with its
+    warm-up counted from the second stage's first step (``torch.optim.lr_scheduler.LambdaLR``'s lambdas).
+    (``functools.partial``s: LambdaLR's state then holds no code, so ``weights_only`` loads it.)"""
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    second = make_lr_schedule(name, probe, warmup_steps, total_steps).lr_lambdas[0]
+    return [functools.partial(_until, first_stage_steps), functools.partial(_from, second, first_stage_steps)]
+
+
+def _until(end: int, step: int) -> float:
+    return 1.0 if step < end else 0.0
+
+
+def _from(schedule: Any, start: int, step: int) -> float:
+    return float(schedule(step - start)) if step >= start else 0.0
 
 
 def make_ema(model: torch.nn.Module, model_cls: Any, *, decay: float = 0.9999, warmup: bool = False,

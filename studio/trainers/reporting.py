@@ -54,6 +54,12 @@ def make_grid(images: np.ndarray):
 
 
 
+def rows_grid(images: np.ndarray, columns: int):
+    """uint8 ``[N, R, R, 3]`` in rows of ``columns`` (e.g. one row per prompt), enlarged for viewing (``make_grid``)."""
+    rows = [np.concatenate(list(images[i:i + columns]), axis=1) for i in range(0, len(images), columns)]
+    return make_grid(np.concatenate(rows, axis=0)[None])
+
+
 def save_samples(run: RunDir, step: int, images: np.ndarray, writer: Any = None) -> Path:
     """``samples/step-N.png``: ``images`` as one grid, also sent to TensorBoard when ``writer`` is open."""
     from studio.atomic import save_image
@@ -130,6 +136,18 @@ class SampleQuality:
 
 
 # ----------------------------------------------------------------------------- events and logs/
+class DecodeProgress:
+    """``progress(fraction, message)`` for the image cache: a status event every 10 %."""
+
+    def __init__(self, report: Any) -> None:
+        self.report, self.shown = report, -1.0
+
+    def __call__(self, fraction: float, message: str) -> None:
+        if fraction >= 1.0 or fraction - self.shown >= 0.1:
+            self.shown = fraction
+            self.report("status", message=message)
+
+
 class NonFiniteLossError(JobError):
     """The loss (or the weights) became NaN or infinite; the run stopped before saving bad weights."""
 
@@ -169,6 +187,11 @@ class Reporter:
                 if getattr(event, tag) is not None:
                     self.writer.add_scalar(f"quality/{tag}", getattr(event, tag), step)
         self.sink(event)
+
+    def warnings(self, texts: Any) -> None:
+        """Report each of ``texts`` as a ``warning`` event (e.g. the run folder's, the run length's)."""
+        for text in texts:
+            self("warning", message=text)
 
     def samples(self, step: int, grid: Any, message: str) -> Path | None:
         """Write ``grid`` (a PIL image) atomically to ``samples/step-N.png``, show it in TensorBoard and
@@ -264,6 +287,13 @@ class LossMeter:
             self.report("step", step, loss=value, smoothed_loss=self.smoothed / self.debias, lr=lr,
                         images_per_s=rate, eta_s=eta)
         self.restart_clock()
+
+    def flush_if_due(self, step: int, now: bool = False) -> None:
+        """``flush`` when a host sync is due: every step on a CPU (free there), every 10th on a GPU, at the
+        last step, and ``now`` (before a checkpoint, a grid or a stop, which need the figures)."""
+        on_cpu = self.accelerator is None or self.accelerator.device.type == "cpu"
+        if step % (1 if on_cpu else 10) == 0 or step == self.total or now:
+            self.flush()
 
     def state(self) -> list[float]:
         return [self.smoothed, self.debias]

@@ -1,8 +1,9 @@
 """Images made during training: fixed-seed samples and validation images, DreamBooth's class images.
 
 Responsible for: the DDPM's fixed-seed DDIM samples (``sample_images``), a text-to-image
-pipeline's validation images for fixed prompts (``validation_images``) and DreamBooth's
-class images made by the untouched base model (``make_class_images``).
+pipeline's validation images for fixed prompts (``validation_images``; several per prompt in one
+call: ``prompt_images``) and DreamBooth's class images made by the untouched base model
+(``make_class_images``). Stop is looked at every denoising step (``stop_callback``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from studio.config.train import TrainConfig
 from studio.stopping import raise_if_stopped
 
 
-def _stop_callback(stop: threading.Event | None, what: str) -> Callable[..., dict]:
+def stop_callback(stop: threading.Event | None, what: str) -> Callable[..., dict]:
     """A diffusers ``callback_on_step_end`` that raises ``Stopped`` at the denoising step after Stop."""
     def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
         raise_if_stopped(stop, what)
@@ -90,7 +91,7 @@ def make_class_images(pipe: Any, cfg: FinetuneConfig, folder: Path, device: torc
             with autocast():  # fp16 text encoder/VAE with an fp32 UNet on a GPU
                 image = pipe(cfg.class_prompt, height=cfg.resolution, width=cfg.resolution,
                              num_inference_steps=cfg.num_inference_steps, generator=gen,
-                             callback_on_step_end=_stop_callback(stop, what)).images[0]
+                             callback_on_step_end=stop_callback(stop, what)).images[0]
             from studio.atomic import save_image
 
             save_image(image, paths[i])  # atomic: a kill mid-write leaves no truncated class image
@@ -115,6 +116,23 @@ def validation_images(pipe: Any, prompts: list[str], cfg: FinetuneConfig, device
         with autocast():
             images.append(pipe(prompt, height=cfg.resolution, width=cfg.resolution,
                                num_inference_steps=cfg.num_inference_steps, generator=gen,
-                               callback_on_step_end=_stop_callback(stop, "drawing the validation images")
+                               callback_on_step_end=stop_callback(stop, "drawing the validation images")
                                ).images[0])
     return images
+
+
+@torch.no_grad()
+def prompt_images(pipe: Any, prompts: list[str], images_per_prompt: int, resolution: int, steps: int,
+                  guidance_scale: float, seed: int, stop: threading.Event | None = None) -> np.ndarray:
+    """uint8 ``[P * k, R, R, 3]``: ``images_per_prompt`` images of each prompt in one call, from one generator
+    seeded with ``seed`` (the same images at every step for the same weights).
+
+    Raises:
+        Stopped: ``stop`` was set (looked at every denoising step).
+    """
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(list(prompts), num_images_per_prompt=images_per_prompt, height=resolution, width=resolution,
+                  num_inference_steps=steps, guidance_scale=guidance_scale,
+                  generator=torch.Generator().manual_seed(seed), output_type="np",
+                  callback_on_step_end=stop_callback(stop, "drawing the validation images")).images
+    return (images * 255).round().astype(np.uint8)

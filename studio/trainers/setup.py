@@ -50,6 +50,16 @@ def import_diffusers() -> tuple[Any, Any, Any, Any]:
     raise AssertionError("unreachable")
 
 
+def training_device(device: str) -> str:
+    """The device name a run trains on: ``studio.devices.resolve_device(device)`` in one process; under
+    several (torchrun, accelerate launch) 'cpu' when asked, else 'auto' (each process takes its own)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return "cpu" if device == "cpu" else "auto"
+    from studio.devices import resolve_device
+
+    return resolve_device(device)
+
+
 def fresh_accelerator(mixed_precision: str, device: str):
     """An Accelerator for this run (``device`` 'cpu' forces the CPU); in a single process the
     global accelerate state is reset first, so runs with different settings can follow each
@@ -141,6 +151,22 @@ def find_resume_run(cfg: Any, task: str) -> RunDir:
         raise CheckpointError(f"No {TASK_NOUNS.get(task, task + ' run')} with a checkpoint in {cfg.workspace} "
                               "to resume.", "Start a new run first.")
     return RunDir(runs[0].path)
+
+
+def newest_run_of_mode(cfg: Any, task: str, mode: str) -> RunDir | None:
+    """For ``resume: latest`` without a run name: the newest run of ``task`` with a checkpoint whose
+    config.json says ``mode`` (e.g. a text-to-image run, never a DDPM run of the same task); None when
+    the run is named, a checkpoint is given, or nothing is resumed.
+
+    Raises:
+        CheckpointError: when no run of that mode has a checkpoint.
+    """
+    if cfg.resume != "latest" or cfg.run_name:
+        return None
+    for info in resumable_runs(cfg.workspace, task):
+        if RunDir(info.path).read_config().get("mode") == mode:
+            return RunDir(info.path)
+    raise CheckpointError(f"No {mode} run with a checkpoint in {cfg.workspace} to resume.", "Start a new run first.")
 
 
 def open_run(cfg: Any, task: str, accelerator: Any, run: RunDir | None = None) -> RunFolder:

@@ -1,21 +1,26 @@
 """Stable Diffusion pieces the fine-tune uses: the base pipeline, its modules, what trains.
 
-Responsible for: loading and checking the base pipeline, moving and freezing its modules,
-the training noise scheduler, adding what trains (LoRA adapters or the whole UNet), SDXL's
-extra UNet inputs, the prompt of each training image, assembling a pipeline around the
+Responsible for: loading and checking the base pipeline, moving and freezing its modules
+(``load_frozen_base``: the base model as a fine-tune starts from it), the training noise
+scheduler, adding what trains (LoRA adapters or the whole UNet) and its parameter groups,
+SDXL's extra UNet inputs, the prompt of each training image, assembling a pipeline around the
 training components for validation and export, and advice when memory runs out.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from studio.config.finetune import TEXT_ENCODER_LORA_TARGETS, FinetuneConfig
 from studio.devices import MODEL_INIT_LOCK
-from studio.errors import DataError, ModelError, StudioError
+from studio.errors import ConfigError, DataError, ModelError, StudioError
+from studio.stopping import call_stoppable
 
 
 # --------------------------------------------------------------------------- the base model
@@ -51,6 +56,65 @@ def check_sd_pipeline(pipe: Any, reference: str) -> Any:
                          f"({type(pipe).__name__}{', missing ' + ', '.join(missing) if missing else ''}).",
                          "Fine-tuning needs a UNet2DConditionModel, a VAE, a text encoder and a tokenizer.")
     return pipe
+
+
+@dataclasses.dataclass
+class FrozenBase:
+    """The base pipeline split up for a fine-tune: every module frozen, the VAE and text encoders on the
+    device (SDXL has two text encoders and tokenizers), and the noise scheduler training uses."""
+
+    pipe: Any
+    unet: Any
+    vae: Any
+    text_encoders: list[Any]
+    tokenizers: list[Any]
+    vae_dtype: torch.dtype
+    noise_scheduler: Any
+
+    @property
+    def is_sdxl(self) -> bool:
+        return len(self.text_encoders) > 1
+
+
+def frozen_weight_dtype(mixed_precision: str) -> torch.dtype:
+    """The dtype of the frozen weights: fp16 or bf16 under that mixed precision, else fp32."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def load_frozen_base(cfg: FinetuneConfig, device: torch.device, weight_dtype: torch.dtype,
+                     stop: threading.Event | None, report: Callable[..., None]) -> FrozenBase:
+    """The base model of ``cfg``, once the memory plan says the run fits (refused before allocating).
+
+    Loaded through ``call_stoppable`` (Stop returns at once), checked (no text-encoder training on
+    SDXL), a memory warning reported when the GPU looks too small; then every module is frozen and
+    the VAE (fp32 on SDXL, whose VAE overflows in fp16) and the text encoders moved to ``device``.
+    """
+    from studio.budget import finetune_plan, local_unet_config
+
+    reference = cfg.pretrained_model_name_or_path
+    finetune_plan(cfg, str(device) if device.type != "cpu" else "cpu",
+                  unet_config=local_unet_config(reference)).check()
+    report("status", message=f"loading base model {reference}")
+    pipe = call_stoppable(functools.partial(load_base_pipeline, reference, cfg.workspace), stop,
+                          f"loading the base model {reference}")
+    # SDXL has a second text encoder; its prompt embedding is both side by side, plus a pooled one
+    is_sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    text_encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if is_sdxl else [])
+    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if is_sdxl else [])
+    if is_sdxl and cfg.train_text_encoder:
+        raise ConfigError("Text-encoder training is offered for SD 1.x/2.x; for SDXL only the UNet trains.",
+                          "Turn off 'Train text encoder'.")
+    vae_dtype = torch.float32 if is_sdxl else weight_dtype  # SDXL's VAE overflows in fp16
+    warning = memory_warning(cfg, pipe.unet, weight_dtype, device, is_sdxl)
+    if warning:
+        report("warning", message=warning)
+    noise_scheduler = training_noise_scheduler(pipe, cfg.prediction_type)
+    for module in (pipe.vae, *text_encoders, pipe.unet):
+        module.requires_grad_(False)
+    move_module(pipe.vae, device, vae_dtype)
+    for module in text_encoders:
+        move_module(module, device, weight_dtype)
+    return FrozenBase(pipe, pipe.unet, pipe.vae, text_encoders, tokenizers, vae_dtype, noise_scheduler)
 
 
 def move_module(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
@@ -105,6 +169,18 @@ def add_trainables(cfg: FinetuneConfig, unet: torch.nn.Module, text_encoder: tor
     unet.train()
     if cfg.train_text_encoder:
         text_encoder.train()
+
+
+def trainable_groups(cfg: FinetuneConfig, unet: torch.nn.Module, text_encoder: torch.nn.Module,
+                     text_encoder_trains: bool) -> tuple[list[dict[str, Any]], list[torch.nn.Parameter]]:
+    """AdamW's parameter groups (the UNet's at ``learning_rate``, the text encoder's at ``text_encoder_lr``
+    when it trains) and every trainable parameter (for gradient clipping)."""
+    unet_params = [p for p in unet.parameters() if p.requires_grad]
+    groups = [{"params": unet_params, "lr": cfg.learning_rate}]
+    te_params = [p for p in text_encoder.parameters() if p.requires_grad] if text_encoder_trains else []
+    if te_params:
+        groups.append({"params": te_params, "lr": cfg.text_encoder_lr or cfg.learning_rate})
+    return groups, unet_params + te_params
 
 
 def assemble_pipeline(base: Any, vae: torch.nn.Module, unet: torch.nn.Module, text_encoder: torch.nn.Module,
@@ -189,6 +265,11 @@ def out_of_memory_error(cfg: FinetuneConfig, exc: BaseException) -> StudioError:
         tips.append("stop training the text encoder")
     advice = "; ".join(tips) or "use a smaller base model or a machine with more memory"
     return StudioError("Out of memory while fine-tuning.", f"Try: {advice}.")
+
+
+def oom_advice(cfg: FinetuneConfig, exc: BaseException) -> BaseException:
+    """What a failed fine-tune shows: advice that fits ``cfg`` when ``exc`` is out of memory, else ``exc``."""
+    return out_of_memory_error(cfg, exc) if is_oom(exc) else exc
 
 
 def is_oom(exc: BaseException) -> bool:

@@ -24,14 +24,15 @@ from typing import Any
 import torch
 
 from studio.config.finetune import FinetuneConfig
-from studio.errors import ConfigError, Stopped
+from studio.devices import resolve_device
+from studio.errors import Stopped
 from studio.events import EventSink
 from studio.runs import RunDir
-from studio.stopping import call_stoppable, raise_if_stopped
+from studio.stopping import raise_if_stopped
 from studio.trainers.batches import SeededEpochs
 from studio.trainers.export import export_finetune, push_to_hub, write_model_card
 from studio.trainers.latent_batches import LatentBatches
-from studio.trainers.losses import diffusion_target, per_sample_loss
+from studio.trainers.losses import diffusion_target, draw_noise, per_sample_loss
 from studio.trainers.optimization import ema_weights, make_ema, make_lr_schedule, make_optimizer
 from studio.trainers.reporting import LossMeter, Reporter, image_row, weights_sha256, write_ranks_report
 from studio.trainers.resume import (gather_from_processes, generator_states, load_tensor_checkpoint,
@@ -40,8 +41,8 @@ from studio.trainers.sampling import make_class_images, validation_images
 from studio.trainers.setup import RunFolder, fresh_accelerator, open_run, phase_stop, run_reported, \
     seed_everything, stop_requested, write_run_config
 from studio.trainers.stable_diffusion import (add_trainables, assemble_pipeline, check_sd_pipeline, image_prompts,
-                                              is_oom, load_base_pipeline, memory_warning, move_module,
-                                              out_of_memory_error, sdxl_conditioning, training_noise_scheduler)
+                                              frozen_weight_dtype, is_oom, load_base_pipeline, load_frozen_base,
+                                              oom_advice, out_of_memory_error, sdxl_conditioning, trainable_groups)
 
 #: What other code imports from here (most of it defined in the toolkit modules beside this one).
 __all__ = ["check_sd_pipeline", "image_prompts", "load_base_pipeline", "out_of_memory_error", "push_to_hub",
@@ -70,14 +71,12 @@ def train(cfg: FinetuneConfig, events: EventSink, stop: threading.Event, run: Ru
     Raises:
         StudioError: a problem a person can fix (data, model, memory, non-finite loss).
     """
-    from studio.devices import resolve_device
-
     device = resolve_device(cfg.device)
     accelerator = fresh_accelerator("no" if device == "cpu" else cfg.mixed_precision, device)
     folder = open_run(cfg, TASK, accelerator, run)
     report = Reporter(events, folder.run if accelerator.is_main_process else None, cfg.max_train_steps)
-    return run_reported(folder, report, lambda: _Trainer(cfg, report, stop, folder, accelerator).fit(),
-                        lambda exc: out_of_memory_error(cfg, exc) if is_oom(exc) else exc)
+    trainer = _Trainer(cfg, report, stop, folder, accelerator)  # only keeps its arguments: nothing to fail
+    return run_reported(folder, report, trainer.fit, functools.partial(oom_advice, cfg))
 
 
 class _Trainer:
@@ -87,15 +86,14 @@ class _Trainer:
                  accelerator: Any) -> None:
         self.cfg, self.report, self.stop, self.run = cfg, report, stop, folder.run
         self.checkpoint, self.accelerator, self.device = folder.resume_from, accelerator, accelerator.device
-        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision,
-                                                                                 torch.float32)
-        for text in folder.warnings:
-            report("warning", message=text)
-        if self.device.type == "cpu" and cfg.mixed_precision != "no":
-            report("warning", message=f"Mixed precision {cfg.mixed_precision} is off on CPU (fp32 is faster here).")
+        self.weight_dtype = frozen_weight_dtype(accelerator.mixed_precision)
+        self.warnings = folder.warnings
 
     def fit(self) -> None:
         cfg, report, acc = self.cfg, self.report, self.accelerator
+        report.warnings(self.warnings)
+        if self.device.type == "cpu" and cfg.mixed_precision != "no":
+            report("warning", message=f"Mixed precision {cfg.mixed_precision} is off on CPU (fp32 is faster here).")
         # 1. name the run (so `--config <its config.json> --resume latest` finds it), seed
         write_run_config(self.run, TASK, cfg, acc)
         report.open_tensorboard()
@@ -103,47 +101,25 @@ class _Trainer:
         rank = acc.process_index
         self.data_gen = torch.Generator().manual_seed(cfg.seed + 1_000 * rank)
         self.noise_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1_000 * rank + 1)
+        self.generators = {"data": self.data_gen, "noise": self.noise_gen}  # their states go into checkpoints
 
-        # 2. the base model, once the memory plan says the run fits (refused before allocating)
-        from studio.budget import finetune_plan, local_unet_config
-
-        finetune_plan(cfg, str(self.device) if self.device.type != "cpu" else "cpu",
-                      unet_config=local_unet_config(cfg.pretrained_model_name_or_path)).check()
-        report("status", message=f"loading base model {cfg.pretrained_model_name_or_path}")
+        # 2. the base model, once the memory plan says the run fits: every module frozen, VAE and text encoders placed
         self.phase_stop = phase_stop(self.stop, acc)  # phases before the loop: this process alone may stop them
-        self.pipe = pipe = call_stoppable(
-            functools.partial(load_base_pipeline, cfg.pretrained_model_name_or_path, cfg.workspace), self.phase_stop,
-            f"loading the base model {cfg.pretrained_model_name_or_path}")
-        self.unet, self.vae, self.text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
-        # SDXL has a second text encoder; its prompt embedding is both side by side, plus a pooled one
-        self.is_sdxl = getattr(pipe, "text_encoder_2", None) is not None
-        self.text_encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if self.is_sdxl else [])
-        tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if self.is_sdxl else [])
-        if self.is_sdxl and cfg.train_text_encoder:
-            raise ConfigError("Text-encoder training is offered for SD 1.x/2.x; for SDXL only the UNet trains.",
-                              "Turn off 'Train text encoder'.")
-        vae_dtype = torch.float32 if self.is_sdxl else self.weight_dtype  # SDXL's VAE overflows in fp16
-        warning = memory_warning(cfg, self.unet, self.weight_dtype, self.device, self.is_sdxl)
-        if warning:
-            report("warning", message=warning)
-        self.noise_scheduler = training_noise_scheduler(pipe, cfg.prediction_type)
-        self.prediction_type = self.noise_scheduler.config.prediction_type
-        for module in (self.vae, *self.text_encoders, self.unet):
-            module.requires_grad_(False)
-        move_module(self.vae, self.device, vae_dtype)
-        for module in self.text_encoders:
-            move_module(module, self.device, self.weight_dtype)
+        base = load_frozen_base(cfg, self.device, self.weight_dtype, self.phase_stop, report)
+        self.pipe, self.unet, self.vae, self.text_encoders = base.pipe, base.unet, base.vae, base.text_encoders
+        self.text_encoder, self.is_sdxl = base.text_encoders[0], base.is_sdxl
+        self.noise_scheduler, self.prediction_type = base.noise_scheduler, base.noise_scheduler.config.prediction_type
 
         # 3. the data: one prompt per image
-        self.batches = LatentBatches(cfg, self.vae, tokenizers, self.text_encoders, self.device, self.weight_dtype,
-                                     vae_dtype, self.data_gen, self.noise_gen)
+        self.batches = LatentBatches(cfg, self.vae, base.tokenizers, self.text_encoders, self.device,
+                                     self.weight_dtype, base.vae_dtype, self.data_gen, self.noise_gen)
         self.batches.load(report, self.phase_stop)
         self.validation_prompts = list(cfg.validation_prompts) or [cfg.trigger_words or self.batches.prompts[0]]
 
         # 4. DreamBooth class images, made by the untouched base model
         class_pixels = None
         if cfg.with_prior_preservation:
-            class_pixels = make_class_images(pipe, cfg, self.run.root / "class_images", self.device, acc.autocast,
+            class_pixels = make_class_images(self.pipe, cfg, self.run.root / "class_images", self.device, acc.autocast,
                                              self.phase_stop, report)
         raise_if_stopped(self.phase_stop, "preparing the run")
 
@@ -170,19 +146,12 @@ class _Trainer:
     def prepare_optimization(self) -> None:
         """AdamW (fused, or bitsandbytes 8-bit) over the trainable weights, LR schedule, EMA, accelerate."""
         cfg, acc = self.cfg, self.accelerator
-        unet_params = [p for p in self.unet.parameters() if p.requires_grad]
-        groups = [{"params": unet_params, "lr": cfg.learning_rate}]
-        te_params = [p for p in self.text_encoder.parameters() if p.requires_grad] if self.text_encoder_trains else []
-        if te_params:
-            groups.append({"params": te_params, "lr": cfg.text_encoder_lr or cfg.learning_rate})
-        self.trainable = unet_params + te_params
+        groups, self.trainable = trainable_groups(cfg, self.unet, self.text_encoder, self.text_encoder_trains)
         self.optimizer = make_optimizer(groups, lr=cfg.learning_rate, weight_decay=1e-2, device=self.device,
                                         eight_bit=cfg.use_8bit_adam)
         self.lr_scheduler = make_lr_schedule(cfg.lr_scheduler, self.optimizer, cfg.lr_warmup_steps,
                                              cfg.max_train_steps)
-        from diffusers import UNet2DConditionModel
-
-        self.ema = make_ema(self.unet, UNet2DConditionModel) if cfg.use_ema else None
+        self.ema = make_ema(self.unet, type(self.unet)) if cfg.use_ema else None  # a UNet2DConditionModel
         if self.text_encoder_trains:
             self.unet, self.text_encoder, self.optimizer, self.lr_scheduler = acc.prepare(
                 self.unet, self.text_encoder, self.optimizer, self.lr_scheduler)
@@ -200,7 +169,6 @@ class _Trainer:
         meter = LossMeter(report, cfg.max_train_steps, cfg.train_batch_size * accum * acc.num_processes,
                           LOSS_SMOOTHING, acc)
         meter.last_checkpoint = self.checkpoint
-        log_every = 1 if self.device.type == "cpu" else 10  # host syncs: free on CPU, not on a GPU
         report("status", step=step, message=f"training ({self.prediction_type} target)")
         while step < cfg.max_train_steps:
             # 1. forward/backward over the accumulated micro-batches
@@ -223,9 +191,7 @@ class _Trainer:
             # 3. report (one host sync) and refuse to go on with a broken loss; validation, stop, checkpoints
             validate_due = cfg.validation_every and step % cfg.validation_every == 0 and step < cfg.max_train_steps
             save_due = cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_train_steps
-            if step % log_every == 0 or step == cfg.max_train_steps or validate_due or save_due \
-                    or self.stop.is_set():
-                meter.flush()
+            meter.flush_if_due(step, validate_due or save_due or self.stop.is_set())
             if validate_due:
                 self.validate(step)
                 meter.restart_clock()
@@ -248,12 +214,11 @@ class _Trainer:
         rows = self.order.rows(micro)
         if micro == 0:
             self.first_batch = rows.tolist()
-        batches = self.batches
-        loss = self.loss_on(batches.image_latents(rows), *batches.text_embeddings(rows)).mean()
+        loss = self.loss_on(self.batches.image_latents(rows), *self.batches.text_embeddings(rows)).mean()
         if self.class_order is not None:
             class_rows = self.class_order.rows(micro)
-            prior = self.loss_on(batches.image_latents(class_rows, True),
-                                 *batches.text_embeddings(class_rows, True)).mean()
+            prior = self.loss_on(self.batches.image_latents(class_rows, True),
+                                 *self.batches.text_embeddings(class_rows, True)).mean()
             loss = loss + self.cfg.prior_loss_weight * prior
         return loss
 
@@ -263,10 +228,7 @@ class _Trainer:
         cfg = self.cfg
         latents = latents.float()
         b = latents.shape[0]
-        noise = torch.randn(latents.shape, generator=self.noise_gen, device=self.device)
-        if cfg.noise_offset:
-            noise = noise + cfg.noise_offset * torch.randn((b, latents.shape[1], 1, 1), generator=self.noise_gen,
-                                                           device=self.device)
+        noise = draw_noise(latents.shape, self.noise_gen, self.device, cfg.noise_offset)
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,),
                                   generator=self.data_gen).to(self.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
@@ -286,28 +248,13 @@ class _Trainer:
             return None
         self.report("status", step=step, message=f"validation images at step {step}")
         unet, text_encoder = acc.unwrap_model(self.unet), acc.unwrap_model(self.text_encoder)
-        encoders = (text_encoder, *self.text_encoders[1:])
-        self.vae.to(self.device)
-        for module in encoders:
-            module.to(self.device)
-        unet.eval()
-        text_encoder.eval()
         try:
-            with ema_weights(self.ema, unet):
+            with self.batches.for_validation(unet, text_encoder), ema_weights(self.ema, unet):
                 pipe = assemble_pipeline(self.pipe, self.vae, unet, text_encoder, self.is_sdxl)
                 images = validation_images(pipe, self.validation_prompts, cfg, self.device, acc.autocast, self.stop)
         except Stopped:  # the loop saves a checkpoint next (or, before step 1, ends "stopped"); no grid
             self.report("status", step=step, message=f"Stop pressed: no validation images at step {step}")
             return None
-        finally:
-            unet.train()
-            if self.text_encoder_trains:
-                text_encoder.train()
-            if self.batches.cache_images:  # the VAE is only needed here: back off the device
-                self.vae.to("cpu")
-            if self.batches.cache_text:
-                for module in encoders:
-                    module.to("cpu")
         return self.report.samples(step, image_row(images, cfg.resolution), message=" | ".join(
             self.validation_prompts) + (" (base model)" if step == 0 else ""))
 
@@ -322,7 +269,7 @@ class _Trainer:
         """Atomic tensor checkpoint (``studio.trainers.resume``); every process gives its RNG states."""
         acc = self.accelerator
         acc.wait_for_everyone()
-        rngs = gather_from_processes(generator_states({"data": self.data_gen, "noise": self.noise_gen}), acc)
+        rngs = gather_from_processes(generator_states(self.generators), acc)
         if not acc.is_main_process:
             return None
         path = save_tensor_checkpoint(self.run, step, trainable=self.trainable_state(), optimizer=self.optimizer,
@@ -334,11 +281,10 @@ class _Trainer:
     def load_checkpoint(self, folder: Path) -> None:
         """Restore everything ``save`` wrote, so the next step is the one that would have come."""
         acc = self.accelerator
-        state = load_tensor_checkpoint(
-            folder, modules={"unet": acc.unwrap_model(self.unet), "text_encoder": acc.unwrap_model(self.text_encoder)},
-            optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, ema=self.ema,
-            generators={"data": self.data_gen, "noise": self.noise_gen}, rank=acc.process_index,
-            world=acc.num_processes)
+        modules = {"unet": acc.unwrap_model(self.unet), "text_encoder": acc.unwrap_model(self.text_encoder)}
+        state = load_tensor_checkpoint(folder, modules=modules, optimizer=self.optimizer,
+                                       lr_scheduler=self.lr_scheduler, ema=self.ema, generators=self.generators,
+                                       rank=acc.process_index, world=acc.num_processes)
         self.start_step = int(state["step"])
 
     # ---------------------------------------------------------------- export
@@ -350,8 +296,5 @@ class _Trainer:
             return self.run.root
         self.report("status", step=step, message="exporting")
         unet, text_encoder = acc.unwrap_model(self.unet), acc.unwrap_model(self.text_encoder)
-        if self.ema is not None and not self.cfg.is_lora:  # a full fine-tune exports its EMA weights
-            self.ema.copy_to(unet.parameters())
-        return export_finetune(self.run, self.cfg, assemble_pipeline(self.pipe, self.vae, unet, text_encoder,
-                                                                     self.is_sdxl),
-                               self.text_encoder_trains, step, self.report)
+        pipe = assemble_pipeline(self.pipe, self.vae, unet, text_encoder, self.is_sdxl)
+        return export_finetune(self.run, self.cfg, pipe, self.text_encoder_trains, step, self.report, self.ema)

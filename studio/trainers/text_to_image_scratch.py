@@ -28,14 +28,16 @@ import torch.nn.functional as F
 from studio import small_sd
 from studio.config.text_to_image import MODE, TextToImageConfig
 from studio.devices import MODEL_INIT_LOCK, resolve_device
-from studio.errors import CheckpointError, DataError, Stopped
+from studio.errors import Stopped
 from studio.events import EventSink, ignore_events
 from studio.prompt_steering import PromptQuality
-from studio.runs import RunDir, resumable_runs
+from studio.runs import RunDir
 from studio.stopping import raise_if_stopped
 from studio.trainers import optimization, resume, setup
-from studio.trainers.batches import BatchSampler
-from studio.trainers.reporting import LossMeter, Reporter, make_grid, write_progress_gif
+from studio.trainers.batches import BatchSampler, load_captioned_images, to_float
+from studio.trainers.latent_batches import encode_dataset
+from studio.trainers.reporting import LossMeter, Reporter, rows_grid, write_progress_gif
+from studio.trainers.sampling import prompt_images
 
 TASK = "train"
 LOSS_SMOOTHING = 0.98
@@ -56,34 +58,6 @@ class Parts:
 
 
 # ----------------------------------------------------------------------------- set-up
-def newest_text_to_image_run(cfg: TextToImageConfig) -> RunDir | None:
-    """For ``resume: latest`` without a run name: the newest run of this mode (never a DDPM run)."""
-    if cfg.resume != "latest" or cfg.run_name:
-        return None
-    for info in resumable_runs(cfg.workspace, TASK):
-        if RunDir(info.path).read_config().get("mode") == MODE:
-            return RunDir(info.path)
-    raise CheckpointError(f"No text-to-image run with a checkpoint in {cfg.workspace} to resume.",
-                          "Start a new run first.")
-
-
-def load_dataset(cfg: TextToImageConfig, report: Reporter) -> tuple[torch.Tensor, list[str]]:
-    """The images (uint8 ``[N, 3, R, R]``, decoded once) and one caption per image ("" when none)."""
-    from studio.data import load_tensor_cache
-
-    report("status", message=f"loading {cfg.data.label} at {cfg.resolution} px")
-    cache = load_tensor_cache(cfg.data, cfg.resolution, Path(cfg.workspace).expanduser() / ".cache",
-                              center_crop=cfg.center_crop)
-    if len(cache.pixels) == 0:
-        raise DataError("The dataset has no images.", "Pick another dataset in the Dataset tab.")
-    captions = [str(c or "") for c in (cache.captions or [""] * len(cache.pixels))]
-    if not any(captions):
-        raise DataError("This dataset has no captions, and text-to-image training learns from them.",
-                        "Pick a captioned dataset (the emoji set, or a folder with .txt or metadata.jsonl "
-                        "captions), or train in unconditional mode.")
-    return cache.pixels, captions
-
-
 def build_parts(cfg: TextToImageConfig, run: RunDir, captions: list[str], device: torch.device) -> Parts:
     """The tokenizer (learnt from the captions, or the run's own on resume), the models, optimizer, schedule, EMA."""
     from diffusers.training_utils import EMAModel
@@ -106,47 +80,14 @@ def build_parts(cfg: TextToImageConfig, run: RunDir, captions: list[str], device
     groups = [{"params": list(vae.parameters()), "lr": cfg.vae_learning_rate, "weight_decay": 0.0},
               {"params": list(denoiser.parameters()), "lr": cfg.learning_rate, "weight_decay": cfg.adam_weight_decay}]
     optimizer = optimization.make_optimizer(groups, lr=cfg.learning_rate, device=device)
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, stage_schedules(cfg))
+    # the autoencoder's group at its constant rate in its stage, then the diffusion stage's schedule
+    factors = optimization.two_stage_lr_factors(cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.max_train_steps,
+                                                cfg.vae_steps)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
     # optimization.make_ema's EMAModel (its own step, foreach=False) over the two models at once
     ema = EMAModel(denoiser.parameters(), decay=cfg.ema_max_decay, use_ema_warmup=True, power=cfg.ema_power,
                    foreach=False) if cfg.use_ema else None
     return Parts(tokenizer, vae, text_encoder, unet, optimizer, lr_scheduler, ema, denoiser)
-
-
-def stage_schedules(cfg: TextToImageConfig) -> list[Any]:
-    """The two groups' learning-rate factors by step: the autoencoder's constant in its stage (0 after),
-    the diffusion stage's ``lr_scheduler`` with its warm-up counted from that stage's first step.
-    (``functools.partial``s: LambdaLR's state then holds no code, so ``weights_only`` loads it.)"""
-    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    diffusion = optimization.make_lr_schedule(cfg.lr_scheduler, probe, cfg.lr_warmup_steps,
-                                              cfg.max_train_steps).lr_lambdas[0]
-    return [functools.partial(_until, cfg.vae_steps), functools.partial(_from, diffusion, cfg.vae_steps)]
-
-
-def _until(end: int, step: int) -> float:
-    return 1.0 if step < end else 0.0
-
-
-def _from(schedule: Any, start: int, step: int) -> float:
-    return float(schedule(step - start)) if step >= start else 0.0
-
-
-@torch.no_grad()
-def encode_dataset(vae: Any, pixels: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each image's latent mean and standard deviation (the autoencoder is frozen from here on)."""
-    vae.eval().requires_grad_(False)
-    means, stds = [], []
-    for i in range(0, len(pixels), 64):
-        dist = vae.encode(to_float(pixels[i:i + 64], device)).latent_dist
-        means.append(dist.mean)
-        stds.append(dist.std)
-    mean = torch.cat(means)
-    vae.register_to_config(scaling_factor=round(1.0 / float(mean.std()), 4))
-    return mean, torch.cat(stds)
-
-
-def to_float(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return pixels.to(device).float().div_(127.5).sub_(1.0)
 
 
 # ----------------------------------------------------------------------------- one step of each stage
@@ -188,11 +129,10 @@ def save(p: Parts, run: RunDir, run_cfg: TextToImageConfig, step: int, sampler: 
     trainable = {f"{name}.{k}": v for name in ("vae", "text_encoder", "unet")
                  for k, v in getattr(p, name).named_parameters()}
     rngs = [resume.generator_states({"noise": gen, "data": sampler.generator})]
-    data = {"perm": sampler.perm.tolist(), "pos": sampler.pos, "epoch": sampler.epoch}
     path = resume.save_tensor_checkpoint(run, step, trainable=trainable, optimizer=p.optimizer,
                                          lr_scheduler=p.lr_scheduler, ema=p.ema, rngs=rngs, config=run_cfg.to_dict(),
                                          keep=run_cfg.checkpoints_total_limit,
-                                         extra={"sampler": data, "loss": meter.state(),
+                                         extra={"sampler": sampler.position(), "loss": meter.state(),
                                                 "scaling_factor": float(p.vae.config.scaling_factor)})
     meter.last_checkpoint = path
     report("checkpoint", step, path=str(path), message=f"checkpoint at step {step}")
@@ -204,11 +144,7 @@ def load(p: Parts, folder: Path, sampler: BatchSampler, gen: torch.Generator, me
     state = resume.load_tensor_checkpoint(folder, modules=modules, optimizer=p.optimizer,
                                           lr_scheduler=p.lr_scheduler, ema=p.ema,
                                           generators={"noise": gen, "data": sampler.generator}, rank=0, world=1)
-    if len(state["sampler"]["perm"]) != sampler.n:
-        raise CheckpointError(f"Checkpoint {folder.name} was trained on {len(state['sampler']['perm'])} images; "
-                              f"the dataset now has {sampler.n}.", "Resume with the run's own dataset.")
-    sampler.perm = torch.tensor(state["sampler"]["perm"], dtype=torch.long)
-    sampler.pos, sampler.epoch = int(state["sampler"]["pos"]), int(state["sampler"]["epoch"])
+    sampler.load_position(state["sampler"], folder.name)
     meter.load_state(state["loss"])
     p.vae.register_to_config(scaling_factor=state["scaling_factor"])
     return int(state["step"])
@@ -219,29 +155,14 @@ def pipeline_of(p: Parts, cfg: TextToImageConfig) -> Any:
     return small_sd.build_pipeline(p.vae, p.text_encoder, p.tokenizer, p.unet, cfg.prediction_type)
 
 
-@torch.no_grad()
-def validation_images(p: Parts, cfg: TextToImageConfig, stop: threading.Event) -> np.ndarray:
+def validation_images(p: Parts, cfg: TextToImageConfig, stop: threading.Event | None) -> np.ndarray:
     """uint8 ``[P * k, R, R, 3]``: ``images_per_prompt`` fixed-seed images per validation prompt (EMA weights)."""
-    def on_step_end(pipe: Any, i: int, t: Any, tensors: dict) -> dict:
-        raise_if_stopped(stop, "drawing the validation images")
-        return tensors
-
     with optimization.ema_weights(p.ema, p.denoiser):
         p.denoiser.eval()
-        pipe = pipeline_of(p, cfg)
-        pipe.set_progress_bar_config(disable=True)
-        images = pipe(list(cfg.validation_prompts), num_images_per_prompt=cfg.images_per_prompt,
-                      height=cfg.resolution, width=cfg.resolution, num_inference_steps=cfg.sample_inference_steps,
-                      guidance_scale=cfg.guidance_scale, generator=torch.Generator().manual_seed(cfg.seed),
-                      output_type="np", callback_on_step_end=on_step_end).images
+        images = prompt_images(pipeline_of(p, cfg), cfg.validation_prompts, cfg.images_per_prompt, cfg.resolution,
+                               cfg.sample_inference_steps, cfg.guidance_scale, cfg.seed, stop)
         p.denoiser.train()
-    return (images * 255).round().astype(np.uint8)
-
-
-def rows_grid(images: np.ndarray, columns: int) -> Any:
-    """``images`` in rows of ``columns`` (one row per prompt), enlarged for viewing (``make_grid``)."""
-    rows = [np.concatenate(list(images[i:i + columns]), axis=1) for i in range(0, len(images), columns)]
-    return make_grid(np.concatenate(rows, axis=0)[None])
+    return images
 
 
 def draw(p: Parts, cfg: TextToImageConfig, step: int, pixels: torch.Tensor, device: torch.device,
@@ -272,7 +193,7 @@ def train(cfg: TextToImageConfig, events: EventSink = ignore_events, stop: threa
     stop = stop or threading.Event()
     device_name = resolve_device(cfg.device)
     accelerator = setup.fresh_accelerator(cfg.mixed_precision, device_name)
-    folder = setup.open_run(cfg, TASK, accelerator, run or newest_text_to_image_run(cfg))
+    folder = setup.open_run(cfg, TASK, accelerator, run or setup.newest_run_of_mode(cfg, TASK, MODE))
     report = Reporter(events, folder.run, cfg.total_steps)
     return setup.run_reported(folder, report, functools.partial(_train, cfg, report, stop, folder,
                                                                 torch.device(device_name), accelerator))
@@ -281,12 +202,11 @@ def train(cfg: TextToImageConfig, events: EventSink = ignore_events, stop: threa
 def _train(cfg: TextToImageConfig, report: Reporter, stop: threading.Event, folder: setup.RunFolder,
            device: torch.device, accelerator: Any) -> RunDir:
     run = folder.run
-    for text in folder.warnings:
-        report("warning", message=text)
+    report.warnings(folder.warnings)
     run_cfg = setup.write_run_config(run, TASK, cfg, accelerator)
     report.open_tensorboard()
     setup.seed_everything(cfg.seed)
-    pixels, captions = load_dataset(cfg, report)
+    pixels, captions = load_captioned_images(cfg, report)
     raise_if_stopped(stop, "loading the dataset")
     report("status", message="learning the tokenizer from the captions, building the models")
     p = build_parts(cfg, run, captions, device)
