@@ -120,6 +120,37 @@ def test_stop_and_resume_in_both_stages_is_bit_exact_and_the_cli_mode_trains(tmp
     assert out.shape == (1, 16, 16, 3) and np.isfinite(out).all()
 
 
+def test_the_run_writes_logs_processes_json_like_the_other_trainers(tmp_path):
+    """logs/processes.json: this process's rank, device, a checksum of its final weights (as in the checkpoint)
+    and its first batch, written when the run stops and again when a resumed run finishes."""
+    from safetensors.torch import load_file
+
+    from studio.trainers.batches import BatchSampler
+    from studio.trainers.reporting import weights_sha256
+    from studio.trainers.text_to_image_scratch import train
+
+    def entries_and_checkpoint_sha(run: Path, step: int) -> tuple[list[dict], str]:
+        trained = load_file(str(run / "checkpoints" / f"step-{step:08d}" / "trainable.safetensors"))
+        entries = json.loads((run / "logs" / "processes.json").read_text(encoding="utf-8"))
+        return entries, weights_sha256(v for _, v in sorted(trained.items()))
+
+    run = tmp_path / "t2i"
+    first = Recorder(stop_at=1)
+    train(tiny_config(tmp_path, vae_steps=1, max_train_steps=1, images_per_prompt=1), first, first.stop)
+    assert first.events[-1].kind == "stopped"
+    entries, sha = entries_and_checkpoint_sha(run, 1)
+    expected_batch = BatchSampler(48, 4, 0, 1, seed=0).next()[0].tolist()
+    assert entries == [{"rank": 0, "world_size": 1, "weights_sha256": sha, "device": "cpu",
+                        "first_batch": expected_batch}]
+    second = Recorder()
+    train(tiny_config(tmp_path, vae_steps=1, max_train_steps=1, images_per_prompt=1, resume="latest"), second,
+          second.stop)
+    assert second.events[-1].kind == "finished"
+    entries, sha = entries_and_checkpoint_sha(run, 2)
+    assert entries[0]["weights_sha256"] == sha and len(entries[0]["first_batch"]) == 4
+    assert entries[0]["first_batch"] != expected_batch  # the batch of step 2, the first this process drew
+
+
 def test_config_refuses_what_cannot_train(tmp_path):
     with pytest.raises(ConfigError, match="divisible"):
         tiny_config(tmp_path, resolution=18)

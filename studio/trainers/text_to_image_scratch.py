@@ -36,7 +36,8 @@ from studio.stopping import raise_if_stopped
 from studio.trainers import optimization, resume, setup
 from studio.trainers.batches import BatchSampler, load_captioned_images, to_float
 from studio.trainers.latent_batches import encode_dataset
-from studio.trainers.reporting import LossMeter, Reporter, rows_grid, write_progress_gif
+from studio.trainers.reporting import (LossMeter, Reporter, rows_grid, weights_sha256, write_progress_gif,
+                                       write_ranks_report)
 from studio.trainers.sampling import prompt_images
 
 TASK = "train"
@@ -121,15 +122,19 @@ def diffusion_loss(p: Parts, latents: tuple[torch.Tensor, torch.Tensor], token_i
 
 
 # ----------------------------------------------------------------------------- checkpoints
+def trainable_weights(p: Parts) -> dict[str, torch.Tensor]:
+    """Every trained weight by name ('vae.' / 'text_encoder.' / 'unet.' prefixes)."""
+    return {f"{name}.{k}": v for name in ("vae", "text_encoder", "unet")
+            for k, v in getattr(p, name).named_parameters()}
+
+
 def save(p: Parts, run: RunDir, run_cfg: TextToImageConfig, step: int, sampler: BatchSampler,
          gen: torch.Generator, meter: LossMeter, report: Reporter) -> Path:
     """A tensor checkpoint (toolkit layout) plus the data position, the loss curve and the latent scale."""
     for model in (p.vae, p.text_encoder, p.unet):
         resume.check_weights_finite(model, step)
-    trainable = {f"{name}.{k}": v for name in ("vae", "text_encoder", "unet")
-                 for k, v in getattr(p, name).named_parameters()}
     rngs = [resume.generator_states({"noise": gen, "data": sampler.generator})]
-    path = resume.save_tensor_checkpoint(run, step, trainable=trainable, optimizer=p.optimizer,
+    path = resume.save_tensor_checkpoint(run, step, trainable=trainable_weights(p), optimizer=p.optimizer,
                                          lr_scheduler=p.lr_scheduler, ema=p.ema, rngs=rngs, config=run_cfg.to_dict(),
                                          keep=run_cfg.checkpoints_total_limit,
                                          extra={"sampler": sampler.position(), "loss": meter.state(),
@@ -222,7 +227,7 @@ def _train(cfg: TextToImageConfig, report: Reporter, stop: threading.Event, fold
         step = load(p, folder.resume_from, sampler, gen, meter)
         meter.last_checkpoint = folder.resume_from
         report("status", step, message=f"resumed at step {step} of {total}")
-    last_saved = step
+    last_saved, first_batch = step, []
     report("status", step, message="training the autoencoder" if step < cfg.vae_steps else "training")
     meter.restart_clock()
     while step < total and not setup.stop_requested(stop, accelerator):
@@ -236,6 +241,7 @@ def _train(cfg: TextToImageConfig, report: Reporter, stop: threading.Event, fold
                 if step == cfg.vae_steps:
                     meter.load_state(None)  # a new curve for the new loss
             loss = diffusion_loss(p, latents, token_ids, empty_ids, noise_scheduler, sampler, gen, cfg, device)
+        first_batch = first_batch or sampler.last_indices.tolist()
         p.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.max_grad_norm > 0:
@@ -261,6 +267,9 @@ def _train(cfg: TextToImageConfig, report: Reporter, stop: threading.Event, fold
         checkpoint = save(p, run, run_cfg, step, sampler, gen, meter, report)
     else:
         checkpoint = meter.last_checkpoint
+    # logs/processes.json, as the other trainers write it: this process's final weights and first batch
+    write_ranks_report(run, accelerator, weights_sha256(v for _, v in sorted(trainable_weights(p).items())),
+                       first_batch)
     if step < total:
         report("stopped", step, path=str(checkpoint), message=f"stopped at step {step}; resume from {checkpoint}")
         return run
