@@ -5,8 +5,11 @@
 ``model/``), or a ``DDPMPipeline`` folder. ``resolve_init_from`` turns that into the
 pipeline folder, confined to the workspace or the bundled models; ``read_ddpm_configs``
 reads its UNet and scheduler JSON (no torch, so ``TrainConfig`` can take the
-architecture from it); ``load_unet_weights`` copies its weights, from safetensors only,
-into the freshly built UNet of the run, refusing anything that does not fit exactly.
+architecture from it); ``noise_schedule`` is the noise schedule its weights were trained
+with, which the run keeps (``TrainConfig`` takes it: the model's timesteps, betas and
+prediction type replace the run's, and the trainer says so); ``load_unet_weights`` copies
+its weights, from safetensors only, into the freshly built UNet of the run, refusing
+anything that does not fit exactly.
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ from studio.errors import ConfigError
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 #: Config keys that only record where and how a model was saved.
 _BOOKKEEPING = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
+#: The noise-schedule settings a run keeps from its pretrained model, with the value diffusers' DDPMScheduler
+#: and DDIMScheduler read when a scheduler_config.json leaves one out (``tests/test_pretrained.py`` checks them).
+SCHEDULE_DEFAULTS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+                     "prediction_type": "epsilon"}
 
 
 def resolve_init_from(reference: str, workspace: str | Path) -> Path:
@@ -108,6 +115,54 @@ def read_ddpm_configs(reference: str, workspace: str | Path) -> tuple[dict[str, 
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
     scheduler = _read_json(scheduler_file) if scheduler_file.is_file() else {}
     return unet, scheduler
+
+
+def noise_schedule(scheduler: dict[str, Any], reference: str) -> dict[str, Any]:
+    """The noise schedule the pretrained DDPM ``reference`` was trained with, from its scheduler config
+    (``read_ddpm_configs``): ``SCHEDULE_DEFAULTS``' keys, diffusers' defaults for those it leaves out.
+
+    Its weights denoise at that schedule's noise levels and predict that target, so a run starting from
+    it keeps the schedule rather than its own settings (another one would train them on the wrong task).
+
+    Raises:
+        ConfigError: no scheduler config (the schedule is unknown), or a schedule the studio's trainer
+            cannot reproduce (its own betas, zero-terminal-SNR rescaling, a beta schedule or target it
+            does not offer).
+    """
+    from studio.config.train import BETA_SCHEDULES, PREDICTION_TYPES
+
+    if not scheduler:
+        raise ConfigError(f"{reference} has no scheduler/scheduler_config.json, so the noise schedule its weights "
+                          "were trained with is unknown.",
+                          "Save the model with its scheduler (DDPMPipeline.save_pretrained writes it), or train "
+                          "from scratch.")
+    schedule = {name: scheduler.get(name, default) for name, default in SCHEDULE_DEFAULTS.items()}
+    cannot = []
+    if scheduler.get("trained_betas") is not None:
+        cannot.append("its own list of betas (trained_betas)")
+    if scheduler.get("rescale_betas_zero_snr"):
+        cannot.append("zero-terminal-SNR rescaling (rescale_betas_zero_snr)")
+    if schedule["beta_schedule"] not in BETA_SCHEDULES:
+        cannot.append(f"beta_schedule {schedule['beta_schedule']!r}")
+    if schedule["prediction_type"] not in PREDICTION_TYPES:
+        cannot.append(f"prediction_type {schedule['prediction_type']!r}")
+    numbers = [schedule[k] for k in ("num_train_timesteps", "beta_start", "beta_end")]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers) or \
+            not (int(numbers[0]) == numbers[0] >= 2 and 0 < numbers[1] < numbers[2] < 1):
+        cannot.append(f"num_train_timesteps {numbers[0]!r}, beta_start {numbers[1]!r}, beta_end {numbers[2]!r}")
+    if cannot:
+        raise ConfigError(f"{reference} was trained with a noise schedule the Train tab cannot reproduce "
+                          f"({'; '.join(cannot)}), so its weights cannot be trained further here.",
+                          "Start from another model, or train from scratch.")
+    schedule["num_train_timesteps"] = int(schedule["num_train_timesteps"])
+    return schedule
+
+
+def schedule_text(schedule: dict[str, Any]) -> str:
+    """A noise schedule in words: "1000 timesteps, linear betas 0.0001 to 0.02, v_prediction target"."""
+    betas = schedule["beta_schedule"] if schedule["beta_schedule"] == "squaredcos_cap_v2" else \
+        f"{schedule['beta_schedule']} betas {schedule['beta_start']:g} to {schedule['beta_end']:g}"
+    return f"{schedule['num_train_timesteps']} timesteps, {betas}, {schedule['prediction_type']} target"
 
 
 def load_unet_weights(unet: Any, reference: str, workspace: str | Path) -> Path:

@@ -43,7 +43,7 @@ from tabs.engine_gate import LOADING_LABEL, engine_button
 from tabs.jobtab import (cli_resume_command, failure, format_duration, latest_resumable, lay_out_fields,
                          loss_frame, parse_values, resumable_run, resume_config, run_choices, run_key, run_snapshot,
                          settings_json, settings_widget, shown_run, start_run, stop_job)
-from studio.pretrained import init_from_choices
+from studio.pretrained import init_from_choices, schedule_text
 from studio.unet_presets import (CUSTOM, PRESET_TRAINING_FIELDS, PRESETS, attention_levels_of, block_types,
                                  human_count, parameter_count, preset_matching)
 
@@ -257,7 +257,7 @@ def model_summary(values: dict[str, Any]) -> str:
             + train_plan(cfg).markdown())
     if cfg.init_from:
         text += (f"\n\nStarting from **{cfg.init_from}**: its architecture and noise schedule "
-                 f"({cfg.prediction_type}, {cfg.beta_schedule}) replace the preset's.")
+                 f"({schedule_text(cfg.noise_schedule())}) replace this run's settings.")
     return text + "".join(f"\n\n⚠️ {w}" for w in cfg.run_length_warnings())
 
 

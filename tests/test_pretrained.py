@@ -128,3 +128,93 @@ def test_init_from_a_finished_run_by_name_and_the_train_tab_offers_it(workspace)
     assert cfg.block_out_channels == (8, 16)
     values = [value for _, value in init_from_choices(workspace)]
     assert values[:2] == ["", "bundled:emoji-ddpm"] and "first" in values
+
+
+# ----------------------------------------------------------------------------- the pretrained model's noise schedule
+def rewrite_scheduler(folder: Path, **changes) -> None:
+    """Edit the pretrained model's scheduler_config.json (a value None removes the key, as older diffusers wrote)."""
+    import json
+
+    path = folder / "scheduler" / "scheduler_config.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    for key, value in changes.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    path.write_text(json.dumps(data), encoding="utf-8")
+
+
+def test_a_run_keeps_the_pretrained_models_whole_noise_schedule_and_says_so(workspace):
+    """Timesteps, beta schedule, beta_start/end and the target all come from the model (its weights mean
+    something only there); today's trainer left beta_start/end at diffusers' defaults."""
+    import json
+
+    from studio.trainers.ddpm import train
+
+    pre = make_pretrained(Path(workspace) / "pre", prediction_type="epsilon")
+    rewrite_scheduler(pre, num_train_timesteps=500, beta_schedule="scaled_linear", beta_start=0.00085,
+                      beta_end=0.012)
+    schedule = {"num_train_timesteps": 500, "beta_start": 0.00085, "beta_end": 0.012,
+                "beta_schedule": "scaled_linear", "prediction_type": "epsilon"}
+    cfg = config(workspace, init_from="pre", run_name="kept", prediction_type="v_prediction",
+                 beta_schedule="linear", num_train_timesteps=1000)
+    events = []
+    run = train(cfg, events.append)
+    assert events[-1].kind == "finished"
+    exported = json.loads((run.model_dir / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+    assert {k: exported[k] for k in schedule} == schedule  # trained (and sampled) on the model's schedule
+    said = [e.message for e in events if e.kind == "status" and e.message.startswith("starting from")]
+    assert said == ["starting from the weights of pre and its noise schedule (500 timesteps, scaled_linear betas "
+                    "0.00085 to 0.012, epsilon target)"]
+    assert cfg.noise_schedule() == schedule
+    assert run.read_config()["beta_end"] == 0.012  # config.json records it: a resume trains on the same schedule
+
+
+def test_an_older_scheduler_config_means_diffusers_defaults_not_the_presets(workspace):
+    """A scheduler_config.json without prediction_type/betas (older diffusers) is read as diffusers reads it
+    (epsilon, 0.0001 to 0.02), not left at the preset's v_prediction."""
+    pre = make_pretrained(Path(workspace) / "pre", prediction_type="v_prediction")
+    rewrite_scheduler(pre, prediction_type=None, beta_start=None, beta_end=None, num_train_timesteps=None)
+    assert TrainConfig(workspace=str(workspace)).prediction_type == "v_prediction"  # the default preset's
+    assert config(workspace, init_from="pre").prediction_type == "epsilon"
+    cfg = config(workspace, init_from="pre", beta_start=0.001, beta_end=0.03, num_train_timesteps=200)
+    assert cfg.noise_schedule() == {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02,
+                                    "beta_schedule": "linear", "prediction_type": "epsilon"}
+
+
+def test_a_noise_schedule_the_trainer_cannot_reproduce_is_refused_in_one_line(workspace):
+    pre = make_pretrained(Path(workspace) / "pre")
+    for changes, named in [({"trained_betas": [0.001] * 1000}, "its own list of betas"),
+                           ({"rescale_betas_zero_snr": True}, "zero-terminal-SNR rescaling"),
+                           ({"beta_schedule": "sigmoid"}, "beta_schedule 'sigmoid'"),
+                           ({"prediction_type": "flow"}, "prediction_type 'flow'"),
+                           ({"beta_start": 0.5, "beta_end": 0.1}, "beta_start 0.5, beta_end 0.1")]:
+        make_pretrained(pre)
+        rewrite_scheduler(pre, **changes)
+        with pytest.raises(ConfigError, match="pre was trained with a noise schedule the Train tab cannot "
+                                              "reproduce") as refused:
+            config(workspace, init_from="pre")
+        assert named in refused.value.user_message and "\n" not in refused.value.user_message
+    import shutil
+
+    make_pretrained(pre)
+    shutil.rmtree(pre / "scheduler")
+    with pytest.raises(ConfigError, match="no scheduler/scheduler_config.json, so the noise schedule"):
+        config(workspace, init_from="pre")
+    # a resumed run keeps its own config.json: the model is not read again
+    assert config(workspace, init_from="pre", resume="latest").init_from == "pre"
+
+
+def test_the_schedule_defaults_are_diffusers_own():
+    import inspect
+
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    from studio.pretrained import SCHEDULE_DEFAULTS
+
+    for cls in (DDPMScheduler, DDIMScheduler):
+        params = inspect.signature(cls.__init__).parameters
+        assert {name: params[name].default for name in SCHEDULE_DEFAULTS} == SCHEDULE_DEFAULTS
+    assert TrainConfig().beta_start == SCHEDULE_DEFAULTS["beta_start"]
+    assert TrainConfig().beta_end == SCHEDULE_DEFAULTS["beta_end"]

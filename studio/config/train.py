@@ -57,8 +57,8 @@ class TrainConfig(ConfigBase):
                              "of the run named above (or the newest run), or a checkpoint folder.")
     init_from: str = option("", "Start from a pretrained DDPM instead of random weights: a bundled model "
                                 "(bundled:emoji-ddpm), a run of this workspace, or a DDPMPipeline folder inside "
-                                "the workspace. Its architecture and noise schedule replace the preset's; "
-                                "empty = train from scratch.")
+                                "the workspace. Its architecture and noise schedule (timesteps, betas, prediction "
+                                "type) replace this run's; empty = train from scratch.")
     # -- images ------------------------------------------------------------------
     resolution: int = option(32, "Training image size in pixels (images are resized once, then cached).")
     center_crop: bool = option(True, "Crop to a centred square before resizing (else squash).")
@@ -88,6 +88,10 @@ class TrainConfig(ConfigBase):
     # -- diffusion ---------------------------------------------------------------
     num_train_timesteps: int = option(1000, "Diffusion steps of the DDPM noise schedule.")
     beta_schedule: str | None = option(None, "How the noise level grows over the timesteps (empty = the preset's).")
+    beta_start: float = option(0.0001, "Noise level (beta) of the first timestep (linear and scaled_linear schedules; "
+                                       "diffusers' default).")
+    beta_end: float = option(0.02, "Noise level (beta) of the last timestep (linear and scaled_linear schedules; "
+                                   "diffusers' default).")
     prediction_type: str | None = option(None, "What the UNet predicts: the noise, the velocity v, or the clean "
                                                "image (empty = the preset's).")
     snr_gamma: float | None = option(None, "Min-SNR loss weighting gamma (5 is the paper's value); 0 = off "
@@ -156,6 +160,9 @@ class TrainConfig(ConfigBase):
         _positive_int(self.num_train_timesteps, "num_train_timesteps")
         require(self.num_train_timesteps >= 2, "num_train_timesteps must be at least 2.")
         require_choice(self.beta_schedule, BETA_SCHEDULES, "beta_schedule")
+        require(_is_number(self.beta_start) and _is_number(self.beta_end) and 0 < self.beta_start < self.beta_end < 1,
+                f"beta_start and beta_end must satisfy 0 < beta_start < beta_end < 1 "
+                f"(got {self.beta_start!r} and {self.beta_end!r}).")
         require_choice(self.prediction_type, PREDICTION_TYPES, "prediction_type")
         _non_negative_number(self.snr_gamma, "Min-SNR gamma (snr_gamma)")
         _non_negative_number(self.noise_offset, "Noise offset")
@@ -228,9 +235,15 @@ class TrainConfig(ConfigBase):
         self.preset = preset_matching(self.block_out_channels, self.layers_per_block,
                                       self.down_block_types, self.up_block_types, self.attention_head_dim)
 
+    def noise_schedule(self) -> dict[str, int | float | str]:
+        """The DDPMScheduler settings of the run's noise schedule (``DDPMScheduler(**cfg.noise_schedule())``)."""
+        return {"num_train_timesteps": self.num_train_timesteps, "beta_start": self.beta_start,
+                "beta_end": self.beta_end, "beta_schedule": self.beta_schedule, "prediction_type": self.prediction_type}
+
     def _take_from_pretrained(self) -> None:
-        """Architecture and noise schedule from the ``init_from`` model's JSON configs (no torch)."""
-        from studio.pretrained import read_ddpm_configs
+        """Architecture and noise schedule from the ``init_from`` model's JSON configs (no torch): its weights
+        mean something only at its own noise levels and target, so they replace the run's settings."""
+        from studio.pretrained import noise_schedule, read_ddpm_configs
 
         unet, scheduler = read_ddpm_configs(self.init_from, self.workspace)
         size = unet.get("sample_size")
@@ -246,9 +259,8 @@ class TrainConfig(ConfigBase):
         self.down_block_types = tuple(unet["down_block_types"])
         self.up_block_types = tuple(unet["up_block_types"])
         self.attention_head_dim = int(unet.get("attention_head_dim") or ATTENTION_HEAD_DIM)
-        for name in ("num_train_timesteps", "beta_schedule", "prediction_type"):
-            if name in scheduler:
-                setattr(self, name, scheduler[name])
+        for name, value in noise_schedule(scheduler, self.init_from).items():
+            setattr(self, name, value)
 
     def run_length_warnings(self, num_images: int | None = None) -> list[str]:
         """Settings that make no sense for this run's length, one sentence each (empty when all is well).

@@ -158,14 +158,14 @@ def _train(cfg: TrainConfig, report: Reporter, stop: threading.Event, folder: Ru
     with MODEL_INIT_LOCK:  # a pipeline loading in another thread must not patch this construction
         unet = UNet2DModel(**unet_kwargs(cfg.resolution, cfg.block_out_channels, cfg.layers_per_block,
                                          cfg.down_block_types, cfg.up_block_types, cfg.attention_head_dim))
-    if cfg.init_from and resume_from is None:
-        from studio.pretrained import load_unet_weights
+    if cfg.init_from and resume_from is None:  # TrainConfig took the model's noise schedule: say which
+        from studio.pretrained import load_unet_weights, schedule_text
 
-        report("status", message=f"starting from the weights of {cfg.init_from}")
+        report("status", message=f"starting from the weights of {cfg.init_from} and its noise schedule "
+                                 f"({schedule_text(cfg.noise_schedule())})")
         load_unet_weights(unet, cfg.init_from, cfg.workspace)
     model = prepare_unet_for_training(unet, device)  # stock kernels; torch.compile only when asked (speed.py)
-    noise_scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
-                                    prediction_type=cfg.prediction_type)
+    noise_scheduler = DDPMScheduler(**cfg.noise_schedule())  # timesteps, betas, prediction type
     optimizer = make_optimizer(model.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon, device=device)
     lr_scheduler = make_lr_schedule(cfg.lr_scheduler, optimizer, cfg.lr_warmup_steps, total)
