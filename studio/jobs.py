@@ -58,6 +58,7 @@ class Snapshot:
         samples: (step, image path) for every sample grid so far, oldest first.
         quality: (step, quality figure) of every scored grid, oldest first (lower is better).
         noise_level / data_level: The quality figure's reference levels (pure noise, held-out data).
+        quality_message: The latest quality event's text (a text-to-image run's figure per prompt).
         checkpoints: (step, checkpoint path), oldest first.
         warnings: Warning texts, oldest first.
         error: Why the job failed ("" otherwise).
@@ -81,6 +82,7 @@ class Snapshot:
     quality: list[tuple[int, float]] = field(default_factory=list)
     noise_level: float | None = None
     data_level: float | None = None
+    quality_message: str = ""
     checkpoints: list[tuple[int, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     error: str = ""
@@ -130,6 +132,7 @@ def fold_event(s: Snapshot, event: Event) -> None:
         s.quality = [(step, q) for step, q in s.quality if step != event.step]
         s.quality.append((event.step, float(event.quality)))
         s.noise_level, s.data_level = event.noise_level, event.data_level
+        s.quality_message = event.message
     elif event.kind == "checkpoint" and event.path:
         s.checkpoints.append((event.step, event.path))
     elif event.kind == "warning":

@@ -270,12 +270,18 @@ def settings_widget(name: str, kind: str, extra: dict[str, Any], value: Any, con
     return gr.Textbox(**kwargs)  # text, csv, lines
 
 
-def lay_out_fields(sections: Any, fields: Any, make: Callable[[str, str, dict[str, Any]], Any]) -> dict[str, Any]:
+def lay_out_fields(sections: Any, fields: Any, make: Callable[[str, str, dict[str, Any]], Any],
+                   containers: dict[str, Any] | None = None, hidden: tuple[str, ...] = ()) -> dict[str, Any]:
     """The settings column: per section an accordion (or a plain group for the untitled one), in it
-    ``make(name, kind, extra)`` for each field; returns the widgets by field name."""
+    ``make(name, kind, extra)`` for each field; returns the widgets by field name. The accordions go
+    into ``containers`` by title when given (to show or hide a section); those titled in ``hidden``
+    start hidden."""
     widgets: dict[str, Any] = {}
     for title, open_, names in sections:
-        with gr.Accordion(title, open=open_) if title else gr.Group():
+        block = gr.Accordion(title, open=open_, visible=title not in hidden) if title else gr.Group()
+        if containers is not None and title:
+            containers[title] = block
+        with block:
             for name in names:
                 kind, extra = next((k, e) for n, k, e in fields if n == name)
                 widgets[name] = make(name, kind, extra)

@@ -40,7 +40,7 @@ from studio.jobs import Snapshot
 from studio.runs import RunDir, check_run_name
 from tabs import GPU
 from tabs.engine_gate import LOADING_LABEL, engine_button
-from tabs.jobtab import (cli_resume_command, failure, format_duration, latest_resumable, lay_out_fields,
+from tabs.jobtab import (cli_resume_command, failure, field_label, format_duration, latest_resumable, lay_out_fields,
                          loss_frame, parse_values, resumable_run, resume_config, run_choices, run_key, run_snapshot,
                          settings_json, settings_widget, shown_run, start_run, stop_job)
 from studio.pretrained import init_from_choices, schedule_text
@@ -50,10 +50,13 @@ from studio.unet_presets import (CUSTOM, PRESET_TRAINING_FIELDS, PRESETS, attent
 log = logging.getLogger(__name__)
 
 TASK = "train"
+#: How the Mode dropdown names each mode.
+MODE_LABELS = {"unconditional": "unconditional (DDPM on images)",
+               TEXT_TO_IMAGE: "text-to-image (small Stable Diffusion on captions)"}
 
 #: (field, widget kind, widget options). Kinds: text, int, float, bool, choice, csv (comma list), levels.
 FIELDS: tuple[tuple[str, str, dict[str, Any]], ...] = (
-    ("mode", "choice", {"label": "Mode", "choices": list(TRAIN_MODES)}),
+    ("mode", "choice", {"label": "Mode", "choices": [(MODE_LABELS[m], m) for m in TRAIN_MODES]}),
     ("run_name", "text", {"label": "Run name", "placeholder": "empty: train-<date>-<time>"}),
     ("preset", "choice", {"label": "UNet preset", "choices": [*PRESETS, CUSTOM]}),
     ("init_from", "pretrained", {"label": "Start from (pretrained DDPM)"}),
@@ -93,13 +96,16 @@ FIELDS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("layers_per_block", "int", {"label": "layers_per_block", "minimum": 1}),
     ("attention_levels", "csv", {"label": "Attention at levels (1 = highest resolution)", "placeholder": "2"}),
     ("attention_head_dim", "int", {"label": "attention_head_dim", "minimum": 1}),
-    ("validation_prompts", "text", {"label": "Validation prompts (one row each, separated by ';')"}),
-    ("caption_dropout", "float", {"label": "Caption dropout (for guidance)"}),
+    ("validation_prompts", "lines", {"label": "Validation prompts (one per line: one grid row each)", "lines": 4}),
     ("vae_steps", "int", {"label": "Autoencoder steps (trained first)", "minimum": 1}),
+    ("caption_dropout", "float", {"label": "Caption dropout (for guidance)"}),
     ("guidance_scale", "float", {"label": "Guidance scale of the validation images"}),
+    ("images_per_prompt", "int", {"label": "Validation images per prompt", "minimum": 1, "maximum": 16}),
+    ("vae_learning_rate", "float", {"label": "Autoencoder learning rate"}),
 )
 #: Widgets only the text-to-image mode reads (``TextToImageConfig``; its model sizes are the config's defaults).
-TEXT_TO_IMAGE_FIELDS = ("validation_prompts", "caption_dropout", "vae_steps", "guidance_scale")
+TEXT_TO_IMAGE_FIELDS = ("validation_prompts", "vae_steps", "caption_dropout", "guidance_scale", "images_per_prompt",
+                        "vae_learning_rate")
 #: Widgets the text-to-image mode shares with the unconditional one (same field names in both configs).
 SHARED_FIELDS = ("run_name", "resolution", "train_batch_size", "max_train_steps", "learning_rate", "lr_scheduler",
                  "lr_warmup_steps", "adam_weight_decay", "max_grad_norm", "mixed_precision", "prediction_type",
@@ -107,10 +113,19 @@ SHARED_FIELDS = ("run_name", "resolution", "train_batch_size", "max_train_steps"
                  "sample_inference_steps", "save_every", "checkpoints_total_limit")
 #: Widget names in the order the event handlers receive them.
 INPUT_NAMES = tuple(name for name, _, _ in FIELDS)
+#: Widgets only the unconditional mode reads: hidden in mode text-to-image.
+UNCONDITIONAL_FIELDS = tuple(name for name in INPUT_NAMES
+                             if name != "mode" and name not in SHARED_FIELDS and name not in TEXT_TO_IMAGE_FIELDS)
+#: Labels of shared widgets that say something else in mode text-to-image (its help text comes from its config).
+TEXT_TO_IMAGE_LABELS = {"max_train_steps": "Diffusion steps (after the autoencoder's)",
+                        "sample_every": "Validation grid every N steps",
+                        "sample_inference_steps": "Sampling steps (PNDM)"}
+#: Accordion of the text-to-image mode's own settings (shown in that mode only), and the unconditional mode's.
+TEXT_TO_IMAGE_SECTION, ARCHITECTURE_SECTION = "Text-to-image: guidance and autoencoder", "Architecture (advanced)"
 #: Layout: (accordion title or "" for always visible, open?, fields).
 SECTIONS = (
-    ("", True, ("mode", "run_name", "preset", "init_from", "resolution", "train_batch_size", "max_train_steps",
-                "learning_rate")),
+    ("", True, ("mode", "run_name", "preset", "init_from", "validation_prompts", "resolution", "train_batch_size",
+                "vae_steps", "max_train_steps", "learning_rate")),
     ("Schedule and optimizer", False, ("num_epochs", "lr_scheduler", "lr_warmup_steps", "gradient_accumulation_steps",
                                        "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
                                        "max_grad_norm", "mixed_precision")),
@@ -119,9 +134,9 @@ SECTIONS = (
     ("EMA", False, ("use_ema", "ema_max_decay", "ema_power", "ema_inv_gamma", "ema_update_after_step")),
     ("Samples and checkpoints", False, ("seed", "sample_every", "num_samples", "sample_inference_steps",
                                         "save_every", "checkpoints_total_limit")),
-    ("Architecture (advanced)", False, ("block_out_channels", "layers_per_block", "attention_levels",
-                                         "attention_head_dim")),
-    ("Text-to-image (mode text-to-image)", False, TEXT_TO_IMAGE_FIELDS),
+    (ARCHITECTURE_SECTION, False, ("block_out_channels", "layers_per_block", "attention_levels",
+                                   "attention_head_dim")),
+    (TEXT_TO_IMAGE_SECTION, False, ("caption_dropout", "guidance_scale", "images_per_prompt", "vae_learning_rate")),
 )
 ATTENTION_HELP = ("Levels whose down and up blocks use self-attention (AttnDownBlock2D / AttnUpBlock2D), "
                   "comma-separated; empty = none.")
@@ -139,8 +154,50 @@ def default_values() -> dict[str, Any]:
     values.update(preset_values(cfg.preset))
     t2i = TextToImageConfig()
     values.update({name: getattr(t2i, name) for name in TEXT_TO_IMAGE_FIELDS}, mode=TRAIN_MODES[0])
-    values["validation_prompts"] = "; ".join(t2i.validation_prompts)
+    values["validation_prompts"] = "\n".join(t2i.validation_prompts)
     return values
+
+
+def mode_defaults(mode: str, preset: str | None = None) -> dict[str, Any]:
+    """The values of the shared widgets a fresh tab shows in ``mode`` (unconditional: with ``preset``'s
+    training settings, the tab's default preset when None)."""
+    if mode == TEXT_TO_IMAGE:
+        t2i = TextToImageConfig()
+        return {name: getattr(t2i, name) for name in SHARED_FIELDS}
+    values = default_values()
+    if preset:
+        values.update(preset_values(preset))
+    return {name: values[name] for name in SHARED_FIELDS}
+
+
+def mode_changes(mode: str, values: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """What switching the Mode dropdown to ``mode`` does to each settings widget, as ``gr.update`` keywords.
+
+    The other mode's own widgets hide and this mode's show. A shared widget gets this mode's
+    label and help, and this mode's default value where it still holds the other mode's default
+    (a value the person typed stays, e.g. a learning rate they chose). ``values`` are the
+    widgets' current values by name.
+    """
+    t2i = mode == TEXT_TO_IMAGE
+    before = mode_defaults(TRAIN_MODES[0] if t2i else TEXT_TO_IMAGE, values.get("preset"))
+    after = mode_defaults(mode, values.get("preset"))
+    owner = TextToImageConfig if t2i else TrainConfig
+    changes: dict[str, dict[str, Any]] = {name: {"visible": not t2i} for name in UNCONDITIONAL_FIELDS}
+    changes.update({name: {"visible": t2i} for name in TEXT_TO_IMAGE_FIELDS})
+    for name in SHARED_FIELDS:
+        change = {"label": (TEXT_TO_IMAGE_LABELS.get(name) if t2i else None) or _label(name),
+                  "info": owner.help_for(name)}
+        if name in values and _same(values[name], before[name]) and not _same(before[name], after[name]):
+            change["value"] = after[name]
+        changes[name] = change
+    return changes
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Widget values equal as a person reads them (a Number box may hold 0.001 as 0.001 or 1e-3, 16 as 16.0)."""
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return float(a) == float(b)
+    return a == b
 
 
 def preset_values(preset: str) -> dict[str, Any]:
@@ -212,9 +269,6 @@ def text_to_image_config(data: dict[str, Any], t2i: dict[str, Any], ctx: StudioC
     values = {name: data[name] for name in SHARED_FIELDS if name in data}
     if values.get("prediction_type") == "sample":
         raise ConfigError("Text-to-image trains with epsilon or v_prediction; pick one of them as prediction_type.")
-    if "validation_prompts" in t2i:
-        t2i["validation_prompts"] = tuple(p.strip() for p in str(t2i["validation_prompts"] or "").split(";")
-                                          if p.strip())
     values.update(t2i)
     if ctx is not None:
         values.update(data=ctx.dataset.get().config, workspace=str(ctx.workspace), device=ctx.settings.device)
@@ -247,8 +301,11 @@ def model_summary(values: dict[str, Any]) -> str:
         return f"⚠️ {exc.user_message}"
     if isinstance(cfg, TextToImageConfig):
         return (f"**Text-to-image from scratch**: a small Stable Diffusion (CLIP tokenizer learnt from the captions, "
-                f"CLIP text encoder, AutoencoderKL, UNet2DConditionModel) — {cfg.vae_steps} autoencoder steps, then "
-                f"{cfg.max_train_steps} diffusion steps; validation rows: {', '.join(cfg.validation_prompts)}.")
+                f"CLIP text encoder, AutoencoderKL, UNet2DConditionModel). Steps 1–{cfg.vae_steps} train the "
+                f"autoencoder (loss: reconstruction; grids: images over their reconstructions), steps "
+                f"{cfg.vae_steps + 1}–{cfg.total_steps} the UNet and text encoder (loss: diffusion; grids: one row "
+                f"of {cfg.images_per_prompt} images per prompt: {'; '.join(cfg.validation_prompts)}). "
+                f"Open the finished run in **Generate** to prompt it.")
     from studio.budget import train_plan
 
     params = parameter_count(cfg.block_out_channels, cfg.layers_per_block, cfg.down_block_types, cfg.up_block_types)
@@ -303,8 +360,9 @@ def resume_run(ctx: StudioContext, name: str | None = None, max_train_steps: int
     Args:
         ctx: The app context.
         name: The run to continue (the one on screen); None or "" = the newest resumable run.
-        max_train_steps: Train to this many steps in total; None, 0 or the run's own target
-            keep the run's own ``max_train_steps`` (from its config.json).
+        max_train_steps: Train to this many steps in total (a text-to-image run's autoencoder steps
+            included, as in its progress line); None, 0 or the run's own target keep the run's
+            own ``max_train_steps`` (from its config.json).
 
     Raises:
         CheckpointError: when the run (or, without a name, any training run) has no checkpoint.
@@ -321,7 +379,13 @@ def resume_run(ctx: StudioContext, name: str | None = None, max_train_steps: int
     config_cls = TextToImageConfig if data.get("mode") == TEXT_TO_IMAGE else TrainConfig
     cfg = resume_config(ctx, config_cls, run, data)
     if max_train_steps and int(max_train_steps) > 0:
-        cfg = cfg.replace(max_train_steps=int(max_train_steps))
+        steps = int(max_train_steps)
+        if isinstance(cfg, TextToImageConfig):  # the target counts the autoencoder's steps, as the progress line does
+            if steps <= cfg.vae_steps:
+                raise ConfigError(f"Resume until step must be above {cfg.vae_steps}: this run's first "
+                                  f"{cfg.vae_steps} steps train its autoencoder.")
+            steps -= cfg.vae_steps
+        cfg = cfg.replace(max_train_steps=steps)
     run.write_config(TASK, cfg.replace(resume="").to_dict())  # the new target shows at once, not when the job gets to it
     return _start(ctx, cfg, run)
 
@@ -332,11 +396,14 @@ def resume_latest(ctx: StudioContext, max_train_steps: int | None = None) -> tup
 
 
 def run_target(ctx: StudioContext, name: str | None) -> int | None:
-    """Run ``name``'s own step target (``max_train_steps`` in its config.json), None when unknown."""
+    """Run ``name``'s own step target (``max_train_steps`` in its config.json, plus ``vae_steps`` for a
+    text-to-image run: the total its progress line counts to), None when unknown."""
     if not name:
         return None
     try:  # read directly: a running resume rewrites config.json and its checkpoints meanwhile
-        return int(RunDir(ctx.workspace / check_run_name(name)).read_config().get("max_train_steps") or 0)
+        data = RunDir(ctx.workspace / check_run_name(name)).read_config()
+        autoencoder = int(data.get("vae_steps") or 0) if data.get("mode") == TEXT_TO_IMAGE else 0
+        return autoencoder + int(data.get("max_train_steps") or 0)
     except (StudioError, OSError, TypeError, ValueError):
         return None
 
@@ -410,13 +477,46 @@ def render(snapshot: Snapshot | None) -> TrainView:
         progress.append(f"{s.images_per_s:.1f} img/s")
     if s.running and s.eta_s:
         progress.append(f"ETA {format_duration(s.eta_s)}")
+    caption = grid_captions(s.run_dir)
+    text = " · ".join(progress)
+    if caption.prompts and s.quality_message:  # text-to-image: the figure of each prompt's row
+        text += f"\nGrid rows, top to bottom: {' / '.join(caption.prompts)}. {s.quality_message[:1].upper()}" \
+                f"{s.quality_message[1:]}"
     losses = loss_points(s.losses)
-    samples = [(path, f"step {step}") for step, path in s.samples if Path(path).is_file()]
+    samples = [(path, caption(step)) for step, path in s.samples if Path(path).is_file()]
     model = str(Path(s.run_dir) / "model")
-    return TrainView("\n".join(lines), " · ".join(progress), losses, latest_sample=samples[-1][0] if samples else None,
+    return TrainView("\n".join(lines), text, losses, latest_sample=samples[-1][0] if samples else None,
                      gallery=list(reversed(samples)), run_path=s.run_dir,
                      model_path=model if (Path(model) / "model_index.json").is_file() else "", running=s.running,
                      quality=list(s.quality), noise_level=s.noise_level, data_level=s.data_level)
+
+
+@dataclass
+class GridCaptions:
+    """Names a run's grids by step: 'step N' (unconditional); for a text-to-image run what the grid shows
+    (the autoencoder's reconstructions up to ``vae_steps``, then one row per validation prompt)."""
+
+    vae_steps: int = 0
+    prompts: tuple[str, ...] = ()
+
+    def __call__(self, step: int) -> str:
+        if not self.prompts:
+            return f"step {step}"
+        if step <= self.vae_steps:
+            return f"step {step} · autoencoder: images (top), reconstructions (bottom)"
+        return f"step {step} · rows: {' / '.join(self.prompts)}"
+
+
+def grid_captions(run_dir: str | Path) -> GridCaptions:
+    """The ``GridCaptions`` of the run in ``run_dir`` (read from its config.json)."""
+    try:
+        data = RunDir(Path(run_dir)).read_config()
+    except (StudioError, OSError, ValueError):
+        return GridCaptions()
+    if data.get("mode") != TEXT_TO_IMAGE:
+        return GridCaptions()
+    prompts = tuple(str(p) for p in data.get("validation_prompts") or ()) or ("(no prompts)",)
+    return GridCaptions(int(data.get("vae_steps") or 0), prompts)
 
 
 #: The one line under the quality plot.
@@ -484,6 +584,8 @@ def dataset_line(ctx: StudioContext) -> str:
 # --------------------------------------------------------------------------- layout
 def _widget(name: str, kind: str, extra: dict[str, Any], value: Any) -> gr.components.Component:
     owner = TextToImageConfig if name in (*TEXT_TO_IMAGE_FIELDS, "mode") else TrainConfig
+    if name in TEXT_TO_IMAGE_FIELDS:  # the tab opens in the unconditional mode
+        extra = dict(extra, visible=False)
     return settings_widget(name, kind, extra, value, owner, "train",
                            info=ATTENTION_HELP if name == "attention_levels" else None)
 
@@ -496,15 +598,17 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
         run's ``model/`` folder once there is one, for the Generate tab.
     """
     defaults = default_values()
-    gr.Markdown("Train an unconditional diffusion model (DDPM) from scratch on the dataset from the **Dataset** "
-                "tab — or, in mode **text-to-image**, a small Stable Diffusion on its captions. The sample grid uses the same starting noise every time, so you see the same images "
-                "sharpen as it learns; step 0 is pure noise.")
+    gr.Markdown("Train a diffusion model from scratch on the dataset from the **Dataset** tab: **unconditional** "
+                "(a DDPM that learns the images) or **text-to-image** (a small Stable Diffusion that learns the "
+                "captions too, so you can prompt it in Generate). The grids use the same starting noise every "
+                "time, so you see the same images sharpen as it learns.")
     data_md = gr.Markdown(dataset_line(ctx), elem_id="train-dataset")
     with gr.Row():
         with gr.Column(scale=3):
+            sections: dict[str, Any] = {}
             widgets = lay_out_fields(SECTIONS, FIELDS, lambda name, kind, extra: _widget(
                 name, kind, dict(extra, choices=init_from_choices(ctx.workspace)) if kind == "pretrained" else extra,
-                defaults[name]))
+                defaults[name]), containers=sections, hidden=(TEXT_TO_IMAGE_SECTION,))
             summary = gr.Markdown(f"*Parameter count and memory estimate: {LOADING_LABEL}*",
                                   elem_id="train-model-summary")
             with gr.Accordion("Headless (CLI)", open=False):
@@ -531,7 +635,7 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
                                          info="The run's own target; raise it to train longer.")
             status = gr.Textbox(label="Status", lines=3, interactive=False, elem_id="train-status",
                                 value=render(None).status)
-            progress = gr.Textbox(label="Progress", interactive=False, elem_id="train-progress")
+            progress = gr.Textbox(label="Progress", interactive=False, elem_id="train-progress", lines=2)
             log_scale = gr.Checkbox(label="Plot log10(loss)", value=False, elem_id="train-log-scale")
             with gr.Row():
                 # Vega's legend sits under the chart and this narrow plot clips it: the label is the legend
@@ -617,6 +721,14 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
         """Editing the architecture by hand shows which preset (or 'custom') it now is."""
         return architecture_preset(dict(zip(INPUT_NAMES, values)))
 
+    def on_mode(*values: Any):
+        """The Mode dropdown shows that mode's settings (``mode_changes``) and sections."""
+        settings = dict(zip(INPUT_NAMES, values))
+        changes = mode_changes(settings["mode"], settings)
+        t2i = settings["mode"] == TEXT_TO_IMAGE
+        return (*(gr.update(**changes[name]) if name in changes else gr.skip() for name in INPUT_NAMES),
+                gr.update(visible=not t2i), gr.update(visible=t2i))
+
     def on_show_json(*values: Any):
         settings = dict(zip(INPUT_NAMES, values))
         path = config_file(settings, ctx)
@@ -643,6 +755,9 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
                         queue=False)
     widgets["preset"].input(on_preset, inputs=widgets["preset"], outputs=[widgets[n] for n in PRESET_FILLED],
                             api_name="train_preset", queue=False)
+    widgets["mode"].input(on_mode, inputs=inputs,
+                          outputs=[*inputs, sections[ARCHITECTURE_SECTION], sections[TEXT_TO_IMAGE_SECTION]],
+                          api_name="train_mode", queue=False)
     for name in ARCHITECTURE:
         widgets[name].change(on_architecture_edit, inputs=inputs, outputs=widgets["preset"], queue=False,
                              api_name=False)
@@ -650,7 +765,8 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
                                                      "mixed_precision", "max_train_steps", "num_epochs",
                                                      "lr_scheduler", "lr_warmup_steps", "sample_every", "save_every",
                                                      "ema_max_decay", "ema_power", "ema_inv_gamma",
-                                                     "ema_update_after_step", *ARCHITECTURE)]
+                                                     "ema_update_after_step", *ARCHITECTURE,
+                                                     "validation_prompts", "vae_steps")]
     gr.on(summary_triggers, on_summary, inputs=inputs, outputs=summary, api_name="train_model_summary",
           queue=False, show_progress="hidden")
     show_json.click(on_show_json, inputs=inputs, outputs=[json_box, cli_box, json_file], api_name="train_config_json",
