@@ -11,7 +11,8 @@ ones the studio can see without loading anything, in this order:
 
 and the dropdown still takes any other reference (a folder, a ``.safetensors`` file, a Hub
 id). ``default_base_model`` is the first bundled text-to-image model (the bundled emoji SD),
-so Start works offline from the first click. ``native_resolution`` reads a local pipeline's
+so Start works offline from the first click. ``finetune_defaults`` gives the learning rate and
+steps that suit a base (one table, ``FINETUNE_DEFAULTS``). ``native_resolution`` reads a local pipeline's
 configs (UNet sample size x VAE scale), so the tab can train at the size the model knows.
 
 Torch-free and offline: only JSON files and the cache index are read.
@@ -19,6 +20,7 @@ Torch-free and offline: only JSON files and the cache index are read.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,50 @@ CURATED_RESOLUTIONS: dict[str, int] = {
     "stabilityai/stable-diffusion-xl-base-1.0": 1024,
     "gsdf/Counterfeit-V2.5": 512,
 }
+
+
+#: Fine-tune settings that suit a base model better than ``FinetuneConfig``'s defaults (which are
+#: chosen for SD-1.5-sized bases), by base reference and method. A base or method not listed keeps the
+#: config's defaults. The bundled emoji SD is tiny and small-data: at LoRA's usual 1e-4 its images
+#: barely move in 200 steps; measured with ``benchmarks/finetune_defaults.py`` (benchmarks/README.md).
+FINETUNE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    "bundled:emoji-sd": {
+        "lora": {"learning_rate": 1e-3, "max_train_steps": 200},
+        "dreambooth-lora": {"learning_rate": 1e-3, "max_train_steps": 200},
+    },
+}
+#: The fields ``FINETUNE_DEFAULTS`` may set.
+FINETUNE_DEFAULT_FIELDS = ("learning_rate", "max_train_steps")
+
+
+def finetune_defaults(reference: str, method: str) -> dict[str, Any]:
+    """The learning rate and steps a fine-tune of base ``reference`` with ``method`` starts from:
+    ``FINETUNE_DEFAULTS``' entry (a bundled model named by path or bare name counts as itself),
+    else ``FinetuneConfig``'s defaults."""
+    from studio.config.finetune import FinetuneConfig
+
+    fields = {f.name: f.default for f in dataclasses.fields(FinetuneConfig) if f.name in FINETUNE_DEFAULT_FIELDS}
+    return {**fields, **tuned_finetune_defaults(reference, method)}
+
+
+def tuned_finetune_defaults(reference: str, method: str) -> dict[str, Any]:
+    """``FINETUNE_DEFAULTS``' entry for base ``reference`` and ``method`` ({} when the config's defaults apply)."""
+    return dict(FINETUNE_DEFAULTS.get(_table_key(reference), {}).get(method, {}))
+
+
+def _table_key(reference: str) -> str:
+    """``bundled:<name>`` for a bundled model named any way (reference, bare name, its folder), else the text."""
+    text = reference.strip() if isinstance(reference, str) else ""
+    if not text:
+        return ""
+    bundled = find_bundled(text)
+    if bundled is not None and (text.startswith(BUNDLED_PREFIX) or not Path(text).exists()):
+        return bundled.reference
+    try:
+        folder = Path(text).expanduser().resolve()
+    except (OSError, ValueError):
+        return text
+    return next((m.reference for m in bundled_models() if m.path.resolve() == folder), text)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

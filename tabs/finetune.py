@@ -24,7 +24,8 @@ from typing import Any
 
 import gradio as gr
 
-from studio.base_models import default_base_model, finetune_base_choices, native_resolution
+from studio.base_models import (default_base_model, finetune_base_choices, finetune_defaults, native_resolution,
+                                tuned_finetune_defaults)
 from studio.config.finetune import (
     LR_SCHEDULERS,
     METHOD_HELP,
@@ -103,6 +104,8 @@ FIELDS: tuple[tuple[str, str, dict[str, Any]], ...] = (
 
 #: The config field behind each input, in the order handlers receive them.
 INPUT_NAMES = tuple(name for name, _, _ in FIELDS)
+#: Each field's label.
+FIELD_LABELS = {name: extra.get("label", name) for name, _, extra in FIELDS}
 
 #: Groups of fields for the layout: (accordion title or "" for the top, open, fields).
 SECTIONS = (
@@ -136,7 +139,46 @@ def default_values() -> dict[str, Any]:
     base = default_base_model()
     if base:
         values.update(pretrained_model_name_or_path=base, resolution=native_resolution(base) or values["resolution"])
+        values.update(finetune_defaults(base, values["method"]))
     return values
+
+
+def base_defaults(base: str, method: str, values: dict[str, Any], previous: dict[str, Any] | None
+                  ) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """What picking base model ``base`` or method ``method`` does to the learning rate and steps.
+
+    Args:
+        base, method: The base model and method now chosen.
+        values: The widgets' current values by field name.
+        previous: The suggestion applied before (this function's second result); None = none yet.
+
+    Returns:
+        (new widget values, the suggestion now in force, a note). A field still holding the
+        previous suggestion takes the new one (``studio.base_models.finetune_defaults``); a value
+        the person typed is kept, and the note names what this base and method suggest instead.
+    """
+    suggested = finetune_defaults(base, method)
+    updates: dict[str, Any] = {}
+    kept = []
+    for name, value in suggested.items():
+        current = values.get(name)
+        if previous is None or _same(current, previous.get(name)):
+            updates[name] = value
+        elif not _same(current, value):
+            kept.append(f"{FIELD_LABELS[name].lower()} {current:g} (suggested: {value:g})")
+    tuned = tuned_finetune_defaults(base, method)
+    note = (f"*Learning rate {suggested['learning_rate']:g} and {suggested['max_train_steps']} steps suit this base "
+            f"model with {method}.*" if tuned else "")
+    if kept:
+        note = (note + " " if note else "") + f"*Kept your {' and '.join(kept)}.*"
+    return updates, suggested, note
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return a == b
 
 
 def resolution_for(reference: str, workspace: str | Path | None = None) -> int | None:
@@ -299,6 +341,9 @@ def build_finetune_tab(ctx: StudioContext) -> dict[str, Any]:
                 "prompts and a fixed seed arrive as it trains; step 0 is the untouched base model.")
     dataset_line = gr.Markdown(_dataset_line(ctx), elem_id="ft-dataset")
     method_help = gr.Markdown(f"*{METHOD_HELP[defaults['method']]}*", elem_id="ft-method-help")
+    first = base_defaults(defaults["pretrained_model_name_or_path"], defaults["method"], defaults, None)
+    defaults_note = gr.Markdown(first[2], elem_id="ft-defaults-note")
+    suggestion = gr.State(value=first[1])
     plan_md = gr.Markdown("", elem_id="ft-memory-plan")
     with gr.Row():
         with gr.Column(scale=3):
@@ -371,6 +416,17 @@ def build_finetune_tab(ctx: StudioContext) -> dict[str, Any]:
     base_box, resolution_box = widgets["pretrained_model_name_or_path"], widgets["resolution"]
     base_box.change(lambda ref, res: resolution_for(ref, ctx.workspace) or res, inputs=[base_box, resolution_box],
                     outputs=resolution_box, api_name="finetune_base_resolution", queue=False, show_progress="hidden")
+
+    def on_base_or_method(base: str, method: str, lr: Any, steps: Any, previous: dict[str, Any] | None):
+        updates, suggested, note = base_defaults(base, method, {"learning_rate": lr, "max_train_steps": steps},
+                                                 previous)
+        return (updates.get("learning_rate", gr.skip()), updates.get("max_train_steps", gr.skip()), suggested, note)
+
+    for trigger in (base_box, widgets["method"]):
+        trigger.change(on_base_or_method, inputs=[base_box, widgets["method"], widgets["learning_rate"],
+                                                  widgets["max_train_steps"], suggestion],
+                       outputs=[widgets["learning_rate"], widgets["max_train_steps"], suggestion, defaults_note],
+                       api_name=False, queue=False, show_progress="hidden")
 
     def base_choices() -> Any:
         return gr.update(choices=finetune_base_choices(ctx.workspace))
