@@ -164,9 +164,12 @@ class RunDir:
         return self.root / "logs"
 
     def write_config(self, task: str, config: dict[str, Any]) -> None:
-        """Write ``config.json`` as ``{"task": task, **config}``."""
-        data = {"task": task, **config}
-        self.config_path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        """Write ``config.json`` as ``{"task": task, **config}``, atomically: the tab reads it (the run's
+        step target) while the trainer that just started rewrites it."""
+        from studio.atomic import write_atomic
+
+        text = json.dumps({"task": task, **config}, indent=2) + "\n"
+        write_atomic(self.config_path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
     def read_config(self) -> dict[str, Any]:
         """The dict written by ``write_config`` ({} when there is none)."""

@@ -116,3 +116,29 @@ def test_a_tiny_text_to_image_run_through_the_launched_app_opens_in_generate(lau
 
     with Image.open(images[0]["image"]) as image:
         assert image.size == (8, 8)  # the run's own resolution
+
+
+def test_the_step_target_is_never_read_from_a_half_written_config(tmp_path):
+    """The tab reads a run's config.json (its step target) just as the job it started rewrites it:
+    the Resume-until-step box came back empty now and then before config.json was written atomically."""
+    import threading
+
+    from studio.runs import RunDir
+
+    run = RunDir.create(tmp_path, "train", "racing")
+    config = dict(TextToImageConfig(vae_steps=2, max_train_steps=3).to_dict(), padding="x" * 200_000)
+    run.write_config("train", config)
+    done = threading.Event()
+
+    def rewrite():
+        while not done.is_set():
+            run.write_config("train", config)
+
+    writer = threading.Thread(target=rewrite)
+    writer.start()
+    try:
+        reads = [run.read_config().get("max_train_steps") for _ in range(300)]
+    finally:
+        done.set()
+        writer.join()
+    assert reads == [3] * 300
