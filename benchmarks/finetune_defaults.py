@@ -86,19 +86,20 @@ def main() -> None:
             started = time.perf_counter()
             train(cfg, lambda event: None, threading.Event())
             seconds = time.perf_counter() - started
-            model = str(work / name)
             if args.method in ("lora", "dreambooth-lora"):
                 # a copy per step count: Generate keeps a loaded LoRA by its path, so the run folder would be stale
                 lora = work / "loras" / f"{name}-{steps}.safetensors"
                 lora.parent.mkdir(exist_ok=True)
                 shutil.copyfile(work / name / "lora" / "pytorch_lora_weights.safetensors", lora)
                 distance = np.abs(images(manager, str(lora)) - target).mean()
-            else:
-                from studio.config.generate import GenerateConfig  # a full fine-tune: its own model folder
+            else:  # a full fine-tune: its own pipeline folder, copied per step count (Generate keeps it by path)
+                from studio.config.generate import GenerateConfig
                 from studio.generate import generate
 
+                copy = work / "models" / f"{name}-{steps}"
+                shutil.copytree(work / name / "model", copy)
                 distance = np.abs(np.stack([np.asarray(generate(manager, GenerateConfig(
-                    model=model, prompt=PROMPT, num_inference_steps=20, seed=seed, scheduler="DPM++ 2M",
+                    model=str(copy), prompt=PROMPT, num_inference_steps=20, seed=seed, scheduler="DPM++ 2M",
                     guidance_scale=4.0), save=False).images[0].image).astype(float) for seed in SEEDS])
                     - target).mean()
             results[f"{rate:g}"][str(steps)] = round(float(distance / base), 3)

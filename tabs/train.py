@@ -32,7 +32,9 @@ from typing import Any
 
 import gradio as gr
 
-from studio.config.text_to_image import MODE as TEXT_TO_IMAGE, TRAIN_MODES, TextToImageConfig
+from studio.config.text_to_image import MODE as TEXT_TO_IMAGE
+from studio.config.text_to_image import PREDICTION_TYPES as TEXT_TO_IMAGE_PREDICTIONS
+from studio.config.text_to_image import TRAIN_MODES, TextToImageConfig
 from studio.config.train import BETA_SCHEDULES, LR_SCHEDULERS, MIXED_PRECISIONS, PREDICTION_TYPES, TrainConfig
 from studio.context import StudioContext
 from studio.errors import CheckpointError, ConfigError, StudioError, describe_exception
@@ -190,6 +192,8 @@ def mode_changes(mode: str, values: dict[str, Any]) -> dict[str, dict[str, Any]]
         if name in values and _same(values[name], before[name]) and not _same(before[name], after[name]):
             change["value"] = after[name]
         changes[name] = change
+    # what the UNet predicts: text-to-image trains epsilon or v_prediction, not the DDPM's 'sample'
+    changes["prediction_type"]["choices"] = list(TEXT_TO_IMAGE_PREDICTIONS if t2i else PREDICTION_TYPES)
     return changes
 
 

@@ -26,7 +26,8 @@ def test_the_table_knows_the_bundled_emoji_sd_however_it_is_named_and_nothing_el
     for name in (bundled_sd, "emoji-sd", str(folder), f"{folder}/"):
         assert finetune_defaults(name, "lora") == EMOJI_LORA, name
         assert finetune_defaults(name, "dreambooth-lora") == FINETUNE_DEFAULTS["bundled:emoji-sd"]["dreambooth-lora"]
-    assert finetune_defaults(bundled_sd, "full") == STANDARD  # not measured: the config's defaults
+    assert finetune_defaults(bundled_sd, "full") == {"learning_rate": 1e-4, "max_train_steps": 200}
+    assert finetune_defaults(bundled_sd, "dreambooth-full") == finetune_defaults(bundled_sd, "full")
     for other in (HUB_SD, "stabilityai/stable-diffusion-xl-base-1.0", "", "nowhere/\x00"):
         assert finetune_defaults(other, "lora") == STANDARD, other
 
@@ -52,11 +53,14 @@ def test_picking_a_base_or_method_moves_untouched_values_and_keeps_typed_ones(bu
     assert updates == {"max_train_steps": 200}
     assert "Kept your learning rate 0.0005 (suggested: 0.001)" in note
     values.update(updates)
-    # method full on the bundled model: not in the table, so the standard steps; the typed rate still stays
+    # method full on the bundled model: its own rate is suggested, the typed rate still stays
     updates, previous, note = base_defaults(bundled_sd, "full", values, previous)
+    assert updates == {"max_train_steps": 200} and "Kept your learning rate 0.0005 (suggested: 0.0001)" in note
+    # a Hub base with full: the standard steps
+    updates, previous, note = base_defaults(HUB_SD, "full", values, previous)
     assert updates == {"max_train_steps": 500} and "Kept your learning rate 0.0005" in note
-    # a Number box may hand back 200.0 for 200: still the suggestion, so it moves
-    values.update(updates, max_train_steps=500.0)
+    # a Number box may hand back 500.0 for 500: still the suggestion, so it moves
+    values.update(max_train_steps=500.0)
     assert base_defaults(bundled_sd, "lora", values, previous)[0] == {"max_train_steps": 200}
 
 

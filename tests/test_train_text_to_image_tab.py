@@ -46,6 +46,7 @@ def test_picking_text_to_image_shows_its_settings_with_its_defaults_and_keeps_ty
     assert changes["sample_inference_steps"]["label"] == "Sampling steps (PNDM)"
     assert changes["max_train_steps"]["info"] == TextToImageConfig.help_for("max_train_steps")
     assert changes["random_flip"]["value"] is False and changes["max_train_steps"]["value"] == t2i.max_train_steps
+    assert changes["prediction_type"]["choices"] == ["epsilon", "v_prediction"]  # no DDPM 'sample'
     assert "value" not in changes["learning_rate"] and "value" not in changes["run_name"]
     after = applied(dict(values, mode="text-to-image"), changes)
     cfg = tab.build_config(after)
@@ -56,6 +57,7 @@ def test_picking_text_to_image_shows_its_settings_with_its_defaults_and_keeps_ty
     back = tab.mode_changes("unconditional", dict(after, mode="unconditional"))
     assert {n for n, c in back.items() if c.get("visible") is False} == set(tab.TEXT_TO_IMAGE_FIELDS)
     assert back["sample_inference_steps"]["label"] == "Sampling steps (DDIM)"
+    assert "sample" in back["prediction_type"]["choices"]
     restored = applied(dict(after, mode="unconditional"), back)
     assert {n: restored[n] for n in tab.SHARED_FIELDS} == {**{n: tab.default_values()[n] for n in tab.SHARED_FIELDS},
                                                            "learning_rate": 5e-4, "run_name": "mine"}
