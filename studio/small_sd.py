@@ -250,6 +250,25 @@ def build_unet(spec: SmallSDSpec) -> Any:
                                 norm_num_groups=_groups(channels[0]))
 
 
+class _FullVocabulary:
+    """Stands in for a tokenizer whose vocabulary reached ``spec.vocab_size`` (for counting parameters)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def get_vocab(self) -> dict[str, int]:
+        return {BOS: 0, EOS: 1, **{f"t{i}": i for i in range(2, self.size)}}
+
+
+def parameter_counts(spec: SmallSDSpec) -> dict[str, int]:
+    """Parameters of the autoencoder, the text encoder (with the whole ``vocab_size``: a vocabulary
+    learnt from few captions can stay smaller) and the UNet, built on torch's ``meta`` device (no memory)."""
+    with torch.device("meta"):
+        parts = {"autoencoder": build_vae(spec), "text encoder": build_text_encoder(spec, _FullVocabulary(
+            spec.vocab_size)), "UNet": build_unet(spec)}
+    return {name: sum(p.numel() for p in model.parameters()) for name, model in parts.items()}
+
+
 def _sd_schedule(prediction_type: str) -> dict[str, Any]:
     return {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
             "steps_offset": 1, "prediction_type": prediction_type}

@@ -304,7 +304,17 @@ def model_summary(values: dict[str, Any]) -> str:
     except StudioError as exc:
         return f"⚠️ {exc.user_message}"
     if isinstance(cfg, TextToImageConfig):
-        return (f"**Text-to-image from scratch**: a small Stable Diffusion (CLIP tokenizer learnt from the captions, "
+        from studio import small_sd
+
+        counts = small_sd.parameter_counts(small_sd.SmallSDSpec(
+            resolution=cfg.resolution, vocab_size=cfg.vocab_size, max_length=cfg.max_length, text_width=cfg.text_width,
+            text_layers=cfg.text_layers, text_heads=cfg.text_heads, vae_channels=cfg.vae_channels,
+            unet_channels=cfg.unet_channels, unet_cross_attention=cfg.unet_cross_attention,
+            unet_head_dim=cfg.unet_head_dim))
+        sizes = " · ".join(f"{name} {human_count(n)}" for name, n in counts.items())
+        return (f"**Text-to-image from scratch** · **{human_count(sum(counts.values()))} parameters** ({sizes}; at "
+                f"most, the vocabulary learnt from few captions is smaller)\n\n"
+                f"A small Stable Diffusion (CLIP tokenizer learnt from the captions, "
                 f"CLIP text encoder, AutoencoderKL, UNet2DConditionModel). Steps 1–{cfg.vae_steps} train the "
                 f"autoencoder (loss: reconstruction; grids: images over their reconstructions), steps "
                 f"{cfg.vae_steps + 1}–{cfg.total_steps} the UNet and text encoder (loss: diffusion; grids: one row "

@@ -93,6 +93,21 @@ def test_a_tiny_text_to_image_run_through_the_launched_app_opens_in_generate(lau
     assert [g["caption"] for g in gallery] == ["step 5 · rows: red heart / blue circle",
                                                "step 2 · autoencoder: images (top), reconstructions (bottom)"]
     assert model.endswith("t2i-app/model")
+    # the summary's parameter count is the trained model's (with the vocabulary it learnt)
+    from diffusers import StableDiffusionPipeline
+
+    from studio import small_sd
+
+    pipe = StableDiffusionPipeline.from_pretrained(model)
+    cfg = tab.build_config(values)
+    spec = small_sd.SmallSDSpec(resolution=8, vocab_size=len(pipe.tokenizer.get_vocab()), text_width=cfg.text_width,
+                                text_layers=cfg.text_layers, text_heads=cfg.text_heads, vae_channels=cfg.vae_channels,
+                                unet_channels=cfg.unet_channels, unet_cross_attention=cfg.unet_cross_attention,
+                                unet_head_dim=cfg.unet_head_dim)
+    trained = {name: sum(p.numel() for p in part.parameters())
+               for name, part in (("autoencoder", pipe.vae), ("text encoder", pipe.text_encoder), ("UNet", pipe.unet))}
+    assert small_sd.parameter_counts(spec) == trained
+    assert "parameters** (autoencoder" in tab.model_summary(values)
 
     # Resume to step 7: two more diffusion steps (the box holds the whole run's step target)
     status, *_, target = client.predict("t2i-app", 7, api_name="/resume_training")
