@@ -1,4 +1,8 @@
-"""The Train tab: train an unconditional DDPM from scratch and watch it learn.
+"""The Train tab: train a model from scratch and watch it learn — mode "unconditional" (a DDPM,
+``studio.trainers.ddpm``) or "text-to-image" (a small Stable Diffusion on the captions,
+``studio.trainers.text_to_image_scratch``). The Mode dropdown shows only the settings its mode reads
+(``mode_changes``: the other mode's widgets hide, shared ones take this mode's label, help and
+default unless the person typed a value).
 
 Layout and event wiring live in ``build_train_tab``; the work is done by plain
 functions (``build_config``, ``model_summary``, ``start_training``, ``resume_run``,
@@ -56,7 +60,8 @@ TASK = "train"
 MODE_LABELS = {"unconditional": "unconditional (DDPM on images)",
                TEXT_TO_IMAGE: "text-to-image (small Stable Diffusion on captions)"}
 
-#: (field, widget kind, widget options). Kinds: text, int, float, bool, choice, csv (comma list), levels.
+#: (field, widget kind, widget options). Kinds: text, int, float, bool, choice, csv (comma list),
+#: lines (one item per line), pretrained.
 FIELDS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("mode", "choice", {"label": "Mode", "choices": [(MODE_LABELS[m], m) for m in TRAIN_MODES]}),
     ("run_name", "text", {"label": "Run name", "placeholder": "empty: train-<date>-<time>"}),
