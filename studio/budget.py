@@ -1,6 +1,6 @@
 """One memory estimator for every run: Train, Fine-tune and Generate.
 
-``train_plan``, ``finetune_plan`` and ``generate_plan`` return a ``Plan``: the predicted
+``train_plan``, ``text_to_image_plan``, ``finetune_plan`` and ``generate_plan`` return a ``Plan``: the predicted
 peak device memory of the request, which common GPUs it fits, whether it fits the
 chosen device (this machine's RAM on CPU), and the cheapest change that makes it fit.
 ``Plan.check()`` raises ``BudgetError`` (a ``ConfigError``) before anything is
@@ -27,7 +27,7 @@ from typing import Any, Callable
 from studio.errors import ConfigError
 from studio.memory_sim import freeze, infer_sim, lora_params, param_count, train_activation
 
-__all__ = ["GPUS", "GPU", "Plan", "BudgetError", "train_plan", "finetune_plan", "generate_plan", "device_limit",
+__all__ = ["GPUS", "GPU", "Plan", "BudgetError", "train_plan", "text_to_image_plan", "finetune_plan", "generate_plan", "device_limit",
            "human_bytes", "MEMORY_LIMIT_ENV", "family_of", "SD_FAMILIES", "pipeline_plan",
            "local_unet_config", "request_plan"]
 
@@ -330,6 +330,69 @@ def train_plan(cfg: Any, device: str | None = None) -> Plan:
         return out
 
     summary = f"batch {cfg.train_batch_size}, {cfg.resolution} px, {human_count(params)} parameters"
+    return _make("train", parts, device, summary, alternatives)
+
+
+# --------------------------------------------------------------------------- Train (text-to-image from scratch)
+def text_to_image_plan(cfg: Any, device: str | None = None) -> Plan:
+    """The memory plan of a ``TextToImageConfig`` (a small Stable Diffusion trained from scratch).
+
+    One optimizer holds the autoencoder, the text encoder and the UNet all run long, so weights and
+    AdamW state count all three (EMA: text encoder + UNet). The step's part is the larger of the two
+    stages (autoencoder: encode + decode + backward at the image size; diffusion: text encoder + UNet
+    at the latent size) and of the no-grad work between steps (validation images with guidance,
+    encoding the dataset in batches of 64).
+    """
+    from studio.small_sd import SmallSDSpec, text_encoder_kwargs, unet_kwargs, vae_kwargs
+
+    device = device or _resolve(cfg.device)
+    spec = SmallSDSpec.of(cfg)
+    # sample_size does not change the layers (the simulation takes the size itself): one cache entry per model
+    vae, unet = (freeze({k: v for k, v in kwargs.items() if k != "sample_size"})
+                 for kwargs in (vae_kwargs(spec), unet_kwargs(spec)))
+    text = freeze(text_encoder_kwargs(spec, spec.vocab_size))
+    counts = {"autoencoder": param_count("vae", vae), "text encoder": param_count("clip_text", text),
+              "UNet": param_count("unet_cond", unet)}
+    params, denoiser = sum(counts.values()), counts["text encoder"] + counts["UNet"]
+    half = cfg.mixed_precision in ("fp16", "bf16") and not device.startswith("cpu")
+    scale = 2 ** (len(spec.unet_channels) - 1)
+
+    def parts_for(batch: int, resolution: int) -> dict[str, int]:
+        latent = resolution // 2
+        vae_act, vae_rest = train_activation("vae", vae, resolution, batch)
+        te_act, te_rest = train_activation("clip_text", text, 1, batch)
+        unet_act, unet_rest = train_activation("unet_cond", unet, max(scale, latent), batch)
+        sampling = infer_sim("unet_cond", unet, latent, latent, 2 * len(cfg.validation_prompts) * cfg.images_per_prompt)
+        encoding = infer_sim("vae_encode", vae, resolution, resolution, 64)
+        act = max(vae_act, te_act + unet_act, sampling, encoding)
+        return {"weights": params * 4, "AdamW": params * 8, "EMA": denoiser * 4 if cfg.use_ema else 0,
+                "gradients + backward": max(vae_rest, te_rest + unet_rest),
+                "activations": int(act * (0.5 if half else 1))}
+
+    parts = parts_for(cfg.train_batch_size, cfg.resolution)
+
+    def alternatives() -> list[tuple[str, int]]:
+        def total(batch: int, resolution: int = cfg.resolution) -> int:
+            return sum(_with_heap(parts_for(batch, resolution), device).values())
+
+        out = []
+        limit = device_limit(device)[0] / (1 + OVERHEAD)
+        # the largest batch that fits (the sampling between steps may dominate small batches: not linear)
+        fitting, high = 0, cfg.train_batch_size
+        while fitting < high:
+            middle = (fitting + high + 1) // 2
+            fitting, high = (middle, high) if total(middle) <= limit else (fitting, middle - 1)
+        if 1 <= fitting < cfg.train_batch_size:
+            out.append((f"batch size {fitting} or less", total(fitting)))
+        step, r = 2 * scale, cfg.resolution // 2
+        while r >= max(8, step):
+            if r % step == 0:
+                out.append((f"resolution {r} px at batch 1", total(1, r)))
+            r //= 2
+        return out
+
+    summary = (f"text-to-image, batch {cfg.train_batch_size}, {cfg.resolution} px, "
+               f"{human_count(params)} parameters")
     return _make("train", parts, device, summary, alternatives)
 
 

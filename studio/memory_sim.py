@@ -13,7 +13,7 @@ and other batches scale from it (``per_batch``); sizes above two small reference
 are extrapolated linearly in pixels (``_fit``). ``studio.budget`` turns these figures
 into the memory plans of Train, Fine-tune and Generate.
 
-Models are given as a kind ("unet2d", "unet_cond", "vae", "vae_encode") and a config
+Models are given as a kind ("unet2d", "unet_cond", "vae", "vae_encode", "clip_text") and a config
 made hashable by ``freeze``. torch, diffusers and peft are imported inside the
 functions, so importing this module stays light.
 """
@@ -162,6 +162,10 @@ def build_meta(kind: str, config: tuple):
             from diffusers import UNet2DConditionModel
 
             return UNet2DConditionModel(**_known(UNet2DConditionModel, kwargs))
+        if kind == "clip_text":
+            from transformers import CLIPTextConfig, CLIPTextModel
+
+            return CLIPTextModel(CLIPTextConfig(**kwargs))
         from diffusers import AutoencoderKL
 
         return AutoencoderKL(**_known(AutoencoderKL, kwargs))
@@ -258,6 +262,8 @@ def _train_sim_at(kind: str, config: tuple, side: int, trainable: str, checkpoin
     """Simulated training step at ``SIM_BATCH``: forward, MSE loss, backward.
 
     ``trainable``: "all" (every weight) or "lora" (frozen base, LoRA adapters on ``lora_targets``).
+    Kinds: the UNets (``side`` = the latent or pixel side), "vae" (encode + decode at ``side`` px) and
+    "clip_text" (a batch of padded prompts).
     """
     import torch
 
@@ -274,7 +280,15 @@ def _train_sim_at(kind: str, config: tuple, side: int, trainable: str, checkpoin
         with MODEL_INIT_LOCK, torch.device("meta"):
             model.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
                                          target_modules=list(lora_targets)))
-    call = _unet_call(kind, model, dict(config), SIM_BATCH, side, side)
+    if kind == "vae":  # the autoencoder's own training step: encode, decode (``side`` in pixels)
+        x, = _meta_inputs((SIM_BATCH, int(dict(config).get("in_channels", 3)), side, side))
+        call = lambda: model(x).sample  # noqa: E731
+    elif kind == "clip_text":  # a text encoder trained with the UNet (``side`` unused: prompts are padded)
+        ids = torch.zeros((SIM_BATCH, int(dict(config).get("max_position_embeddings", 77))), dtype=torch.long,
+                          device="meta")
+        call = lambda: model(ids)[0]  # noqa: E731
+    else:
+        call = _unet_call(kind, model, dict(config), SIM_BATCH, side, side)
 
     def run(mark):
         out = call()

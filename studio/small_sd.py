@@ -78,6 +78,15 @@ class SmallSDSpec:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def of(cls, cfg: Any) -> "SmallSDSpec":
+        """The sizes a ``TextToImageConfig`` asks for."""
+        return cls(resolution=cfg.resolution, vocab_size=cfg.vocab_size, max_length=cfg.max_length,
+                   text_width=cfg.text_width, text_layers=cfg.text_layers, text_heads=cfg.text_heads,
+                   vae_channels=tuple(cfg.vae_channels), unet_channels=tuple(cfg.unet_channels),
+                   unet_cross_attention=tuple(cfg.unet_cross_attention), unet_head_dim=cfg.unet_head_dim,
+                   prediction_type=cfg.prediction_type)
+
     @property
     def latent_size(self) -> int:
         return self.resolution // 2
@@ -209,11 +218,15 @@ def build_text_encoder(spec: SmallSDSpec, tokenizer: Any) -> Any:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     vocab = tokenizer.get_vocab()
-    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=spec.text_width, intermediate_size=4 * spec.text_width,
-                            num_hidden_layers=spec.text_layers, num_attention_heads=spec.text_heads,
-                            max_position_embeddings=spec.max_length, projection_dim=spec.text_width,
-                            bos_token_id=vocab[BOS], eos_token_id=vocab[EOS], pad_token_id=vocab[EOS])
-    return CLIPTextModel(config)
+    return CLIPTextModel(CLIPTextConfig(**text_encoder_kwargs(spec, len(vocab), vocab[BOS], vocab[EOS])))
+
+
+def text_encoder_kwargs(spec: SmallSDSpec, vocab_size: int, bos: int = 0, eos: int = 1) -> dict[str, Any]:
+    """The ``CLIPTextConfig`` arguments of the text encoder (also what ``studio.budget`` simulates)."""
+    return dict(vocab_size=int(vocab_size), hidden_size=spec.text_width, intermediate_size=4 * spec.text_width,
+                num_hidden_layers=spec.text_layers, num_attention_heads=spec.text_heads,
+                max_position_embeddings=spec.max_length, projection_dim=spec.text_width,
+                bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
 
 
 def _groups(channels: int) -> int:
@@ -226,28 +239,38 @@ def build_vae(spec: SmallSDSpec) -> Any:
     middle block (at 16x16 it cost a third of the VAE's training time and emoji do not need it)."""
     from diffusers import AutoencoderKL
 
+    return AutoencoderKL(**vae_kwargs(spec))
+
+
+def vae_kwargs(spec: SmallSDSpec) -> dict[str, Any]:
+    """The ``AutoencoderKL`` arguments of ``build_vae``."""
     c = tuple(spec.vae_channels)
-    return AutoencoderKL(sample_size=spec.resolution, in_channels=3, out_channels=3, block_out_channels=c,
-                         down_block_types=("DownEncoderBlock2D",) * len(c), up_block_types=("UpDecoderBlock2D",) * len(c),
-                         latent_channels=spec.latent_channels, layers_per_block=1, norm_num_groups=_groups(c[0]),
-                         mid_block_add_attention=False)
+    return dict(sample_size=spec.resolution, in_channels=3, out_channels=3, block_out_channels=c,
+                down_block_types=("DownEncoderBlock2D",) * len(c), up_block_types=("UpDecoderBlock2D",) * len(c),
+                latent_channels=spec.latent_channels, layers_per_block=1, norm_num_groups=_groups(c[0]),
+                mid_block_add_attention=False)
 
 
 def build_unet(spec: SmallSDSpec) -> Any:
     """A ``UNet2DConditionModel`` with cross-attention (to the text encoder) at the chosen levels."""
     from diffusers import UNet2DConditionModel
 
+    return UNet2DConditionModel(**unet_kwargs(spec))
+
+
+def unet_kwargs(spec: SmallSDSpec) -> dict[str, Any]:
+    """The ``UNet2DConditionModel`` arguments of ``build_unet``."""
     channels = tuple(spec.unet_channels)
     attn = tuple(spec.unet_cross_attention)
     down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn)
     up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn))
     heads = tuple(max(1, c // spec.unet_head_dim) for c in channels)
-    return UNet2DConditionModel(sample_size=spec.latent_size, in_channels=spec.latent_channels,
-                                out_channels=spec.latent_channels, layers_per_block=spec.unet_layers,
-                                block_out_channels=channels, down_block_types=down, up_block_types=up,
-                                mid_block_type="UNetMidBlock2DCrossAttn" if attn[-1] else None,
-                                cross_attention_dim=spec.text_width, attention_head_dim=heads,
-                                norm_num_groups=_groups(channels[0]))
+    return dict(sample_size=spec.latent_size, in_channels=spec.latent_channels,
+                out_channels=spec.latent_channels, layers_per_block=spec.unet_layers,
+                block_out_channels=channels, down_block_types=down, up_block_types=up,
+                mid_block_type="UNetMidBlock2DCrossAttn" if attn[-1] else None,
+                cross_attention_dim=spec.text_width, attention_head_dim=heads,
+                norm_num_groups=_groups(channels[0]))
 
 
 class _FullVocabulary:

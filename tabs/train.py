@@ -308,14 +308,12 @@ def model_summary(values: dict[str, Any]) -> str:
         cfg = build_config(values)
     except StudioError as exc:
         return f"⚠️ {exc.user_message}"
+    from studio.budget import text_to_image_plan, train_plan
+
     if isinstance(cfg, TextToImageConfig):
         from studio import small_sd
 
-        counts = small_sd.parameter_counts(small_sd.SmallSDSpec(
-            resolution=cfg.resolution, vocab_size=cfg.vocab_size, max_length=cfg.max_length, text_width=cfg.text_width,
-            text_layers=cfg.text_layers, text_heads=cfg.text_heads, vae_channels=cfg.vae_channels,
-            unet_channels=cfg.unet_channels, unet_cross_attention=cfg.unet_cross_attention,
-            unet_head_dim=cfg.unet_head_dim))
+        counts = small_sd.parameter_counts(small_sd.SmallSDSpec.of(cfg))
         sizes = " · ".join(f"{name} {human_count(n)}" for name, n in counts.items())
         return (f"**Text-to-image from scratch** · **{human_count(sum(counts.values()))} parameters** ({sizes}; at "
                 f"most, the vocabulary learnt from few captions is smaller)\n\n"
@@ -324,8 +322,7 @@ def model_summary(values: dict[str, Any]) -> str:
                 f"autoencoder (loss: reconstruction; grids: images over their reconstructions), steps "
                 f"{cfg.vae_steps + 1}–{cfg.total_steps} the UNet and text encoder (loss: diffusion; grids: one row "
                 f"of {cfg.images_per_prompt} images per prompt: {'; '.join(cfg.validation_prompts)}). "
-                f"Open the finished run in **Generate** to prompt it.")
-    from studio.budget import train_plan
+                f"Open the finished run in **Generate** to prompt it.\n\n" + text_to_image_plan(cfg).markdown())
 
     params = parameter_count(cfg.block_out_channels, cfg.layers_per_block, cfg.down_block_types, cfg.up_block_types)
     attention = ", ".join(str(i + 1) for i in attention_levels_of(cfg.down_block_types)) or "none"
@@ -348,10 +345,10 @@ def start_training(ctx: StudioContext, values: dict[str, Any]) -> tuple[str, str
         StudioError: bad settings, a taken run name, or a job already running on the device.
     """
     cfg = build_config(values, ctx)
-    from studio.budget import train_plan
+    from studio.budget import text_to_image_plan, train_plan
 
-    if isinstance(cfg, TrainConfig):
-        train_plan(cfg).check()  # refuse what cannot fit before making a run folder or allocating
+    # refuse what cannot fit before making a run folder or allocating
+    (text_to_image_plan if isinstance(cfg, TextToImageConfig) else train_plan)(cfg).check()
     if cfg.mixed_precision == "fp16":  # 'auto' may be a CPU: refuse before making a run folder
         from studio.config.train import check_precision_for_device
         from studio.devices import resolve_device

@@ -68,11 +68,7 @@ def build_parts(cfg: TextToImageConfig, run: RunDir, captions: list[str], device
         tokenizer = small_sd.load_tokenizer(folder)
     else:
         tokenizer = small_sd.train_tokenizer(captions, folder, cfg.vocab_size, cfg.max_length)
-    spec = small_sd.SmallSDSpec(
-        resolution=cfg.resolution, vocab_size=cfg.vocab_size, max_length=cfg.max_length, text_width=cfg.text_width,
-        text_layers=cfg.text_layers, text_heads=cfg.text_heads, vae_channels=cfg.vae_channels,
-        unet_channels=cfg.unet_channels, unet_cross_attention=cfg.unet_cross_attention,
-        unet_head_dim=cfg.unet_head_dim, prediction_type=cfg.prediction_type)
+    spec = small_sd.SmallSDSpec.of(cfg)
     with MODEL_INIT_LOCK:
         vae = small_sd.build_vae(spec).to(device)
         text_encoder = small_sd.build_text_encoder(spec, tokenizer).to(device)
@@ -197,6 +193,9 @@ def train(cfg: TextToImageConfig, events: EventSink = ignore_events, stop: threa
     """Train a small Stable Diffusion as ``cfg`` says, reporting to ``events`` until done or ``stop``."""
     stop = stop or threading.Event()
     device_name = resolve_device(cfg.device)
+    from studio.budget import text_to_image_plan
+
+    text_to_image_plan(cfg, device_name).check()  # refuse what cannot fit before making a run folder or allocating
     accelerator = setup.fresh_accelerator(cfg.mixed_precision, device_name)
     folder = setup.open_run(cfg, TASK, accelerator, run or setup.newest_run_of_mode(cfg, TASK, MODE))
     report = Reporter(events, folder.run, cfg.total_steps)
