@@ -424,6 +424,17 @@ def run_target(ctx: StudioContext, name: str | None) -> int | None:
         return None
 
 
+def run_mode(ctx: StudioContext, name: str | None) -> str:
+    """The mode run ``name`` trained in (its config.json), "unconditional" when unknown or none."""
+    if not name:
+        return TRAIN_MODES[0]
+    try:
+        mode = RunDir(ctx.workspace / check_run_name(name)).read_config().get("mode")
+    except (StudioError, OSError, TypeError, ValueError, AttributeError):
+        return TRAIN_MODES[0]
+    return mode if mode in TRAIN_MODES else TRAIN_MODES[0]
+
+
 def stop_training(ctx: StudioContext) -> str:
     """Ask the running training job to stop after its current step (it saves a checkpoint)."""
     return stop_job(ctx, TASK, "training")
@@ -737,13 +748,20 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
         """Editing the architecture by hand shows which preset (or 'custom') it now is."""
         return architecture_preset(dict(zip(INPUT_NAMES, values)))
 
+    def switch_mode(settings: dict[str, Any], mode: str, set_value: bool = False) -> tuple:
+        """Updates of the settings widgets and the two sections for ``mode`` (``mode_changes``);
+        ``set_value`` also sets the Mode dropdown."""
+        changes = mode_changes(mode, settings)
+        if set_value:
+            changes["mode"] = {"value": mode}
+        t2i = mode == TEXT_TO_IMAGE
+        return (*(gr.update(**changes[name]) if name in changes else gr.skip() for name in INPUT_NAMES),
+                gr.update(visible=not t2i), gr.update(visible=t2i))
+
     def on_mode(*values: Any):
         """The Mode dropdown shows that mode's settings (``mode_changes``) and sections."""
         settings = dict(zip(INPUT_NAMES, values))
-        changes = mode_changes(settings["mode"], settings)
-        t2i = settings["mode"] == TEXT_TO_IMAGE
-        return (*(gr.update(**changes[name]) if name in changes else gr.skip() for name in INPUT_NAMES),
-                gr.update(visible=not t2i), gr.update(visible=t2i))
+        return switch_mode(settings, settings["mode"])
 
     def on_show_json(*values: Any):
         settings = dict(zip(INPUT_NAMES, values))
@@ -753,8 +771,14 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
         return gr.update(value=config_json(settings, ctx), visible=True), cli_command(), download
 
     def on_load(*values: Any):  # the model summary is its own load event: it waits for the engine
+        """A (re)loaded page: the run to show, its history, and the settings column in that run's mode
+        (the page starts unconditional; its values stay the defaults, as for the next run)."""
         name = shown_run(ctx, TASK)
-        return (dataset_line(ctx), *show(name, False), *picker(name))
+        settings = dict(zip(INPUT_NAMES, values))
+        mode = run_mode(ctx, name)
+        switch = (switch_mode(settings, mode, set_value=True) if mode != settings.get("mode")
+                  else tuple(gr.skip() for _ in range(len(INPUT_NAMES) + 2)))
+        return (dataset_line(ctx), *show(name, False), *picker(name), *switch)
 
     gpu = {"concurrency_id": GPU, "concurrency_limit": 1}
     start_outputs = [status, run_folder, cli_box, run_picker, resume_steps]
@@ -796,7 +820,8 @@ def build_train_tab(ctx: StudioContext) -> dict[str, Any]:
     root = gr.context.Context.root_block
     if root is not None:
         root.load(on_load, inputs=inputs,
-                  outputs=[data_md, *view_components, seen, run_picker, resume_steps],
+                  outputs=[data_md, *view_components, seen, run_picker, resume_steps, *inputs,
+                           sections[ARCHITECTURE_SECTION], sections[TEXT_TO_IMAGE_SECTION]],
                   api_name="train_on_load", queue=False)
         root.load(on_summary, inputs=inputs, outputs=summary, api_name=False, queue=False, show_progress="hidden")
     return {"open_in_generate": open_button, "run_path": run_path, "status": status,
@@ -809,4 +834,5 @@ def _failure(exc: BaseException) -> str:
 
 __all__ = ["FIELDS", "INPUT_NAMES", "TrainView", "architecture_preset", "build_config", "build_train_tab", "cli_command", "config_json",
            "config_file", "default_values", "loss_frame", "loss_points", "model_summary", "preset_values",
-           "quality_frame", "render", "resume_latest", "resume_run", "run_target", "start_training", "stop_training"]
+           "quality_frame", "render", "resume_latest", "resume_run", "run_mode", "run_target", "start_training",
+           "stop_training"]

@@ -1,6 +1,6 @@
 """A person in headless Chromium trains text-to-image from scratch in the Train tab: picks the mode,
 sees its settings (the prompts box, no UNet preset), starts, stops, resumes, reloads the page (the
-history comes back), and opens the finished run in Generate to prompt it.
+history and the settings column's mode come back), and opens the finished run in Generate to prompt it.
 
 With ``STUDIO_SCREENSHOTS=<folder>`` the run is a real one (32 px, the whole emoji set, 300
 autoencoder + 1,500 diffusion steps, 13 minutes on a shared 2-core CPU) and the screenshot the docs use,
@@ -127,6 +127,10 @@ def test_text_to_image_mode_start_stop_resume_reload_and_generate(page, launched
                            timeout=60_000)
     model = page.locator("#train-run-path textarea, #train-run-path input").first.input_value()
     assert model.endswith("t2i-browser/model")
+    # ... and the settings column is in the run's mode again (the page itself starts unconditional)
+    page.locator("#train-validation-prompts textarea").wait_for(state="visible", timeout=30_000)
+    assert not page.locator("#train-preset").is_visible()
+    assert page.locator("#train-mode input").first.input_value().startswith("text-to-image")
 
     # Open in Generate: the run loads there and a prompt gives an image
     page.locator("#train-open-generate").click()

@@ -226,7 +226,8 @@ def test_train_tab_mode_starts_stops_and_resumes_a_text_to_image_run(workspace):
             time.sleep(0.1)
         stopped = job.snapshot()
         assert stopped.status == "stopped", stopped
-        message, _, _ = tab.resume_run(ctx, "words", max_train_steps=stopped.step - 1 + 2)  # 2 more diffusion steps
+        # 2 more diffusion steps: the target counts the whole run (the autoencoder's step included), as Progress does
+        message, _, _ = tab.resume_run(ctx, "words", max_train_steps=stopped.step + 2)
         assert message.startswith("Resuming words: text-to-image")
         resumed = ctx.jobs.latest("train")
         while resumed.running and time.monotonic() < deadline:

@@ -1,6 +1,6 @@
 """The Train tab's text-to-image mode: the settings a person sees when picking it, and a tiny run
 through the launched app (start, validation rows per prompt, finished, resume to a higher step target,
-a reload's history, Open in Generate, a prompt in Generate)."""
+a reload's history and settings mode, Open in Generate, a prompt in Generate)."""
 
 from __future__ import annotations
 
@@ -117,6 +117,16 @@ def test_a_tiny_text_to_image_run_through_the_launched_app_opens_in_generate(lau
     status, progress, plot, *_ = client.predict(False, "t2i-app", api_name="/train_status")
     assert "t2i-app: finished" in status and progress.startswith("step 7/7")
     assert sorted({row[0] for row in plot["data"]}) == list(range(1, 8))
+    # a reload (the page comes back in the unconditional mode): the settings column follows the run on screen
+    page = tab.default_values()
+    loaded = client.predict(*[page[n] for n in tab.INPUT_NAMES], api_name="/train_on_load")
+    widgets = dict(zip(tab.INPUT_NAMES, loaded[-len(tab.INPUT_NAMES):]))  # (the sections are not API outputs)
+    assert widgets["mode"]["value"] == "text-to-image", widgets["mode"]
+    assert widgets["validation_prompts"]["visible"] is True and widgets["beta_schedule"]["visible"] is False
+    assert widgets["max_train_steps"]["value"] == TextToImageConfig().max_train_steps  # this mode's defaults
+    assert tab.run_mode(ctx, "t2i-app") == "text-to-image" and tab.run_mode(ctx, None) == "unconditional"
+    again = client.predict(*[tiny_values()[n] for n in tab.INPUT_NAMES], api_name="/train_on_load")
+    assert all("value" not in u and "visible" not in u for u in again[-len(tab.INPUT_NAMES):]), again  # as is
 
     # Open in Generate: the model folder goes to Generate's model box; it loads and follows a prompt
     opened = client.predict(model, api_name="/train_open_in_generate")  # the model box's update (the tab switch
