@@ -186,7 +186,8 @@ def _single_file_pipeline_class(path: Path) -> str:
 
 
 def load_pipeline(reference: str | ModelRef, device: str = "cpu", dtype: Any = None, offline: bool = False,
-                  progress: ProgressFn | None = None, workspace: str | Path | None = None) -> Any:
+                  progress: ProgressFn | None = None, workspace: str | Path | None = None,
+                  stop: threading.Event | None = None) -> Any:
     """Load a model reference into a diffusers pipeline on ``device``.
 
     Safetensors preferred; ``.bin``/``.ckpt`` weights only through torch's restricted
@@ -200,9 +201,12 @@ def load_pipeline(reference: str | ModelRef, device: str = "cpu", dtype: Any = N
         offline: Never contact the Hub.
         progress: Called with (fraction, message) as loading proceeds.
         workspace: Workspace whose run names are accepted.
+        stop: A job's stop flag: set while a Hub model's files download, nothing is loaded
+            (the download, left to finish in a helper thread by ``call_stoppable``, ends in the cache).
 
     Raises:
         ModelError: for any reference that cannot be loaded, with what to do.
+        Stopped: ``stop`` was set by the time the files were fetched.
     """
     from studio.devices import inference_dtype
 
@@ -211,8 +215,10 @@ def load_pipeline(reference: str | ModelRef, device: str = "cpu", dtype: Any = N
     dtype = dtype if dtype is not None else inference_dtype(device)
     target = ref.base if ref.kind == "lora-run" else ref
     report(0.05, f"Loading {target.label}…")
+    offline = is_offline(offline)
+    fetched = _fetch_target(target, offline, report, stop)  # outside the lock: other models load meanwhile
     with MODEL_INIT_LOCK:  # from_pretrained patches module construction process-wide
-        pipe = _load_target(target, dtype, is_offline(offline), report)
+        pipe = _load_target(target, dtype, offline, report, cached=fetched)
     _check_tokenizers(pipe, target.label)
     report(0.85, f"Moving {target.label} to {device}…")
     pipe = pipe.to(device)
@@ -229,10 +235,29 @@ def load_pipeline(reference: str | ModelRef, device: str = "cpu", dtype: Any = N
     return pipe
 
 
-def _load_target(ref: ModelRef, dtype: Any, offline: bool, report: ProgressFn) -> Any:
+def _fetch_target(ref: ModelRef, offline: bool, report: ProgressFn, stop: threading.Event | None) -> bool:
+    """A Hub pipeline's files into the cache before it loads (``DiffusionPipeline.download``, which
+    ``from_pretrained`` would call itself): the download does not hold ``MODEL_INIT_LOCK``, and a
+    download a Stop left running ends there, loading nothing. True when the files were fetched."""
+    if ref.kind != "hub" or offline:
+        return False
     import diffusers
 
-    from studio.torch_weights import pickle_refusal
+    from studio.stopping import raise_if_stopped
+
+    report(0.1, f"Downloading {ref.location} (only files not cached yet)…")
+    try:
+        diffusers.DiffusionPipeline.download(ref.location, revision=ref.revision, variant=ref.variant,
+                                             use_safetensors=None, trust_remote_code=False)
+    except Exception as exc:
+        raise _load_failure(ref, exc, offline) from None
+    raise_if_stopped(stop, f"loading {ref.label}")
+    return True
+
+
+def _load_target(ref: ModelRef, dtype: Any, offline: bool, report: ProgressFn, cached: bool = False) -> Any:
+    """The pipeline of ``ref`` from its files (``cached``: a Hub model's, fetched by ``_fetch_target``)."""
+    import diffusers
 
     common = {"dtype": dtype}
     try:
@@ -244,35 +269,41 @@ def _load_target(ref: ModelRef, dtype: Any, offline: bool, report: ProgressFn) -
         # diffusers and transformers read with torch.load(weights_only=True) (checked by the canary tests)
         kwargs: dict[str, Any] = dict(common, use_safetensors=None, trust_remote_code=False)
         if ref.kind == "hub":
-            kwargs.update(revision=ref.revision, variant=ref.variant, local_files_only=offline)
-            if not offline:
-                report(0.1, f"Downloading {ref.location} (only files not cached yet)…")
+            kwargs.update(revision=ref.revision, variant=ref.variant, local_files_only=offline or cached)
         return diffusers.DiffusionPipeline.from_pretrained(source, **kwargs)
     except ModelError:
         raise
     except Exception as exc:
-        refused = pickle_refusal(exc, _local_folder(ref))
-        if refused is not None:
-            raise refused from None
-        if ref.kind == "hub" and _is_download_error(exc):  # cut mid-file, HTTP 5xx after the retries
-            raise _download_error(ref.location, exc, again="load it again") from None
-        damaged = _model_index_problem(_local_folder(ref), ref.label)
-        if damaged is not None:  # diffusers fails on it with a TypeError/AttributeError of its own
-            raise damaged from None
-        if not isinstance(exc, (ValueError, OSError)):
-            raise
-        text = str(exc).strip()
-        first = text.splitlines()[0][:300] if text else type(exc).__name__
-        if isinstance(exc, ValueError):
-            raise ModelError(f"{ref.label} could not be loaded: {first}") from None
-        if ref.kind == "hub":
-            hint = ("It needs files that are not cached; go online once (or use \"Download for offline use\")."
-                    if offline else "Check the model files (or your connection) and try again.")
-        else:  # a local folder or file: nothing online would help
-            hint = "A file of this model is missing or damaged on disk; copy or re-save the model."
-        if "401" in first or "403" in first or "gated" in first.lower() or "private" in first.lower():
-            hint = _LOGIN_HINT
-        raise ModelError(f"{ref.label} could not be loaded: {first}", hint) from None
+        raise _load_failure(ref, exc, offline) from None
+
+
+def _load_failure(ref: ModelRef, exc: Exception, offline: bool) -> BaseException:
+    """What a failed fetch or load of ``ref`` tells the person: a ``ModelError`` saying why and what to do,
+    or ``exc`` itself when it is not one we know (a bug)."""
+    from studio.torch_weights import pickle_refusal
+
+    refused = pickle_refusal(exc, _local_folder(ref))
+    if refused is not None:
+        return refused
+    if ref.kind == "hub" and _is_download_error(exc):  # cut mid-file, HTTP 5xx after the retries
+        return _download_error(ref.location, exc, again="load it again")
+    damaged = _model_index_problem(_local_folder(ref), ref.label)
+    if damaged is not None:  # diffusers fails on it with a TypeError/AttributeError of its own
+        return damaged
+    if not isinstance(exc, (ValueError, OSError)):
+        return exc
+    text = str(exc).strip()
+    first = text.splitlines()[0][:300] if text else type(exc).__name__
+    if isinstance(exc, ValueError):
+        return ModelError(f"{ref.label} could not be loaded: {first}")
+    if ref.kind == "hub":
+        hint = ("It needs files that are not cached; go online once (or use \"Download for offline use\")."
+                if offline else "Check the model files (or your connection) and try again.")
+    else:  # a local folder or file: nothing online would help
+        hint = "A file of this model is missing or damaged on disk; copy or re-save the model."
+    if "401" in first or "403" in first or "gated" in first.lower() or "private" in first.lower():
+        hint = _LOGIN_HINT
+    return ModelError(f"{ref.label} could not be loaded: {first}", hint)
 
 
 def _model_index_problem(folder: str | None, label: str) -> ModelError | None:

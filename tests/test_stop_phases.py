@@ -334,19 +334,30 @@ def test_finetune_stop_while_drawing_the_base_models_validation_images(tiny_sd, 
     assert not run.sample_path(0).exists() and not any(e.kind == "step" for e in sink.events)
 
 
-def test_finetune_stop_while_the_base_model_downloads(local_hub, tiny_sd, workspace):
+def test_finetune_stop_while_the_base_model_downloads(local_hub, tiny_sd, workspace, monkeypatch):
+    """Stop returns at once; the download goes on into the cache but then loads nothing, and it never
+    held the model-construction lock (another job or Generate can build or load a model meanwhile)."""
     from hub_server import files_of
+
+    import studio.models as models
+    from studio.devices import MODEL_INIT_LOCK
 
     local_hub.add_repo("acme/tiny-sd-slow", files_of(tiny_sd))
     local_hub.throttle_bps = 30_000  # the weights take tens of seconds
     cfg = finetune_config("acme/tiny-sd-slow", workspace)
     sink = StopOn("(Stop is pressed by the watcher below)")
+    loads, lock_free = [], []
+    real_load = models._load_target
+    monkeypatch.setattr(models, "_load_target", lambda ref, *a, **k: loads.append(ref.label) or real_load(ref, *a, **k))
 
     def press_stop_once_weights_flow() -> None:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not any("/cdn/" in p for _, p, _ in list(local_hub.requests)):
             time.sleep(0.05)
         time.sleep(0.3)
+        if MODEL_INIT_LOCK.acquire(timeout=2):
+            lock_free.append(True)
+            MODEL_INIT_LOCK.release()
         sink.pressed_at = time.monotonic()
         sink.stop.set()
 
@@ -356,6 +367,12 @@ def test_finetune_stop_while_the_base_model_downloads(local_hub, tiny_sd, worksp
     train(cfg, sink, sink.stop)
     local_hub.throttle_bps = None
     assert_clean_stop(sink, "Stopped while loading the base model acme/tiny-sd-slow", limit_s=2.0)
+    assert lock_free == [True]
+    # the abandoned download finishes (no throttle now) and ends there: nothing loads into memory
+    for helper in [t for t in threading.enumerate() if t.name.startswith("stoppable: loading the base model")]:
+        helper.join(60)
+        assert not helper.is_alive()
+    assert loads == []
 
 
 def test_the_stop_button_says_what_stop_does_before_the_first_step(tmp_path, workspace):

@@ -24,11 +24,13 @@ from studio.stopping import call_stoppable
 
 
 # --------------------------------------------------------------------------- the base model
-def load_base_pipeline(reference: str, workspace: str | Path | None = None) -> Any:
+def load_base_pipeline(reference: str, workspace: str | Path | None = None, stop: Any = None) -> Any:
     """Load the base Stable Diffusion pipeline (fp32, CPU) through the studio's model loader.
 
     Accepts whatever the Generate tab accepts: a Hub id, a diffusers folder, a single
     ``.safetensors`` file, or a run of this workspace that exported a ``model/``.
+
+    ``stop`` (the job's flag): set while a Hub model downloads, nothing is loaded (see ``load_pipeline``).
 
     Raises:
         ModelError: when the reference cannot be loaded, is a LoRA run, is not a Stable
@@ -41,7 +43,7 @@ def load_base_pipeline(reference: str, workspace: str | Path | None = None) -> A
     if ref.kind == "lora-run":
         raise ModelError(f"{reference} is a LoRA run, not a full model.",
                          f"Fine-tune its base model ({ref.base.label}) instead, or a full fine-tune run.")
-    pipe = load_pipeline(ref, "cpu", dtype=torch.float32, offline=offline, workspace=workspace)
+    pipe = load_pipeline(ref, "cpu", dtype=torch.float32, offline=offline, workspace=workspace, stop=stop)
     return check_sd_pipeline(pipe, reference)
 
 
@@ -95,7 +97,7 @@ def load_frozen_base(cfg: FinetuneConfig, device: torch.device, weight_dtype: to
     finetune_plan(cfg, str(device) if device.type != "cpu" else "cpu",
                   unet_config=local_unet_config(reference)).check()
     report("status", message=f"loading base model {reference}")
-    pipe = call_stoppable(functools.partial(load_base_pipeline, reference, cfg.workspace), stop,
+    pipe = call_stoppable(functools.partial(load_base_pipeline, reference, cfg.workspace, stop), stop,
                           f"loading the base model {reference}")
     # SDXL has a second text encoder; its prompt embedding is both side by side, plus a pooled one
     is_sdxl = getattr(pipe, "text_encoder_2", None) is not None
