@@ -14,6 +14,10 @@ Cases (``--case``, default all of ``--quick`` or the full list):
 * ``ddpm-tiny-32-b16`` / ``ddpm-tiny-64-b16``: the Train tab's tiny preset, two
   optimizer steps (AdamW, EMA, fp32) -- what ``train_plan`` predicts.
 * ``ddpm-lucidrains-64-b4``: the lucidrains preset (35 M parameters) at 64 px.
+* ``t2i-32-b16`` / ``t2i-64-b16``: the Train tab's text-to-image mode at its defaults (32 px, batch 16): the
+  autoencoder, text encoder and UNet with one AdamW over all three and the EMA, two autoencoder
+  steps, the dataset encoded (64 images), two diffusion steps and the validation grid (4 prompts x 4
+  images, guidance) -- what ``text_to_image_plan`` predicts.
 * ``sd15-lora-256-b1`` / ``sd15-lora-512-b1``: an SD-1.5-sized ``UNet2DConditionModel``
   (860 M parameters, its real config), frozen, LoRA rank 4 on the attention projections,
   one AdamW step on cached latents -- ``finetune_plan`` (LoRA, cached latents).
@@ -23,7 +27,7 @@ Cases (``--case``, default all of ``--quick`` or the full list):
 Prints one row per case (predicted, measured, relative error) and, last, one JSON line
 ``{"cases": ..., "worst_error": ...}``. Run it with ``nice -n 10`` on a shared machine.
 
-    python benchmarks/memory.py --quick        # the DDPM cases, about a minute idle
+    python benchmarks/memory.py --quick        # the DDPM and text-to-image cases, about a minute idle
     python benchmarks/memory.py                # everything (SD-1.5 cases: minutes, ~10 GB RAM)
 """
 
@@ -41,8 +45,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-QUICK = ("ddpm-tiny-32-b16", "ddpm-tiny-64-b16")
-CASES = QUICK + ("ddpm-lucidrains-64-b4", "sd15-lora-256-b1", "sd15-lora-512-b1", "sd15-generate-512")
+QUICK = ("ddpm-tiny-32-b16", "ddpm-tiny-64-b16", "t2i-32-b16")
+CASES = QUICK + ("t2i-64-b16", "ddpm-lucidrains-64-b4", "sd15-lora-256-b1", "sd15-lora-512-b1", "sd15-generate-512")
 
 
 def _status(key: str) -> int:
@@ -88,6 +92,50 @@ def _ddpm(preset_name: str, resolution: int, batch: int) -> tuple[int, int]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         ema.step(model.parameters())
+    return predicted, _status("VmHWM") - base
+
+
+def _t2i(resolution: int, batch: int) -> tuple[int, int]:
+    import tempfile
+
+    import torch
+    import torch.nn.functional as F
+
+    from studio import small_sd
+    from studio.budget import text_to_image_plan
+    from studio.config.text_to_image import TextToImageConfig
+    from studio.runs import RunDir
+    from studio.trainers.latent_batches import encode_dataset
+    from studio.trainers.text_to_image_scratch import build_parts, validation_images
+
+    cfg = TextToImageConfig(device="cpu", resolution=resolution, train_batch_size=batch, sample_inference_steps=3)
+    predicted = text_to_image_plan(cfg).peak
+    words = ["red", "blue", "yellow", "green", "heart", "circle", "face", "flag", "smiling", "square"]
+    captions = [f"{words[i % 10]} {words[(3 * i + 4) % 10]}" for i in range(64)]
+    base = _reset_peak()
+    torch.manual_seed(0)
+    device = torch.device("cpu")
+    with tempfile.TemporaryDirectory() as folder:
+        p = build_parts(cfg, RunDir(Path(folder)), captions, device)
+        pixels = torch.randint(0, 256, (64, 3, resolution, resolution), dtype=torch.uint8)
+        images = pixels[:batch].float() / 127.5 - 1
+        for _ in range(2):  # the autoencoder stage
+            small_sd.vae_loss(p.vae, images)[0].backward()
+            p.optimizer.step()
+            p.optimizer.zero_grad(set_to_none=True)
+        mean, std = encode_dataset(p.vae, pixels, device)
+        ids = small_sd.tokenize(p.tokenizer, captions[:batch])
+        scheduler = small_sd.train_scheduler(cfg.prediction_type)
+        for _ in range(2):  # the diffusion stage
+            x0 = (mean[:batch] + std[:batch] * torch.randn_like(std[:batch])) * p.vae.config.scaling_factor
+            noise = torch.randn_like(x0)
+            t = torch.randint(0, 1000, (batch,))
+            pred = p.unet(scheduler.add_noise(x0, noise, t), t, small_sd.encode_prompts(p.text_encoder, ids)).sample
+            F.mse_loss(pred, scheduler.get_velocity(x0, noise, t)).backward()
+            p.optimizer.step()
+            p.optimizer.zero_grad(set_to_none=True)
+            p.ema.step(p.denoiser.parameters())
+        validation_images(p, cfg, None)
     return predicted, _status("VmHWM") - base
 
 
@@ -159,6 +207,9 @@ def run_case(name: str) -> tuple[int, int]:
     if name.startswith("ddpm-tiny"):
         _, _, res, b = name.split("-")
         return _ddpm("tiny (CPU demo)", int(res), int(b[1:]))
+    if name.startswith("t2i-"):
+        _, res, b = name.split("-")
+        return _t2i(int(res), int(b[1:]))
     if name == "ddpm-lucidrains-64-b4":
         from studio.unet_presets import PRESETS
 
@@ -173,7 +224,7 @@ def run_case(name: str) -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="only the DDPM cases")
+    parser.add_argument("--quick", action="store_true", help="only the DDPM and text-to-image cases")
     parser.add_argument("--case", action="append", choices=CASES, help="run these cases (repeatable)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
