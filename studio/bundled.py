@@ -51,7 +51,7 @@ class BundledModel:
 #: Every bundled model, in the order the dropdowns list them.
 BUNDLED_MODELS: dict[str, BundledModel] = {m.name: m for m in (
     BundledModel("emoji-sd", "sd", "bundled, text-to-image emoji 32 px (tiny Stable Diffusion), loads offline"),
-    BundledModel("emoji-ddpm", "ddpm", "bundled, unconditional emoji 32 px, loads offline"),
+    BundledModel("emoji-ddpm", "ddpm", "bundled, unconditional emoji faces 32 px, loads offline"),
 )}
 
 
