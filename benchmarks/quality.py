@@ -152,6 +152,10 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
+        if name == "data" and isinstance(value, dict):
+            from studio.config.data import DataConfig
+
+            value = DataConfig(**value)
         overrides[name] = tuple(value) if isinstance(value, list) else value
     return overrides
 
@@ -197,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"quality (SWD x 1000, lower is better): {result['quality']:.1f}   per level "
           + " / ".join(f"{v:.1f}" for v in result["levels"])
           + f"\nreference levels: noise {result['noise_level']:.1f} (untrained) · data {data} (held-out images)")
-    summary = {"minutes": minutes, "steps": steps, **({"set": overrides} if overrides else {}), "quality": round(result["quality"], 2),
+    summary = {"minutes": minutes, "steps": steps, **({"set": args.set} if args.set else {}), "quality": round(result["quality"], 2),
                "noise_level": round(result["noise_level"], 2),
                "data_level": None if result["data_level"] is None else round(result["data_level"], 2)}
     print(json.dumps(summary))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -51,6 +52,24 @@ def test_the_bundled_model_loads_with_plain_diffusers_and_samples():
     assert weights <= 25 * 1024 ** 2 and not list(EMOJI.path.rglob("*.bin"))
     card = (EMOJI.path / "README.md").read_text(encoding="utf-8")
     assert card.startswith("---\n") and "license: cc-by-4.0" in card and "library_name: diffusers" in card
+
+
+def test_the_bundled_model_draws_emoji_faces():
+    """Most fixed-seed samples are yellow discs on white (the first model drew colour mixtures: 2 of 8)."""
+    from diffusers import DDIMScheduler, DDPMPipeline
+
+    pipe = DDPMPipeline.from_pretrained(str(EMOJI.path))
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(batch_size=8, num_inference_steps=25, generator=torch.Generator().manual_seed(0),
+                  output_type="np").images
+    r, g, b = images[..., 0], images[..., 1], images[..., 2]
+    yellow_centre = ((r > 0.75) & (g > 0.55) & (b < 0.45))[:, 8:24, 8:24].mean(axis=(1, 2))
+    white = (r > 0.85) & (g > 0.85) & (b > 0.85)
+    white_corners = np.concatenate([white[:, :4, :4], white[:, :4, -4:], white[:, -4:, :4], white[:, -4:, -4:]],
+                                   axis=1).mean(axis=(1, 2))
+    faces = (yellow_centre > 0.3) & (white_corners > 0.8)
+    assert faces.sum() >= 4, (yellow_centre.round(2), white_corners.round(2))
 
 
 def test_generate_lists_bundled_models_first_and_resolves_them_offline(workspace):

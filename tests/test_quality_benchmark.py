@@ -58,6 +58,10 @@ def test_set_turns_field_value_pairs_into_train_config_overrides(bench):
                                        "prediction_type=epsilon", "use_ema=false"])
     assert overrides == {"learning_rate": 2e-3, "block_out_channels": (64, 64), "prediction_type": "epsilon",
                          "use_ema": False}
+    from studio.config.data import DataConfig
+
+    assert bench.parse_overrides(['data={"source": "emoji", "max_rows": 160}']) == {
+        "data": DataConfig(source="emoji", max_rows=160)}
     for bad in (["no_such_field=1"], ["learning_rate"]):
         with pytest.raises(SystemExit):
             bench.parse_overrides(bad)
