@@ -411,27 +411,42 @@ def resume_latest(ctx: StudioContext, max_train_steps: int | None = None) -> tup
     return resume_run(ctx, None, max_train_steps)
 
 
+def _run_config(ctx: StudioContext, name: str | None) -> dict[str, Any] | None:
+    """Run ``name``'s config.json, read directly (a running resume rewrites it and its checkpoints
+    meanwhile); None for no name, a bad name or a file that is unreadable or not a JSON object."""
+    if not name:
+        return None
+    try:
+        return _config_of(ctx.workspace / check_run_name(name))
+    except StudioError:
+        return None
+
+
+def _config_of(run_dir: str | Path) -> dict[str, Any] | None:
+    """The config.json of the run folder ``run_dir`` ({} when it has none); None when unreadable."""
+    try:
+        data = RunDir(Path(run_dir)).read_config()
+    except (StudioError, OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def run_target(ctx: StudioContext, name: str | None) -> int | None:
     """Run ``name``'s own step target (``max_train_steps`` in its config.json, plus ``vae_steps`` for a
     text-to-image run: the total its progress line counts to), None when unknown."""
-    if not name:
+    data = _run_config(ctx, name)
+    if data is None:
         return None
-    try:  # read directly: a running resume rewrites config.json and its checkpoints meanwhile
-        data = RunDir(ctx.workspace / check_run_name(name)).read_config()
+    try:
         autoencoder = int(data.get("vae_steps") or 0) if data.get("mode") == TEXT_TO_IMAGE else 0
         return autoencoder + int(data.get("max_train_steps") or 0)
-    except (StudioError, OSError, TypeError, ValueError):
+    except (TypeError, ValueError):
         return None
 
 
 def run_mode(ctx: StudioContext, name: str | None) -> str:
     """The mode run ``name`` trained in (its config.json), "unconditional" when unknown or none."""
-    if not name:
-        return TRAIN_MODES[0]
-    try:
-        mode = RunDir(ctx.workspace / check_run_name(name)).read_config().get("mode")
-    except (StudioError, OSError, TypeError, ValueError, AttributeError):
-        return TRAIN_MODES[0]
+    mode = (_run_config(ctx, name) or {}).get("mode")
     return mode if mode in TRAIN_MODES else TRAIN_MODES[0]
 
 
@@ -536,11 +551,8 @@ class GridCaptions:
 
 def grid_captions(run_dir: str | Path) -> GridCaptions:
     """The ``GridCaptions`` of the run in ``run_dir`` (read from its config.json)."""
-    try:
-        data = RunDir(Path(run_dir)).read_config()
-    except (StudioError, OSError, ValueError):
-        return GridCaptions()
-    if data.get("mode") != TEXT_TO_IMAGE:
+    data = _config_of(run_dir)
+    if not data or data.get("mode") != TEXT_TO_IMAGE:
         return GridCaptions()
     prompts = tuple(str(p) for p in data.get("validation_prompts") or ()) or ("(no prompts)",)
     return GridCaptions(int(data.get("vae_steps") or 0), prompts)
