@@ -42,9 +42,9 @@ from studio.model_refs import resolve_reference
 from studio.runs import RunDir
 from tabs import GPU
 from tabs.engine_gate import engine_button
-from tabs.jobtab import (cli_resume_command, failure, format_duration, latest_resumable, latest_snapshot,
-                         lay_out_fields, loss_frame, parse_values, poll_key, resume_config, settings_json,
-                         settings_widget, start_run, stop_job, widget_value)
+from tabs.jobtab import (cli_resume_command, failure, field_label, format_duration, latest_resumable,
+                         latest_snapshot, lay_out_fields, loss_frame, parse_values, poll_key, resume_config,
+                         same_value, settings_json, settings_widget, start_run, stop_job, widget_value)
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +104,6 @@ FIELDS: tuple[tuple[str, str, dict[str, Any]], ...] = (
 
 #: The config field behind each input, in the order handlers receive them.
 INPUT_NAMES = tuple(name for name, _, _ in FIELDS)
-#: Each field's label.
-FIELD_LABELS = {name: extra.get("label", name) for name, _, extra in FIELDS}
 
 #: Groups of fields for the layout: (accordion title or "" for the top, open, fields).
 SECTIONS = (
@@ -162,23 +160,16 @@ def base_defaults(base: str, method: str, values: dict[str, Any], previous: dict
     kept = []
     for name, value in suggested.items():
         current = values.get(name)
-        if previous is None or _same(current, previous.get(name)):
+        if previous is None or same_value(current, previous.get(name)):
             updates[name] = value
-        elif not _same(current, value):
-            kept.append(f"{FIELD_LABELS[name].lower()} {current:g} (suggested: {value:g})")
+        elif not same_value(current, value):
+            kept.append(f"{field_label(FIELDS, name).lower()} {current:g} (suggested: {value:g})")
     tuned = tuned_finetune_defaults(base, method)
     note = (f"*Learning rate {suggested['learning_rate']:g} and {suggested['max_train_steps']} steps suit this base "
             f"model with {method}.*" if tuned else "")
     if kept:
         note = (note + " " if note else "") + f"*Kept your {' and '.join(kept)}.*"
     return updates, suggested, note
-
-
-def _same(a: Any, b: Any) -> bool:
-    try:
-        return float(a) == float(b)
-    except (TypeError, ValueError):
-        return a == b
 
 
 def resolution_for(reference: str, workspace: str | Path | None = None) -> int | None:

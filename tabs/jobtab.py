@@ -296,6 +296,15 @@ def settings_json(build: Callable[..., Any], values: dict[str, Any], ctx: Studio
         return f"// {exc.user_message}"
 
 
+def same_value(a: Any, b: Any) -> bool:
+    """Two widget values equal as a person reads them: numbers by value (a Number box may hold 0.001 as
+    1e-3, 16 as 16.0, or a number as text through the API), anything else by ``==``."""
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return a == b
+
+
 def field_label(fields: Any, name: str) -> str:
     """The UI label of config field ``name`` in a tab's FIELDS table (the name when it has none)."""
     for field_name, _, extra in fields:

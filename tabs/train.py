@@ -48,7 +48,7 @@ from tabs import GPU
 from tabs.engine_gate import LOADING_LABEL, engine_button
 from tabs.jobtab import (cli_resume_command, failure, field_label, format_duration, latest_resumable, lay_out_fields,
                          loss_frame, parse_values, resumable_run, resume_config, run_choices, run_key, run_snapshot,
-                         settings_json, settings_widget, shown_run, start_run, stop_job)
+                         same_value, settings_json, settings_widget, shown_run, start_run, stop_job)
 from studio.pretrained import init_from_choices, schedule_text
 from studio.unet_presets import (CUSTOM, PRESET_TRAINING_FIELDS, PRESETS, attention_levels_of, block_types,
                                  human_count, parameter_count, preset_matching)
@@ -194,19 +194,12 @@ def mode_changes(mode: str, values: dict[str, Any]) -> dict[str, dict[str, Any]]
     for name in SHARED_FIELDS:
         change = {"label": (TEXT_TO_IMAGE_LABELS.get(name) if t2i else None) or _label(name),
                   "info": owner.help_for(name)}
-        if name in values and _same(values[name], before[name]) and not _same(before[name], after[name]):
+        if name in values and same_value(values[name], before[name]) and not same_value(before[name], after[name]):
             change["value"] = after[name]
         changes[name] = change
     # what the UNet predicts: text-to-image trains epsilon or v_prediction, not the DDPM's 'sample'
     changes["prediction_type"]["choices"] = list(TEXT_TO_IMAGE_PREDICTIONS if t2i else PREDICTION_TYPES)
     return changes
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Widget values equal as a person reads them (a Number box may hold 0.001 as 0.001 or 1e-3, 16 as 16.0)."""
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
-        return float(a) == float(b)
-    return a == b
 
 
 def preset_values(preset: str) -> dict[str, Any]:
