@@ -321,13 +321,7 @@ def train_plan(cfg: Any, device: str | None = None) -> Plan:
             accum = cfg.gradient_accumulation_steps * _ceil(cfg.train_batch_size, fitting)
             keep = f" with gradient accumulation {accum} for the same effective batch" if accum <= 64 else ""
             out.append((f"batch size {fitting} or less{keep}", total(fitting)))
-        step = 2 ** (len(cfg.block_out_channels) - 1)
-        r = cfg.resolution // 2
-        while r >= max(8, step):
-            if r % step == 0:
-                out.append((f"resolution {r} px at batch 1", total(1, r)))
-            r //= 2
-        return out
+        return out + _smaller_resolutions(cfg.resolution, 2 ** (len(cfg.block_out_channels) - 1), total)
 
     summary = f"batch {cfg.train_batch_size}, {cfg.resolution} px, {human_count(params)} parameters"
     return _make("train", parts, device, summary, alternatives)
@@ -384,16 +378,23 @@ def text_to_image_plan(cfg: Any, device: str | None = None) -> Plan:
             fitting, high = (middle, high) if total(middle) <= limit else (fitting, middle - 1)
         if 1 <= fitting < cfg.train_batch_size:
             out.append((f"batch size {fitting} or less", total(fitting)))
-        step, r = 2 * scale, cfg.resolution // 2
-        while r >= max(8, step):
-            if r % step == 0:
-                out.append((f"resolution {r} px at batch 1", total(1, r)))
-            r //= 2
-        return out
+        return out + _smaller_resolutions(cfg.resolution, 2 * scale, total)
 
     summary = (f"text-to-image, batch {cfg.train_batch_size}, {cfg.resolution} px, "
                f"{human_count(params)} parameters")
     return _make("train", parts, device, summary, alternatives)
+
+
+def _smaller_resolutions(resolution: int, step: int, total: Callable[[int, int], int]) -> list[tuple[str, int]]:
+    """A training plan's "resolution R px at batch 1" alternatives: each halving of ``resolution`` down
+    to 8 px (and not below ``step``) that ``step`` divides, with ``total(batch, resolution)``'s bytes."""
+    out = []
+    r = resolution // 2
+    while r >= max(8, step):
+        if r % step == 0:
+            out.append((f"resolution {r} px at batch 1", total(1, r)))
+        r //= 2
+    return out
 
 
 def _ceil(a: int, b: int) -> int:
