@@ -151,6 +151,25 @@ def test_the_run_writes_logs_processes_json_like_the_other_trainers(tmp_path):
     assert entries[0]["first_batch"] != expected_batch  # the batch of step 2, the first this process drew
 
 
+def test_resume_latest_without_a_name_keeps_to_its_mode(tmp_path):
+    """`resume: latest` with no run name resumes the newest run of the config's own mode: a DDPM
+    config never picks up a newer text-to-image run of the same workspace, nor the reverse."""
+    from test_ddpm_trainer import tiny_config as ddpm_config
+
+    from studio.trainers import ddpm
+    from studio.trainers.text_to_image_scratch import train
+
+    ddpm_run = ddpm.train(ddpm_config(tmp_path, max_train_steps=2, run_name="ddpm"), Recorder())
+    train(tiny_config(tmp_path, vae_steps=1, max_train_steps=1, images_per_prompt=1), Recorder())  # newer
+    resumed = Recorder()
+    again = ddpm.train(ddpm_config(tmp_path, max_train_steps=3, resume="latest"), resumed)
+    assert again.root == ddpm_run.root and resumed.events[-1].kind == "finished"
+    assert [e.step for e in resumed.events if e.kind == "step"] == [3]
+    later = Recorder()
+    train(tiny_config(tmp_path, vae_steps=1, max_train_steps=2, images_per_prompt=1, resume="latest"), later)
+    assert later.events[-1].kind == "finished" and (tmp_path / "t2i" / "checkpoints" / "step-00000003").is_dir()
+
+
 def test_config_refuses_what_cannot_train(tmp_path):
     with pytest.raises(ConfigError, match="divisible"):
         tiny_config(tmp_path, resolution=18)

@@ -19,8 +19,10 @@ from studio.config.train import LR_SCHEDULERS, MIXED_PRECISIONS, TRAIN_DEVICES, 
 
 #: The value of ``mode`` that selects this trainer in a train config.
 MODE = "text-to-image"
-#: Train modes, UI order: the unconditional DDPM (``TrainConfig``) and this one.
-TRAIN_MODES = ("unconditional", MODE)
+#: The mode of a train config without one: the unconditional DDPM (``TrainConfig``).
+UNCONDITIONAL = "unconditional"
+#: Train modes, UI order: the unconditional DDPM and this one.
+TRAIN_MODES = (UNCONDITIONAL, MODE)
 #: What the UNet predicts.
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 #: Validation prompts when none are given (they steer the bundled emoji set visibly).

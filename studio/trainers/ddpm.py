@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from studio.config.text_to_image import UNCONDITIONAL
 from studio.config.train import BF16_CPU_WARNING, TrainConfig, check_precision_for_device
 from studio.devices import MODEL_INIT_LOCK
 from studio.errors import Stopped
@@ -54,8 +55,8 @@ from studio.trainers.reporting import (GRID_MIN_SIDE, DecodeProgress, LossMeter,
                                        SampleQuality, make_grid, params_sha, write_progress_gif, write_ranks_report)
 from studio.trainers.resume import load_ddpm_checkpoint, save_ddpm_checkpoint
 from studio.trainers.sampling import sample_images
-from studio.trainers.setup import (RunFolder, fresh_accelerator, import_diffusers, open_run, phase_stop,
-                                   run_reported, seed_everything, stop_requested, training_device,
+from studio.trainers.setup import (RunFolder, fresh_accelerator, import_diffusers, newest_run_of_mode, open_run,
+                                   phase_stop, run_reported, seed_everything, stop_requested, training_device,
                                    write_run_config)
 from studio.trainers.speed import prepare_unet_for_training
 from studio.unet_presets import unet_kwargs
@@ -125,7 +126,7 @@ def train(cfg: TrainConfig, events: EventSink = ignore_events, stop: threading.E
 
     train_plan(cfg, "cpu" if device_name == "auto" else device_name).check()  # refuse before allocating
     accelerator = fresh_accelerator(cfg.mixed_precision, device_name)
-    folder = open_run(cfg, TASK, accelerator, run)
+    folder = open_run(cfg, TASK, accelerator, run or newest_run_of_mode(cfg, TASK, UNCONDITIONAL))  # never a t2i run
     report = Reporter(events, folder.run if accelerator.is_main_process else None, cfg.max_train_steps)
     return run_reported(folder, report, functools.partial(_train, cfg, report, stop, folder, accelerator))
 

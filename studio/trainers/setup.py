@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from studio.checkpoints import resolve_resume
+from studio.config.text_to_image import UNCONDITIONAL
 from studio.errors import CheckpointError, Stopped
 from studio.runs import RunDir, resumable_runs
 
@@ -155,8 +156,9 @@ def find_resume_run(cfg: Any, task: str) -> RunDir:
 
 def newest_run_of_mode(cfg: Any, task: str, mode: str) -> RunDir | None:
     """For ``resume: latest`` without a run name: the newest run of ``task`` with a checkpoint whose
-    config.json says ``mode`` (e.g. a text-to-image run, never a DDPM run of the same task); None when
-    the run is named, a checkpoint is given, or nothing is resumed.
+    config.json says ``mode`` (e.g. a text-to-image run, never a DDPM run of the same task; a config
+    without a mode is an unconditional DDPM run); None when the run is named, a checkpoint is given,
+    or nothing is resumed.
 
     Raises:
         CheckpointError: when no run of that mode has a checkpoint.
@@ -164,9 +166,9 @@ def newest_run_of_mode(cfg: Any, task: str, mode: str) -> RunDir | None:
     if cfg.resume != "latest" or cfg.run_name:
         return None
     for info in resumable_runs(cfg.workspace, task):
-        if RunDir(info.path).read_config().get("mode") == mode:
+        if (RunDir(info.path).read_config().get("mode") or UNCONDITIONAL) == mode:
             return RunDir(info.path)
-    raise CheckpointError(f"No {mode} run with a checkpoint in {cfg.workspace} to resume.", "Start a new run first.")
+    raise CheckpointError(f"No {mode} training run with a checkpoint in {cfg.workspace} to resume.", "Start a new run first.")
 
 
 def open_run(cfg: Any, task: str, accelerator: Any, run: RunDir | None = None) -> RunFolder:
