@@ -301,18 +301,21 @@ def _scan_emoji(cfg: DataConfig) -> _Scan:
     if not EMOJI_PARQUET.is_file():
         raise DataError(f"The bundled emoji set is missing ({EMOJI_PARQUET}).",
                         "Rebuild it with assets/tools/build_emoji_dataset.py (see assets/emoji/README.md).")
-    table = pq.read_table(EMOJI_PARQUET, columns=["image", "text"])
+    table = pq.read_table(EMOJI_PARQUET, columns=["image", "text", "category"])
     images = table.column("image").to_pylist()
     texts = table.column("text").to_pylist()
-    n = len(images) if not cfg.max_rows else min(cfg.max_rows, len(images))
-    blobs = [images[i]["bytes"] for i in range(n)]
-    names = [images[i].get("path") or f"emoji_{i}.png" for i in range(n)]
+    rows = [i for i, c in enumerate(table.column("category").to_pylist()) if not cfg.category or c == cfg.category]
+    rows = _limit(cfg, rows)
+    names = [images[i].get("path") or f"emoji_{i}.png" for i in rows]
     file_hash = hashlib.sha256(EMOJI_PARQUET.read_bytes()).hexdigest()
-    readers = [(lambda b=b: b) for b in blobs]
+    readers = [(lambda b=images[i]["bytes"]: b) for i in rows]
     info = SourceInfo(columns=["image", "text", "category"], image_columns=["image"],
                       caption_columns=["text", "category"], image_column="image",
                       caption_column="text", caption_source="column")
-    return _Scan(names, readers, [t or "" for t in texts[:n]], [], _digest("emoji", file_hash, n), info)
+    # the whole set keeps the fingerprint it always had (its cached tensors stay valid)
+    fingerprint = _digest("emoji", file_hash, cfg.category, len(rows)) if cfg.category else \
+        _digest("emoji", file_hash, len(rows))
+    return _Scan(names, readers, [texts[i] or "" for i in rows], [], fingerprint, info)
 
 
 # --------------------------------------------------------------------------- folders and uploads

@@ -17,7 +17,7 @@ from PIL import Image
 from dataset_files import folder_cfg, good_folder, hub_folder, save, skipped_reasons  # noqa: F401  (fixtures)
 from studio.config.data import DataConfig
 from studio.data import EMOJI_PARQUET, SkippedFile, export_image_folder, load_image_dataset
-from studio.errors import DataError
+from studio.errors import ConfigError, DataError
 
 
 # --------------------------------------------------------------------------- the emoji set
@@ -56,6 +56,29 @@ def test_emoji_row_limit_and_progress():
     assert len(ds) == 10
     assert calls[-1][0] == 1.0 and all(0.0 <= f <= 1.0 for f, _ in calls)
     assert ds.fingerprint != load_image_dataset(DataConfig(source="emoji", max_rows=11)).fingerprint
+
+
+def test_emoji_category_picks_its_rows_and_is_its_own_dataset():
+    import pyarrow.parquet as pq
+
+    from studio.config.data import EMOJI_CATEGORIES
+
+    column = pq.read_table(EMOJI_PARQUET, columns=["category"]).column("category").to_pylist()
+    assert EMOJI_CATEGORIES == {c: column.count(c) for c in dict.fromkeys(column)}  # the set's order and sizes
+    whole = load_image_dataset(DataConfig(source="emoji", max_rows=3))
+    faces = load_image_dataset(DataConfig(source="emoji", category="smileys & emotion"))
+    assert len(faces) == 169 and faces.captions[-1].startswith("zzz") and "smileys & emotion" in faces.summary()
+    flags = load_image_dataset(DataConfig(source="emoji", category="flags", max_rows=4))
+    assert len(flags) == 4 and all(", flags, " in c for c in flags.captions)
+    assert flags.image(0).tobytes() != whole.image(0).tobytes()
+    # the first 169 rows of the whole set are the smileys, but a category is its own dataset (cache key)
+    assert faces.fingerprint != load_image_dataset(DataConfig(source="emoji", max_rows=169)).fingerprint
+    assert [faces.image(i).tobytes() for i in (0, 168)] == \
+        [load_image_dataset(DataConfig(source="emoji", max_rows=169)).image(i).tobytes() for i in (0, 168)]
+    with pytest.raises(ConfigError, match="Emoji category must be one of: smileys & emotion, people & body"):
+        DataConfig(source="emoji", category="Smileys")
+    with pytest.raises(ConfigError, match="bundled emoji set only"):
+        DataConfig(source="folder", path="/data", category="flags")
 
 
 # --------------------------------------------------------------------------- folders
