@@ -7,7 +7,7 @@ without Gradio running. The images themselves are read by ``studio.data``.
 
 A successful load hands the dataset to Train and Fine-tune through
 ``ctx.dataset.set(DatasetChoice(...))``; the page opens with the current choice
-(the bundled emoji set on a fresh start) already previewed.
+(the bundled emoji set's smileys on a fresh start) already previewed.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import gradio as gr
 
-from studio.config.data import DATA_SOURCES, DataConfig
+from studio.config.data import DATA_SOURCES, EMOJI_CATEGORIES, STARTING_CATEGORY, DataConfig
 from studio.context import DatasetChoice, StudioContext
 from studio.data import ImageDataset, SkippedFile, load_image_dataset, unpack_upload
 from studio.paths import confine
@@ -50,6 +50,13 @@ SIZE_BUCKETS = (("< 64", 0), ("64-127", 64), ("128-255", 128), ("256-511", 256),
 UPLOAD_TYPES = [".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff",
                 ".zip", ".txt", ".caption", ".jsonl", ".csv"]
 AUTO = ("auto", "")
+#: The emoji category dropdown: the whole set (value "") first, then each category with its size.
+CATEGORY_CHOICES = [(f"All {sum(EMOJI_CATEGORIES.values()):,} emoji", "")] + \
+    [(f"{name} ({count})", name) for name, count in EMOJI_CATEGORIES.items()]
+#: The info line under the emoji category dropdown.
+CATEGORY_INFO = (f"The smileys ({EMOJI_CATEGORIES[STARTING_CATEGORY]} faces and hearts) show round yellow faces "
+                 "after about 5 minutes of training on a CPU; the whole set needs far longer (on a 2-core CPU "
+                 "it is still a colour collage after an hour).")
 
 
 @dataclass
@@ -81,8 +88,8 @@ class DatasetView:
 
 def build_config(source: str, folder: str = "", upload_dir: str = "", hub_id: str = "", split: str = "",
                  image_column: str = "", caption_column: str = "", max_rows: float | int | None = 0,
-                 require_captions: bool = False) -> DataConfig:
-    """Widget values -> a validated ``DataConfig``.
+                 require_captions: bool = False, category: str = "") -> DataConfig:
+    """Widget values -> a validated ``DataConfig`` (``category`` is kept for the bundled emoji set only).
 
     Raises:
         ConfigError: when the source's path or id is missing or a value is invalid.
@@ -97,6 +104,7 @@ def build_config(source: str, folder: str = "", upload_dir: str = "", hub_id: st
         caption_column=(caption_column or "").strip(),
         max_rows=int(max_rows or 0),
         require_captions=bool(require_captions),
+        category=(category or "") if source == "emoji" else "",
     )
 
 
@@ -233,12 +241,13 @@ def export_dataset(cfg: DataConfig, target: str, workspace: Path,
 def input_values(cfg: DataConfig) -> list[Any]:
     """The tab's input widget values that rebuild ``cfg`` (inverse of ``build_config``)."""
     return [cfg.source, cfg.path if cfg.source == "folder" else "", cfg.path if cfg.source == "upload" else "",
-            cfg.hub_id, cfg.split, cfg.image_column, cfg.caption_column, cfg.max_rows, cfg.require_captions]
+            cfg.hub_id, cfg.split, cfg.image_column, cfg.caption_column, cfg.max_rows, cfg.require_captions,
+            cfg.category]
 
 
-def source_visibility(source: str) -> tuple[bool, bool, bool]:
-    """Which input groups (folder, upload, hub) show for ``source``."""
-    return source == "folder", source == "upload", source == "hub"
+def source_visibility(source: str) -> tuple[bool, bool, bool, bool]:
+    """Which input groups (folder, upload, hub, emoji category) show for ``source``."""
+    return source == "folder", source == "upload", source == "hub", source == "emoji"
 
 
 def _dropdown_choices(values: list[str]) -> list[tuple[str, str]]:
@@ -262,7 +271,10 @@ def build_dataset_tab(ctx: StudioContext) -> dict:
         with gr.Column(scale=1, min_width=320):
             source = gr.Radio([(SOURCE_LABELS[s], s) for s in DATA_SOURCES], value=current.source,
                               label="Source", info=DataConfig.help_for("source"), elem_id="dataset-source")
-            fv, uv, hv = source_visibility(current.source)
+            fv, uv, hv, ev = source_visibility(current.source)
+            with gr.Group(visible=ev) as emoji_box:
+                category = gr.Dropdown(CATEGORY_CHOICES, value=current.category, label="Emoji category",
+                                       info=CATEGORY_INFO, elem_id="dataset-category")
             with gr.Group(visible=fv) as folder_box:
                 folder = gr.Textbox(label="Folder path", value=current.path if current.source == "folder" else "",
                                     placeholder="/data/my-images", elem_id="dataset-folder",
@@ -312,7 +324,7 @@ def build_dataset_tab(ctx: StudioContext) -> dict:
     loaded_config = gr.State(None)  # the DataConfig (as a dict) of the last successful load
 
     config_inputs = [source, folder, upload_dir, hub_id, split, image_column, caption_column,
-                     max_rows, require_captions]
+                     max_rows, require_captions, category]
     view_outputs = [gallery, counts, sizes, skipped, status, split, image_column, caption_column, loaded_config]
 
     def render(cfg: DataConfig, progress: gr.Progress) -> tuple:
@@ -372,7 +384,7 @@ def build_dataset_tab(ctx: StudioContext) -> dict:
             return f"Export failed: {message}"
 
     source.change(lambda s: tuple(gr.update(visible=v) for v in source_visibility(s)), inputs=source,
-                  outputs=[folder_box, upload_box, hub_box], api_name="choose_source", queue=False)
+                  outputs=[folder_box, upload_box, hub_box, emoji_box], api_name="choose_source", queue=False)
     upload.upload(on_upload, inputs=upload, outputs=[upload_dir, status], api_name="upload_files")
     # progress (and a failure) shows on the status box only, not as a frozen bar on every output
     load_button.click(on_load, inputs=config_inputs, outputs=view_outputs, api_name="load_dataset",
@@ -381,12 +393,12 @@ def build_dataset_tab(ctx: StudioContext) -> dict:
                         api_name="export_dataset")
     root = gr.context.Context.root_block
     if root is not None:
-        root.load(on_page_load, outputs=view_outputs + config_inputs + [folder_box, upload_box, hub_box],
+        root.load(on_page_load, outputs=view_outputs + config_inputs + [folder_box, upload_box, hub_box, emoji_box],
                   api_name="preview_current_dataset", show_progress_on=status)
     hub_id.input(lambda: ("", ""), outputs=[split, image_column], api_name="reset_hub_columns", queue=False)
     return {"status": status, "gallery": gallery}
 
 
-__all__ = ["DatasetView", "build_config", "preview_dataset", "size_report", "skipped_table", "counts_line",
+__all__ = ["CATEGORY_CHOICES", "DatasetView", "build_config", "preview_dataset", "size_report", "skipped_table", "counts_line",
            "save_upload", "export_dataset", "default_export_dir", "resolve_export_dir", "source_visibility", "input_values",
            "build_dataset_tab"]

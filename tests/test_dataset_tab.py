@@ -41,8 +41,22 @@ def test_build_config_per_source():
         tab.build_config("emoji", max_rows=-1)
 
 
+def test_build_config_keeps_the_emoji_category_for_the_emoji_set_only():
+    assert tab.build_config("emoji", category="flags") == DataConfig(category="flags")
+    # the dropdown keeps its value while another source is picked; that source does not get it
+    assert tab.build_config("folder", folder="/data", category="flags").category == ""
+    assert tab.build_config("hub", hub_id="user/set", category="flags").category == ""
+    with pytest.raises(ConfigError, match="Emoji category must be one of"):
+        tab.build_config("emoji", category="Flags")
+    # the dropdown: the whole set first, then every category with its size, all of them valid
+    assert tab.CATEGORY_CHOICES[:2] == [("All 1,911 emoji", ""), ("smileys & emotion (169)", "smileys & emotion")]
+    assert len(tab.CATEGORY_CHOICES) == 11 and ("flags (270)", "flags") in tab.CATEGORY_CHOICES
+    assert all(tab.build_config("emoji", category=value).category == value for _, value in tab.CATEGORY_CHOICES)
+
+
 @pytest.mark.parametrize("cfg", [
     DataConfig(),
+    DataConfig(category="smileys & emotion", max_rows=20),
     DataConfig(source="folder", path="/data/cats", caption_column="caption", max_rows=10, require_captions=True),
     DataConfig(source="upload", path="/ws/uploads/x"),
     DataConfig(source="hub", hub_id="user/set", split="test", image_column="img", caption_column="text"),
@@ -52,10 +66,11 @@ def test_input_values_round_trip(cfg):
 
 
 def test_source_visibility():
-    assert tab.source_visibility("emoji") == (False, False, False)
-    assert tab.source_visibility("folder") == (True, False, False)
-    assert tab.source_visibility("upload") == (False, True, False)
-    assert tab.source_visibility("hub") == (False, False, True)
+    # (folder, upload, hub, emoji category)
+    assert tab.source_visibility("emoji") == (False, False, False, True)
+    assert tab.source_visibility("folder") == (True, False, False, False)
+    assert tab.source_visibility("upload") == (False, True, False, False)
+    assert tab.source_visibility("hub") == (False, False, True, False)
 
 
 def test_size_report_numbers_and_histogram():
@@ -177,8 +192,8 @@ def test_export_dataset_default_and_relative_targets(tmp_path: Path):
 def test_app_loads_emoji_and_reports_a_broken_folder(client, launched_app, tmp_path: Path):
     app, _ = launched_app
     ctx = app.studio_context
-    gallery, counts, sizes, skipped, status, *_ = client.predict(
-        "emoji", "", "", "", "", "", "", 0, False, api_name="/load_dataset")
+    gallery, counts, sizes, skipped, status, *_ = client.predict(  # "" = all 1,911 (the studio starts on a category)
+        "emoji", "", "", "", "", "", "", 0, False, "", api_name="/load_dataset")
     assert len(gallery) == tab.PREVIEW_COUNT
     first = gallery[0]
     assert first["caption"] == "grinning face, smileys & emotion, face-smiling"
@@ -205,6 +220,27 @@ def test_app_loads_emoji_and_reports_a_broken_folder(client, launched_app, tmp_p
     *_, status, _, _, _ = client.predict(
         "hub", "", "", "nobody-here/no-such-dataset", "", "", "", 0, False, api_name="/load_dataset")
     assert "not in the local cache and the studio is offline" in status
+
+
+@pytest.mark.integration
+def test_app_starts_on_the_smileys_and_a_picked_category_stays(client, launched_app):
+    app, _ = launched_app
+    ctx = app.studio_context
+    category_at = 17  # the outputs: 8 views (the State is not sent), then the 10 inputs, the category last
+    # a fresh studio: the page previews the smileys and the dropdown shows their category
+    outputs = client.predict(api_name="/preview_current_dataset")
+    assert outputs[1].startswith("**169** images") and "emoji (bundled, smileys & emotion)" in outputs[1]
+    assert outputs[8] == "emoji" and outputs[category_at] == "smileys & emotion"
+    assert ctx.dataset.get().count == 169 and ctx.dataset.get().config.category == "smileys & emotion"
+
+    gallery, counts, _, _, status, *_ = client.predict(
+        "emoji", "", "", "", "", "", "", 0, False, "flags", api_name="/load_dataset")
+    assert counts.startswith("**270** images") and "Loaded 270 images from emoji (bundled, flags)" in status
+    assert all(", flags, " in g["caption"] for g in gallery)
+    assert ctx.dataset.get().config == DataConfig(category="flags") and ctx.dataset.get().count == 270
+    # a page opened later shows the flags with the category picked
+    outputs = client.predict(api_name="/preview_current_dataset")
+    assert outputs[1].startswith("**270** images") and outputs[category_at] == "flags"
 
 
 @pytest.mark.integration
