@@ -100,6 +100,14 @@ def test_preview_emoji():
     assert view.choice.count == 1911 and view.choice.has_captions and view.choice.config == DataConfig()
 
 
+def test_the_studio_starts_on_the_smileys_as_a_load_of_them_would_show():
+    from studio.context import DatasetSelection
+
+    start = DatasetSelection().get()
+    assert start.config == DataConfig(category="smileys & emotion") and start.count == 169
+    assert tab.preview_dataset(start.config, preview_count=0).choice == start  # same summary, count, captions
+
+
 def test_preview_folder_with_bad_files(tmp_path: Path):
     root = _folder(tmp_path / "imgs", captions=False)
     (root / "broken.png").write_bytes(b"not a png")
