@@ -55,8 +55,8 @@ CATEGORY_CHOICES = [(f"All {sum(EMOJI_CATEGORIES.values()):,} emoji", "")] + \
     [(f"{name} ({count})", name) for name, count in EMOJI_CATEGORIES.items()]
 #: The info line under the emoji category dropdown.
 CATEGORY_INFO = (f"The smileys ({EMOJI_CATEGORIES[STARTING_CATEGORY]} faces and hearts) show round yellow faces "
-                 "after about 5 minutes of training on a CPU; the whole set needs far longer (on a 2-core CPU "
-                 "it is still a colour collage after an hour).")
+                 "after about 5 minutes of training on a CPU; the whole set needs far longer (on a 2-core CPU, "
+                 "still no recognisable emoji after an hour).")
 
 
 @dataclass
