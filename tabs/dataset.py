@@ -239,10 +239,14 @@ def export_dataset(cfg: DataConfig, target: str, workspace: Path,
 
 
 def input_values(cfg: DataConfig) -> list[Any]:
-    """The tab's input widget values that rebuild ``cfg`` (inverse of ``build_config``)."""
+    """The tab's input widget values that rebuild ``cfg`` (inverse of ``build_config``).
+
+    For a source other than the emoji set the (hidden) category is the starting one, so switching
+    back to the emoji set offers the smileys again, not the whole set.
+    """
     return [cfg.source, cfg.path if cfg.source == "folder" else "", cfg.path if cfg.source == "upload" else "",
             cfg.hub_id, cfg.split, cfg.image_column, cfg.caption_column, cfg.max_rows, cfg.require_captions,
-            cfg.category]
+            cfg.category if cfg.source == "emoji" else STARTING_CATEGORY]
 
 
 def source_visibility(source: str) -> tuple[bool, bool, bool, bool]:

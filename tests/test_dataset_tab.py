@@ -63,6 +63,8 @@ def test_build_config_keeps_the_emoji_category_for_the_emoji_set_only():
 ])
 def test_input_values_round_trip(cfg):
     assert tab.build_config(*tab.input_values(cfg)) == cfg
+    # the hidden category of another source is the starting one: back on the emoji set, the smileys
+    assert tab.input_values(cfg)[-1] == (cfg.category if cfg.source == "emoji" else "smileys & emotion")
 
 
 def test_source_visibility():
@@ -275,4 +277,4 @@ def test_app_upload_load_and_export(client, launched_app, tmp_path: Path):
     outputs = client.predict(api_name="/preview_current_dataset")
     gallery, counts, status = outputs[0], outputs[1], outputs[4]
     assert len(gallery) == 3 and counts.startswith("**3** images") and "Loaded 3 images" in status
-    assert outputs[8:11] == ("upload", "", folder)
+    assert outputs[8:11] == ("upload", "", folder) and outputs[17] == "smileys & emotion"
