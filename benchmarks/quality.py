@@ -16,12 +16,15 @@ its two reference levels, measured the same way at the same sample count:
 
 Samples are drawn exactly as the Train tab's sample grid: ``num_samples`` images (16),
 DDIM with ``sample_inference_steps`` (50) from the model's noise schedule, initial noise
-from seed 0. The reference is the emoji set at the model's resolution (seed 0).
+from seed 0. The reference is the images the run trained on (the default run: the emoji
+set's smileys & emotion) at the model's resolution (seed 0); with ``--model``, the whole
+emoji set unless ``--category`` / ``--max-rows`` say otherwise.
 
     python benchmarks/quality.py                  # 5 minutes of training, then score
     python benchmarks/quality.py --quick          # 1 minute
-    python benchmarks/quality.py --model assets/models/emoji-ddpm
+    python benchmarks/quality.py --model assets/models/emoji-ddpm --max-rows 160   # the faces it was trained on
     python benchmarks/quality.py --set learning_rate=2e-3 --set 'block_out_channels=[64, 64]'   # a recipe probe
+    python benchmarks/quality.py --set 'data={"source": "emoji"}'   # the default run on all 1,911 emoji
 
 The last line printed is one JSON object:
 ``{"minutes": ..., "steps": ..., "quality": ..., "noise_level": ..., "data_level": ...}``.
@@ -59,8 +62,9 @@ def model_folder(path: str | Path) -> Path:
 
 
 def score_pipeline(path: str | Path, *, samples: int = 16, inference_steps: int = 50, seed: int = 0,
-                   cache_root: str | Path, max_rows: int = 0, grid_path: Path | None = None) -> dict[str, Any]:
-    """Quality of a DDPMPipeline folder's fixed-seed samples against the bundled emoji set.
+                   cache_root: str | Path, data: Any = None, grid_path: Path | None = None) -> dict[str, Any]:
+    """Quality of a DDPMPipeline folder's fixed-seed samples against ``data`` (a ``DataConfig``; None: the
+    whole bundled emoji set).
 
     Returns:
         ``{"quality", "noise_level", "data_level", "levels", "resolution", "grid"}``.
@@ -77,7 +81,7 @@ def score_pipeline(path: str | Path, *, samples: int = 16, inference_steps: int 
     pipe = DDPMPipeline.from_pretrained(str(model_folder(path)), use_safetensors=True)
     size = pipe.unet.config.sample_size
     resolution = int(size if isinstance(size, int) else size[0])
-    pixels = load_tensor_cache(DataConfig(max_rows=max_rows), resolution, Path(cache_root)).pixels
+    pixels = load_tensor_cache(data or DataConfig(), resolution, Path(cache_root)).pixels
     reference = QualityReference.build(pixels, sample_count=samples)
     grid_cfg = SimpleNamespace(num_samples=samples, resolution=resolution, seed=seed,
                                sample_inference_steps=inference_steps)
@@ -89,7 +93,8 @@ def score_pipeline(path: str | Path, *, samples: int = 16, inference_steps: int 
             "grid": str(grid_path) if grid_path else None}
 
 
-def train_for(minutes: float, workspace: Path, **overrides: Any) -> tuple[Path, int, float, list[tuple[int, float]]]:
+def train_for(minutes: float, workspace: Path, **overrides: Any) -> tuple[Path, int, float, list[tuple[int, float]],
+                                                                      Any]:
     """Train ``TrainConfig()``'s defaults for ``minutes`` of wall-clock training (or until it finishes).
 
     The clock starts at the first optimisation step: loading the data, building the model
@@ -98,7 +103,7 @@ def train_for(minutes: float, workspace: Path, **overrides: Any) -> tuple[Path, 
     ``overrides`` change settings (the smoke test trains a tiny model); the benchmark passes none.
 
     Returns:
-        (run folder, steps trained, seconds spent, [(step, quality) from the run's events]).
+        (run folder, steps trained, seconds spent, [(step, quality) from the run's events], the run's DataConfig).
     """
     from studio.config.train import TrainConfig
     from studio.trainers.ddpm import train
@@ -129,7 +134,7 @@ def train_for(minutes: float, workspace: Path, **overrides: Any) -> tuple[Path, 
     elapsed = time.perf_counter() - start[0] if start else 0.0
     curve = [(e.step, e.quality) for e in run.read_events()
              if e.kind == "quality" and getattr(e, "quality", None) is not None]
-    return run.root, steps[0], elapsed, curve
+    return run.root, steps[0], elapsed, curve, cfg.data
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -167,7 +172,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--model", default="", help="score this DDPMPipeline folder (or run folder) instead")
     parser.add_argument("--samples", type=int, default=16, help="images scored (the sample grid's num_samples)")
     parser.add_argument("--inference-steps", type=int, default=50, help="DDIM steps per sample (the grid's)")
-    parser.add_argument("--max-rows", type=int, default=0, help="use at most this many dataset images (0 = all)")
+    parser.add_argument("--category", default=None, help="score against this category of the emoji set "
+                        "(default: the trained run's own dataset; with --model the whole set; '' = the whole set)")
+    parser.add_argument("--max-rows", type=int, default=None, help="score against at most this many of those images")
     parser.add_argument("--workspace", default="", help="where the run and the image cache go (default: a temp dir)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
@@ -183,20 +190,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     workspace = Path(args.workspace or tempfile.mkdtemp(prefix="bench-quality-")).resolve()
     workspace.mkdir(parents=True, exist_ok=True)
     minutes = steps = None
+    from studio.config.data import DataConfig
+
+    data = DataConfig()
     if args.model:
         target = Path(args.model)
     else:
         minutes = 1.0 if args.quick else args.minutes
-        target, steps, elapsed, curve = train_for(minutes, workspace, **overrides)
+        target, steps, elapsed, curve, data = train_for(minutes, workspace, **overrides)
         print(f"trained {steps} steps in {elapsed / 60:.2f} minutes; run folder {target}")
         if curve:
             print("quality during training (lower is better): "
                   + ", ".join(f"step {s}: {q:.1f}" for s, q in curve))
+    if args.category is not None or args.max_rows is not None:
+        data = DataConfig(category=data.category if args.category is None else args.category,
+                          max_rows=data.max_rows if args.max_rows is None else args.max_rows)
     result = score_pipeline(target, samples=args.samples, inference_steps=args.inference_steps,
-                            cache_root=workspace / ".cache", max_rows=args.max_rows,
-                            grid_path=workspace / "quality-samples.png")
+                            cache_root=workspace / ".cache", data=data, grid_path=workspace / "quality-samples.png")
     print(f"model {model_folder(target)} at {result['resolution']} px, {args.samples} samples "
-          f"({args.inference_steps} DDIM steps, seed 0); grid: {result['grid']}")
+          f"({args.inference_steps} DDIM steps, seed 0) against {data.label}"
+          f"{f' (first {data.max_rows})' if data.max_rows else ''}; grid: {result['grid']}")
     data = "n/a" if result["data_level"] is None else f"{result['data_level']:.1f}"
     print(f"quality (SWD x 1000, lower is better): {result['quality']:.1f}   per level "
           + " / ".join(f"{v:.1f}" for v in result["levels"])

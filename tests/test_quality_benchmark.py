@@ -24,7 +24,7 @@ def bench():
 def test_model_mode_prints_the_figure_and_both_levels_as_json(bench, tmp_path, capsys):
     pipe = make_tiny_ddpm(tmp_path / "run" / "model")       # a run folder holding model/ is accepted too
     result = bench.main(["--model", str(tmp_path / "run"), "--samples", "4", "--inference-steps", "2",
-                         "--max-rows", "24", "--workspace", str(tmp_path / "ws")])
+                         "--category", "flags", "--max-rows", "24", "--workspace", str(tmp_path / "ws")])
     lines = capsys.readouterr().out.strip().splitlines()
     assert json.loads(lines[-1]) == result
     assert set(result) == {"minutes", "steps", "quality", "noise_level", "data_level"}
@@ -34,6 +34,7 @@ def test_model_mode_prints_the_figure_and_both_levels_as_json(bench, tmp_path, c
     assert any("lower is better" in line for line in lines)
     assert (tmp_path / "ws" / "quality-samples.png").is_file()
     assert str(pipe) in "\n".join(lines)
+    assert "against emoji (bundled, flags) (first 24)" in "\n".join(lines)
     with pytest.raises(SystemExit):
         bench.model_folder(tmp_path)
 
@@ -46,10 +47,11 @@ def test_training_mode_trains_the_run_and_reads_its_quality_curve(bench, tmp_pat
                 learning_rate=1e-3, lr_warmup_steps=0, block_out_channels=(8, 16), layers_per_block=1,
                 down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
                 num_samples=4, sample_inference_steps=2, sample_every=1, save_every=0, device="cpu")
-    run, steps, elapsed, curve = bench.train_for(5.0, tmp_path, **tiny)
+    run, steps, elapsed, curve, data = bench.train_for(5.0, tmp_path, **tiny)
     assert steps == 2 and 0 < elapsed < 300
     assert [step for step, _ in curve] == [0, 1, 2] and all(value > 0 for _, value in curve)
-    result = bench.score_pipeline(run, samples=4, inference_steps=2, cache_root=tmp_path / ".cache", max_rows=16)
+    assert data == DataConfig(source="emoji", max_rows=16)  # the reference is the run's own dataset
+    result = bench.score_pipeline(run, samples=4, inference_steps=2, cache_root=tmp_path / ".cache", data=data)
     assert result["resolution"] == 8 and result["quality"] > 0
 
 

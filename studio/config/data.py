@@ -49,6 +49,11 @@ class DataConfig(ConfigBase):
         if self.source == "hub":
             require(bool(self.hub_id.strip()), "Enter a Hugging Face dataset id, e.g. huggan/smithsonian_butterflies_subset.")
 
+    @classmethod
+    def starting(cls) -> "DataConfig":
+        """The dataset the studio starts with: the bundled emoji set's ``STARTING_CATEGORY``."""
+        return cls(category=STARTING_CATEGORY)
+
     @property
     def label(self) -> str:
         """Short human name: 'emoji (bundled)', 'folder /data/cats', 'hub user/set [train]'."""

@@ -25,8 +25,9 @@ UNCONDITIONAL = "unconditional"
 TRAIN_MODES = (UNCONDITIONAL, MODE)
 #: What the UNet predicts.
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-#: Validation prompts when none are given (they steer the bundled emoji set visibly).
-DEFAULT_PROMPTS = ("red heart", "yellow smiling face", "flag", "blue circle")
+#: Validation prompts when none are given: four emoji of the starting category (smileys & emotion) that differ
+#: in colour and shape, so the grid shows whether the prompt steers.
+DEFAULT_PROMPTS = ("red heart", "yellow smiling face", "blue heart", "pile of poo")
 
 
 @dataclass
@@ -35,8 +36,9 @@ class TextToImageConfig(ConfigBase):
 
     mode: str = option(MODE, "Training mode: 'text-to-image' trains a small Stable Diffusion on captioned images.")
     # -- data and run folder --------------------------------------------------
-    data: DataConfig = field(default_factory=DataConfig, metadata={
-        "help": "A captioned dataset (the bundled emoji by default; images without a caption train as unconditional)."})
+    data: DataConfig = field(default_factory=DataConfig.starting, metadata={
+        "help": "A captioned dataset (by default the bundled emoji set's smileys & emotion; images without a caption "
+                "train as unconditional)."})
     workspace: str = option("runs", "Folder holding every run folder.")
     run_name: str = option("", "Name of the run folder; empty makes train-<date>-<time>.")
     resume: str = option("", "Continue a run: empty = new run, 'latest' = newest intact checkpoint "

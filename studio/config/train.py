@@ -49,8 +49,8 @@ class TrainConfig(ConfigBase):
     """Everything an unconditional DDPM run needs; JSON round trip via ``ConfigBase``."""
 
     # -- data and run folder --------------------------------------------------
-    data: DataConfig = field(default_factory=DataConfig, metadata={
-        "help": "The dataset (set in the Dataset tab; the bundled emoji by default)."})
+    data: DataConfig = field(default_factory=DataConfig.starting, metadata={
+        "help": "The dataset (set in the Dataset tab; by default the bundled emoji set's smileys & emotion)."})
     workspace: str = option("runs", "Folder holding every run folder.")
     run_name: str = option("", "Name of the run folder; empty makes train-<date>-<time>.")
     resume: str = option("", "Continue a run: empty = new run, 'latest' = newest intact checkpoint "
@@ -117,7 +117,7 @@ class TrainConfig(ConfigBase):
 
     def __post_init__(self) -> None:
         if self.data is None:
-            self.data = DataConfig()
+            self.data = DataConfig.starting()
         if isinstance(self.data, dict):
             self.data = DataConfig.from_dict(self.data)
         require(isinstance(self.data, DataConfig), "data must be a dataset description (DataConfig).")
