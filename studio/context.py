@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from studio.config.data import EMOJI_CATEGORIES, STARTING_CATEGORY, DataConfig
+from studio.config.data import EMOJI_CATEGORIES, DataConfig
 from studio.engine import EngineLoader
 from studio.jobs import JobManager
 from studio.settings import LaunchSettings
@@ -39,8 +39,8 @@ class DatasetSelection:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        start = DataConfig(source="emoji", category=STARTING_CATEGORY)
-        count = EMOJI_CATEGORIES[STARTING_CATEGORY]
+        start = DataConfig.starting()
+        count = EMOJI_CATEGORIES[start.category]
         # the summary a load of it gives (ImageDataset.summary), without reading the set at import
         self._choice = DatasetChoice(start, f"{count} images from {start.label}, captioned, 0 skipped", count, True)
         self.version = 0
