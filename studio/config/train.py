@@ -75,7 +75,7 @@ class TrainConfig(ConfigBase):
     adam_weight_decay: float = option(1e-6, "AdamW weight decay.")
     adam_epsilon: float = option(1e-8, "AdamW epsilon.")
     max_grad_norm: float = option(1.0, "Clip the gradient norm to this value (0 = no clipping).")
-    max_train_steps: int = option(1000, "Optimizer steps to train; overrides num_epochs when > 0.")
+    max_train_steps: int = option(3000, "Optimizer steps to train; overrides num_epochs when > 0.")
     num_epochs: int = option(0, "Passes over the dataset, used when max_train_steps is 0.")
     mixed_precision: str = option("no", "no = fp32 (the only fast choice on CPU), fp16 or bf16 on a GPU.")
     # -- EMA -------------------------------------------------------------------
