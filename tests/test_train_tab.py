@@ -51,6 +51,22 @@ def test_default_values_build_the_default_config(ctx):
     assert set(tab.INPUT_NAMES) == set(tab.default_values())
 
 
+def test_a_fresh_studio_trains_the_smileys_for_3000_steps_and_says_so_once():
+    """The default run: the emoji set's smileys (the set a CPU learns in minutes), 3,000 steps; the
+    dataset line names the count once (the starting summary already says "169 images")."""
+    from types import SimpleNamespace
+
+    from studio.context import DatasetSelection
+
+    fresh = SimpleNamespace(dataset=DatasetSelection())
+    assert fresh.dataset.get().config == DataConfig.starting() == TrainConfig().data
+    assert (TrainConfig().data.category, TrainConfig().max_train_steps) == ("smileys & emotion", 3000)
+    line = tab.dataset_line(fresh)
+    assert line.count("169 images") == 1 and "smileys & emotion" in line
+    fresh.dataset.set(DatasetChoice(DataConfig(max_rows=8), "emoji (first 8)", 8, True))
+    assert tab.dataset_line(fresh) == "**Dataset:** emoji (first 8) (8 images). Change it in the Dataset tab."
+
+
 def test_each_preset_fills_the_architecture_widgets():
     for name, preset in PRESETS.items():
         values = tab.default_values()
