@@ -45,7 +45,9 @@ def test_picking_text_to_image_shows_its_settings_with_its_defaults_and_keeps_ty
     t2i = TextToImageConfig()
     assert changes["sample_inference_steps"]["label"] == "Sampling steps (PNDM)"
     assert changes["max_train_steps"]["info"] == TextToImageConfig.help_for("max_train_steps")
-    assert changes["random_flip"]["value"] is False and changes["max_train_steps"]["value"] == t2i.max_train_steps
+    assert changes["random_flip"]["value"] is False
+    # both modes default to 3,000 steps, so the box keeps its value: no change is sent
+    assert "value" not in changes["max_train_steps"] and values["max_train_steps"] == t2i.max_train_steps
     assert changes["prediction_type"]["choices"] == ["epsilon", "v_prediction"]  # no DDPM 'sample'
     assert "value" not in changes["learning_rate"] and "value" not in changes["run_name"]
     after = applied(dict(values, mode="text-to-image"), changes)
@@ -123,7 +125,8 @@ def test_a_tiny_text_to_image_run_through_the_launched_app_opens_in_generate(lau
     widgets = dict(zip(tab.INPUT_NAMES, loaded[-len(tab.INPUT_NAMES):]))  # (the sections are not API outputs)
     assert widgets["mode"]["value"] == "text-to-image", widgets["mode"]
     assert widgets["validation_prompts"]["visible"] is True and widgets["beta_schedule"]["visible"] is False
-    assert widgets["max_train_steps"]["value"] == TextToImageConfig().max_train_steps  # this mode's defaults
+    assert widgets["random_flip"]["value"] is False  # this mode's defaults (its 3,000 steps are the DDPM's too)
+    assert "value" not in widgets["max_train_steps"] and page["max_train_steps"] == TextToImageConfig().max_train_steps
     assert tab.run_mode(ctx, "t2i-app") == "text-to-image" and tab.run_mode(ctx, None) == "unconditional"
     again = client.predict(*[tiny_values()[n] for n in tab.INPUT_NAMES], api_name="/train_on_load")
     assert all("value" not in u and "visible" not in u for u in again[-len(tab.INPUT_NAMES):]), again  # as is
