@@ -51,7 +51,7 @@ def test_start_training_see_loss_and_samples_then_stop(page, launched_app):
         " return i && i.complete && i.naturalWidth > 0; }", timeout=120_000)
     page.wait_for_function(
         "() => { const t = document.querySelector('#train-progress textarea');"
-        " return t && /^step \\d+\\/1000 /.test(t.value) && t.value.includes('loss'); }", timeout=60_000)
+        " return t && /^step \\d+\\/3000 /.test(t.value) && t.value.includes('loss'); }", timeout=60_000)
     page.wait_for_function(
         "() => document.querySelector('#train-loss canvas, #train-loss svg') !== null", timeout=60_000)
     page.wait_for_function(  # the quality plot beside it, with the one line saying which way is better
