@@ -2,9 +2,9 @@
 sees its settings (the prompts box, no UNet preset), starts, stops, resumes, reloads the page (the
 history and the settings column's mode come back), and opens the finished run in Generate to prompt it.
 
-With ``STUDIO_SCREENSHOTS=<folder>`` the run is a real one (32 px, the whole emoji set, 300
-autoencoder + 1,500 diffusion steps, 13 minutes on a shared 2-core CPU) and the screenshot the docs use,
-``train-text-to-image.png``, is saved:
+With ``STUDIO_SCREENSHOTS=<folder>`` the run is a real one (32 px, 300 autoencoder + 1,500 diffusion
+steps on the studio's starting dataset; the committed ``train-text-to-image.png`` was made before stop 17
+on the whole emoji set, 13 minutes on a shared 2-core CPU) and the screenshot the docs use is saved:
 
     STUDIO_SCREENSHOTS=docs python -m pytest -q tests/test_browser_train_text_to_image.py
 """
