@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from studio.config.data import EMOJI_CATEGORIES, DataConfig
+from studio.config.data import EMOJI_CATEGORIES, DataConfig, dataset_summary
 from studio.engine import EngineLoader
 from studio.jobs import JobManager
 from studio.settings import LaunchSettings
@@ -29,6 +29,11 @@ class DatasetChoice:
     count: int = 0
     has_captions: bool = False
 
+    @property
+    def unsaid_count(self) -> int:
+        """The image count when the summary does not already say it (a load's summary does), else 0."""
+        return self.count if self.count and f"{self.count} images" not in self.summary else 0
+
 
 class DatasetSelection:
     """The Dataset tab's hand-off to Train and Fine-tune (thread-safe).
@@ -42,7 +47,7 @@ class DatasetSelection:
         start = DataConfig.starting()
         count = EMOJI_CATEGORIES[start.category]
         # the summary a load of it gives (ImageDataset.summary), without reading the set at import
-        self._choice = DatasetChoice(start, f"{count} images from {start.label}, captioned, 0 skipped", count, True)
+        self._choice = DatasetChoice(start, dataset_summary(count, start.label, True, 0), count, True)
         self.version = 0
 
     def set(self, choice: DatasetChoice) -> None:

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 from PIL import Image
 
-from studio.config.data import DataConfig
+from studio.config.data import DataConfig, dataset_summary
 from studio.errors import DataError
 from studio.paths import MAX_IMAGE_FILE_BYTES, MAX_TEXT_FILE_BYTES, RefusedPath, inside_name, read_confined, refusal
 from studio.images import (
@@ -185,8 +185,7 @@ class ImageDataset:
 
     def summary(self) -> str:
         """One line for the UI: '1911 images from emoji (bundled), captioned, 0 skipped'."""
-        caps = "captioned" if self.has_captions else "no captions"
-        return f"{len(self)} images from {self.config.label}, {caps}, {len(self.skipped)} skipped"
+        return dataset_summary(len(self), self.config.label, self.has_captions, len(self.skipped))
 
 
 @dataclass

@@ -444,7 +444,7 @@ def build_finetune_tab(ctx: StudioContext) -> dict[str, Any]:
 def _dataset_line(ctx: StudioContext) -> str:
     choice = ctx.dataset.get()
     captions = "with captions" if choice.has_captions else "no captions (set an instance prompt)"
-    count = f"{choice.count} images, " if choice.count and f"{choice.count} images" not in choice.summary else ""
+    count = f"{choice.unsaid_count} images, " if choice.unsaid_count else ""
     return f"**Dataset:** {choice.summary} ({count}{captions}). Change it in the Dataset tab."
 
 

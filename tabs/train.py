@@ -344,7 +344,7 @@ def config_file(values: dict[str, Any], ctx: StudioContext) -> str | None:
 def dataset_line(ctx: StudioContext) -> str:
     """Markdown naming the dataset the run will use."""
     choice = ctx.dataset.get()
-    count = f" ({choice.count} images)" if choice.count and f"{choice.count} images" not in choice.summary else ""
+    count = f" ({choice.unsaid_count} images)" if choice.unsaid_count else ""
     return f"**Dataset:** {choice.summary}{count}. Change it in the Dataset tab."
 
 

@@ -22,6 +22,11 @@ EMOJI_CATEGORIES = {"smileys & emotion": 169, "people & body": 386, "component":
 STARTING_CATEGORY = "smileys & emotion"
 
 
+def dataset_summary(count: int, label: str, captioned: bool, skipped: int) -> str:
+    """One line for the UI: '1911 images from emoji (bundled), captioned, 0 skipped'."""
+    return f"{count} images from {label}, {'captioned' if captioned else 'no captions'}, {skipped} skipped"
+
+
 @dataclass
 class DataConfig(ConfigBase):
     """A dataset source and how to read it."""
