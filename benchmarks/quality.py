@@ -192,24 +192,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     minutes = steps = None
     from studio.config.data import DataConfig
 
-    data = DataConfig()
+    reference = DataConfig()
     if args.model:
         target = Path(args.model)
     else:
         minutes = 1.0 if args.quick else args.minutes
-        target, steps, elapsed, curve, data = train_for(minutes, workspace, **overrides)
+        target, steps, elapsed, curve, reference = train_for(minutes, workspace, **overrides)
         print(f"trained {steps} steps in {elapsed / 60:.2f} minutes; run folder {target}")
         if curve:
             print("quality during training (lower is better): "
                   + ", ".join(f"step {s}: {q:.1f}" for s, q in curve))
     if args.category is not None or args.max_rows is not None:
-        data = DataConfig(category=data.category if args.category is None else args.category,
-                          max_rows=data.max_rows if args.max_rows is None else args.max_rows)
+        reference = DataConfig(category=reference.category if args.category is None else args.category,
+                               max_rows=reference.max_rows if args.max_rows is None else args.max_rows)
     result = score_pipeline(target, samples=args.samples, inference_steps=args.inference_steps,
-                            cache_root=workspace / ".cache", data=data, grid_path=workspace / "quality-samples.png")
+                            cache_root=workspace / ".cache", data=reference, grid_path=workspace / "quality-samples.png")
     print(f"model {model_folder(target)} at {result['resolution']} px, {args.samples} samples "
-          f"({args.inference_steps} DDIM steps, seed 0) against {data.label}"
-          f"{f' (first {data.max_rows})' if data.max_rows else ''}; grid: {result['grid']}")
+          f"({args.inference_steps} DDIM steps, seed 0) against {reference.label}"
+          f"{f' (first {reference.max_rows})' if reference.max_rows else ''}; grid: {result['grid']}")
     data = "n/a" if result["data_level"] is None else f"{result['data_level']:.1f}"
     print(f"quality (SWD x 1000, lower is better): {result['quality']:.1f}   per level "
           + " / ".join(f"{v:.1f}" for v in result["levels"])
