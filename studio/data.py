@@ -301,20 +301,21 @@ def _scan_emoji(cfg: DataConfig) -> _Scan:
         raise DataError(f"The bundled emoji set is missing ({EMOJI_PARQUET}).",
                         "Rebuild it with assets/tools/build_emoji_dataset.py (see assets/emoji/README.md).")
     table = pq.read_table(EMOJI_PARQUET, columns=["image", "text", "category"])
-    images = table.column("image").to_pylist()
-    texts = table.column("text").to_pylist()
     rows = [i for i, c in enumerate(table.column("category").to_pylist()) if not cfg.category or c == cfg.category]
     rows = _limit(cfg, rows)
-    names = [images[i].get("path") or f"emoji_{i}.png" for i in rows]
+    picked = table.take(rows)  # only the chosen rows become Python objects
+    images = picked.column("image").to_pylist()
+    texts = picked.column("text").to_pylist()
+    names = [image.get("path") or f"emoji_{i}.png" for i, image in zip(rows, images)]
     file_hash = hashlib.sha256(EMOJI_PARQUET.read_bytes()).hexdigest()
-    readers = [(lambda b=images[i]["bytes"]: b) for i in rows]
+    readers = [(lambda b=image["bytes"]: b) for image in images]
     info = SourceInfo(columns=["image", "text", "category"], image_columns=["image"],
                       caption_columns=["text", "category"], image_column="image",
                       caption_column="text", caption_source="column")
     # the whole set keeps the fingerprint it always had (its cached tensors stay valid)
     fingerprint = _digest("emoji", file_hash, cfg.category, len(rows)) if cfg.category else \
         _digest("emoji", file_hash, len(rows))
-    return _Scan(names, readers, [texts[i] or "" for i in rows], [], fingerprint, info)
+    return _Scan(names, readers, [t or "" for t in texts], [], fingerprint, info)
 
 
 # --------------------------------------------------------------------------- folders and uploads
