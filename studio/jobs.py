@@ -38,6 +38,10 @@ JobTarget = Callable[[Callable[[Event], None], threading.Event], object]
 
 #: Most loss points a snapshot keeps (older points are thinned 2:1 beyond this).
 MAX_LOSS_POINTS = 4000
+#: Seconds a start (or Generate) waits for a job that has already reported its end (finished, stopped,
+#: failed) but whose thread is still closing up (releasing its run folder and device), rather than
+#: refusing what the page already shows as ended.
+ENDING_JOB_GRACE_S = 10.0
 
 
 @dataclass
@@ -301,6 +305,7 @@ class JobManager:
             JobError: when a job (or Generate) already uses ``device`` in this process or
                 another studio process on this machine, naming it.
         """
+        self._let_ending_job_close(device)
         with self._lock:
             busy = self.running(device)
             if busy is not None:
@@ -325,6 +330,14 @@ class JobManager:
             raise
         return job
 
+    def _let_ending_job_close(self, device: str) -> None:
+        """Wait (``ENDING_JOB_GRACE_S`` at most) for a job on ``device`` whose snapshot already says it ended:
+        its thread still releases the run folder and the device, and Resume right after Stop must not be
+        refused for that."""
+        ending = self.running(device)
+        if ending is not None and ending.snapshot().status in FINAL_KINDS:
+            ending.wait(ENDING_JOB_GRACE_S)
+
     def running(self, device: str | None = None) -> Job | None:
         """The running job on ``device`` (any device when None), or None."""
         key = None if device is None else device_key(device)
@@ -342,6 +355,7 @@ class JobManager:
                 process), naming it, so Generate and training never fill one device together.
         """
         key = device_key(device)
+        self._let_ending_job_close(device)
         with self._lock:
             busy = self.running(device)
             if busy is not None:

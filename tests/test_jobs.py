@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -48,6 +49,30 @@ def test_second_job_on_same_device_is_refused_naming_the_first(tmp_path):
     gate.set()
     assert first.wait(10) and other.wait(10)
     third = jobs.start("third", "train", tmp_path, _steps(1), device="cpu")  # free again
+    assert third.wait(10)
+
+
+def test_a_job_that_reported_its_end_is_waited_for_not_refused(tmp_path):
+    """Resume right after a Stop: the snapshot already says "stopped" while the trainer's thread still
+    closes up; a new start on that device waits for it instead of refusing it as running."""
+    jobs = JobManager()
+    closing = threading.Event()
+
+    def stops_then_closes(events, stop):
+        events(Event("stopped", step=1, path="ckpt", message="stopped at your request"))
+        closing.set()
+        time.sleep(0.5)  # releasing the run folder, writing the progress GIF...
+
+    first = jobs.start("first", "train", tmp_path, stops_then_closes, device="cpu")
+    assert closing.wait(10) and first.snapshot().status == "stopped" and first.running
+    second = jobs.start("second", "train", tmp_path, _steps(1), device="cpu")  # not refused
+    assert not first.running and second.wait(10) and second.snapshot().status == "finished"
+    # a job that has not reported its end is still refused at once
+    gate = threading.Event()
+    third = jobs.start("third", "train", tmp_path, _steps(3, gate), device="cpu")
+    with pytest.raises(JobError, match="third"):
+        jobs.start("fourth", "train", tmp_path, _steps(1), device="cpu")
+    gate.set()
     assert third.wait(10)
 
 
